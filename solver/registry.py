@@ -1,0 +1,156 @@
+"""One registry of solver names: ConsistencySolver, the pure coefficient rules, and diffusers' baselines.
+
+Names:
+- ``consistency``: paper eq. 10 with a :class:`~solver.policy.ConsistencyPolicy` (pass ``policy=``);
+  ``consistency:PATH`` loads the policy saved in directory PATH.
+- ``rule:<r>``: eq. 10 with a classic table, r in ``solver.coefficients.RULES``
+  (``rule:ddim``, ``rule:ab1`` .. ``rule:ab4``, ``rule:dpm2m``).
+- diffusers' own schedulers, never reimplemented: ``ddim``, ``dpm2m`` (DPM-Solver-2M, eps form,
+  ``final_sigmas_type="sigma_min"`` as diffusers requires for it), ``dpmpp2m`` (DPM-Solver++ 2M),
+  ``unipc``, ``deis``, ``ipndm`` (PNDM with ``skip_prk_steps``: its first step repeats a timestep,
+  so K steps cost K + 1 model evaluations), ``euler``.
+
+Every baseline is built from the model's own scheduler config (so betas and final alpha match),
+with ``timestep_spacing="trailing"``, ``prediction_type="epsilon"`` (the samplers pass epsilon) and
+x0 clipping/thresholding off (the ODE comparison is unclipped, like eq. 10).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from solver.coefficients import RULES
+from solver.policy import ConsistencyPolicy
+from solver.sampling import EpsFn, SamplerStep, iter_diffusers, iter_lmm
+from solver.schedules import Schedule, TimeGrid, schedule_from_config
+
+
+class Solver:
+    """A named sampler: ``iterate`` yields one :class:`SamplerStep` per model evaluation."""
+
+    name: str
+
+    def iterate(self, eps_fn: EpsFn, noise: torch.Tensor, num_steps: int) -> Iterator[SamplerStep]:
+        raise NotImplementedError
+
+    def nfe(self, num_steps: int) -> int:
+        """Model evaluations actually used for ``num_steps`` steps."""
+        return num_steps
+
+    def sample(self, eps_fn: EpsFn, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+        """The final x after ``num_steps`` steps from x_T = ``noise``."""
+        x = noise
+        for record in self.iterate(eps_fn, noise, num_steps):
+            x = record.x
+        return x
+
+
+@dataclass
+class LMMSolver(Solver):
+    """Paper eq. 10 on the schedule's grid with the coefficient table ``table_fn(grid)``."""
+
+    name: str
+    schedule: Schedule
+    table_fn: Callable[[TimeGrid], torch.Tensor]
+    grid_fn: Callable[[int], TimeGrid] | None = None
+
+    def grid(self, num_steps: int) -> TimeGrid:
+        return self.grid_fn(num_steps) if self.grid_fn is not None else self.schedule.grid(num_steps)
+
+    def iterate(self, eps_fn: EpsFn, noise: torch.Tensor, num_steps: int) -> Iterator[SamplerStep]:
+        grid = self.grid(num_steps)
+        return iter_lmm(eps_fn, noise, grid, self.table_fn(grid))
+
+
+@dataclass
+class DiffusersSolver(Solver):
+    """A diffusers scheduler; a fresh instance per run, so interleaved runs never share history."""
+
+    name: str
+    scheduler_class: type
+    scheduler_config: dict[str, Any]
+    extra_nfe: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def make_scheduler(self) -> Any:
+        return self.scheduler_class.from_config(self.scheduler_config, **self.overrides)
+
+    def iterate(self, eps_fn: EpsFn, noise: torch.Tensor, num_steps: int) -> Iterator[SamplerStep]:
+        return iter_diffusers(eps_fn, noise, self.make_scheduler(), num_steps)
+
+    def nfe(self, num_steps: int) -> int:
+        return num_steps + self.extra_nfe
+
+
+def _baselines() -> dict[str, tuple[type, dict[str, Any], int]]:
+    from diffusers import (
+        DDIMScheduler,
+        DEISMultistepScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    return {
+        "ddim": (DDIMScheduler, {}, 0),
+        "dpm2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver", "solver_order": 2, "final_sigmas_type": "sigma_min"}, 0),
+        "dpmpp2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}, 0),
+        "unipc": (UniPCMultistepScheduler, {}, 0),
+        "deis": (DEISMultistepScheduler, {}, 0),
+        "ipndm": (PNDMScheduler, {"skip_prk_steps": True}, 1),
+        "euler": (EulerDiscreteScheduler, {}, 0),
+    }
+
+
+BASELINES = ("ddim", "dpm2m", "dpmpp2m", "unipc", "deis", "ipndm", "euler")
+RULE_PREFIX = "rule:"
+CONSISTENCY = "consistency"
+
+
+def solver_names() -> list[str]:
+    """Every accepted name (``consistency:PATH`` is ``consistency`` with a checkpoint directory)."""
+    return [CONSISTENCY, *(RULE_PREFIX + r for r in RULES), *BASELINES]
+
+
+def get_solver(name: str, scheduler_config: Mapping[str, Any], policy: ConsistencyPolicy | None = None) -> Solver:
+    """The solver called ``name`` for a model whose training scheduler config is ``scheduler_config``."""
+    config = dict(scheduler_config)
+    if name == CONSISTENCY or name.startswith(CONSISTENCY + ":"):
+        path = name[len(CONSISTENCY) + 1 :]
+        if path:
+            if policy is not None:
+                raise ValueError(f"name {name!r} names a checkpoint and policy= was also given; pass one of them")
+            policy = ConsistencyPolicy.load(path)
+        if policy is None:
+            raise ValueError("policy is required for name 'consistency' (or use 'consistency:PATH')")
+        schedule = schedule_from_config(config)
+        return LMMSolver(
+            name=name,
+            schedule=schedule,
+            table_fn=policy.coefficient_table,
+            grid_fn=lambda num_steps: policy.time_grid(schedule, num_steps),
+        )
+    if name.startswith(RULE_PREFIX) and name[len(RULE_PREFIX) :] in RULES:
+        return LMMSolver(name=name, schedule=schedule_from_config(config), table_fn=RULES[name[len(RULE_PREFIX) :]])
+    if name in BASELINES:
+        schedule = schedule_from_config(config)
+        if schedule.kind != "vp":
+            raise ValueError(f"name {name!r}: diffusers baselines are wired for VP (DDPM-family) schedules only")
+        scheduler_class, specific, extra_nfe = _baselines()[name]
+        overrides = {
+            "timestep_spacing": "trailing",
+            "prediction_type": "epsilon",
+            "clip_sample": False,
+            "thresholding": False,
+            **specific,
+        }
+        accepted = set(inspect.signature(scheduler_class.__init__).parameters)
+        overrides = {k: v for k, v in overrides.items() if k in accepted}
+        config = {k: v for k, v in config.items() if not k.startswith("_") and k not in overrides}
+        return DiffusersSolver(name=name, scheduler_class=scheduler_class, scheduler_config=config, extra_nfe=extra_nfe, overrides=overrides)
+    raise ValueError(f"name must be one of {solver_names()} or 'consistency:PATH', got {name!r}")
