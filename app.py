@@ -1,0 +1,284 @@
+"""Diffusion Preview: explore few-step previews across prompts and seeds, pick, refine, keep a history.
+
+    python app.py [--model M] [--db PATH] [--host 127.0.0.1] [--port 7860] [--share]
+
+Layout and wiring only: the handlers live in ``app_handlers`` / ``app_admin`` and call the engine
+(``preview/``, ``refine/``), the store and ``training/`` through ``app_backend``.
+
+File serving: the only folder Gradio may serve besides its own cache is the export folder, where
+the backend writes PNGs under names it chooses (``preview-12.png``); the database, noise and logs
+live elsewhere and are also listed in ``blocked_paths``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from app_admin import ADMIN_PASSWORD_ENV, Admin
+from app_handlers import Handlers
+from app_inputs import MAX_PROMPTS, MAX_SEEDS, PREVIEW_STEPS, REFINE_STEPS, SEED_MAX
+from app_views import Backend
+
+logger = logging.getLogger("diffusion_preview.app")
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_UPLOAD = "1mb"  # the app takes no uploads; anything bigger is refused outright
+JOBS_POLL_S = 1.0
+ADMIN_POLL_S = 2.0
+
+
+@dataclass(frozen=True)
+class AppPaths:
+    """Where things live. Only ``exports`` and ``gradio_tmp`` are ever served."""
+
+    db: Path
+    exports: Path  # PNGs written by the backend (allowed_paths)
+    gradio_tmp: Path  # GRADIO_TEMP_DIR, Gradio's own cache
+    work: Path  # admin logs, prompt files, evaluation JSON: private
+
+    @classmethod
+    def default(cls, db: str | Path | None = None, cache: str | Path | None = None) -> "AppPaths":
+        home = Path(os.environ.get("DIFFUSION_PREVIEW_HOME") or Path.home() / ".local/share/diffusion-preview")
+        db_path = Path(db).expanduser().resolve() if db else (home / "diffusion-preview.db").resolve()
+        cache_root = Path(cache or os.environ.get("DIFFUSION_PREVIEW_CACHE") or Path.home() / ".cache/diffusion-preview")
+        cache_root = cache_root.expanduser().resolve()
+        return cls(db=db_path, exports=cache_root / "exports", gradio_tmp=cache_root / "gradio",
+                   work=db_path.parent / "diffusion-preview-work")
+
+    def prepare(self) -> None:
+        """Create the folders and refuse a database inside a served folder."""
+        for served in (self.exports, self.gradio_tmp):
+            if self.db.is_relative_to(served) or self.work.is_relative_to(served):
+                raise SystemExit(f"--db: {self.db} is inside the served folder {served}; put the database elsewhere")
+        for folder in (self.exports, self.gradio_tmp, self.work, self.db.parent):
+            folder.mkdir(parents=True, exist_ok=True)
+        os.environ["GRADIO_TEMP_DIR"] = str(self.gradio_tmp)
+
+
+def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
+    """The four tabs and their wiring. Every listener has an api_name; admin ones are private."""
+    h = Handlers(backend)
+    height, width = backend.default_size
+    solvers = backend.solvers()
+    with gr.Blocks(title="Diffusion Preview", analytics_enabled=False) as demo:
+        gr.Markdown(f"## Diffusion Preview  \nModel: `{backend.model_name}` · previews are few-step estimates "
+                    "of the final image from the same noise: same composition, fewer details.")
+        with gr.Tabs(selected="explore") as tabs:
+            # --- Explore --------------------------------------------------------------------------
+            with gr.Tab("Explore", id="explore"):
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=320):
+                        prompts = gr.Textbox(label="Prompts", info=f"one per line, up to {MAX_PROMPTS}", lines=4,
+                                             elem_id="prompts", placeholder="a red circle above a blue square")
+                        negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+                        with gr.Row():
+                            seed_count = gr.Number(label="Seed count", value=8, precision=0, minimum=1,
+                                                   maximum=MAX_SEEDS, elem_id="seed-count")
+                            seed_start = gr.Number(label="Seed start", value=0, precision=0, minimum=0,
+                                                   maximum=SEED_MAX, elem_id="seed-start")
+                            dice = gr.Button("🎲", scale=0, min_width=48, elem_id="dice-btn")
+                        seed_list = gr.Textbox(label="Seed list", info="optional, overrides count/start: 3, 17, 100-103",
+                                               elem_id="seed-list")
+                        with gr.Row():
+                            steps = gr.Slider(PREVIEW_STEPS[0], PREVIEW_STEPS[1], value=4, step=1, label="Preview steps",
+                                              elem_id="steps")
+                            solver = gr.Dropdown(solvers, value=backend.default_solver(), label="Solver", elem_id="solver")
+                        guidance = gr.Number(label="Guidance", value=backend.default_guidance, minimum=0, maximum=30,
+                                             elem_id="guidance")
+                        with gr.Row():
+                            width_in = gr.Number(label="Width", value=width, precision=0, step=backend.size_multiple,
+                                                 elem_id="width")
+                            height_in = gr.Number(label="Height", value=height, precision=0, step=backend.size_multiple,
+                                                  elem_id="height")
+                            refine_steps = gr.Number(label="Refine steps", value=40, precision=0,
+                                                     minimum=REFINE_STEPS[0], maximum=REFINE_STEPS[1], elem_id="refine-steps")
+                        preview_btn = gr.Button("Preview (Ctrl+Enter)", variant="primary", elem_id="preview-btn")
+                    with gr.Column(scale=2):
+                        status = gr.Markdown("Enter prompts and press Preview.", elem_id="explore-status")
+                        gallery = gr.Gallery(label="Previews", columns=8, allow_preview=False, object_fit="contain",
+                                             height="auto", elem_id="preview-gallery", interactive=False)
+                        selection = gr.CheckboxGroup(label="Selected tiles", choices=[], elem_id="selection")
+                        with gr.Row():
+                            all_btn = gr.Button("Select all", size="sm", elem_id="select-all-btn")
+                            clear_btn = gr.Button("Clear selection", size="sm", elem_id="clear-btn")
+                            refine_btn = gr.Button("Refine selected", variant="primary", elem_id="refine-btn")
+                        refine_status = gr.Markdown(elem_id="refine-status")
+                snapshot = gr.State(None)
+
+            # --- Refine ---------------------------------------------------------------------------
+            with gr.Tab("Refine", id="refine"):
+                gr.Markdown("Full-step refines from the same noise as their preview. "
+                            "Each final is shown beside its preview with the measured consistency.")
+                jobs_view = gr.HTML(elem_id="jobs")
+                with gr.Row():
+                    cancel_id = gr.Number(label="Job id", precision=0, minimum=1, elem_id="cancel-id", scale=0)
+                    cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="cancel-btn", scale=0)
+                    cancel_status = gr.Markdown()
+                finals = gr.Gallery(label="Preview → final", columns=2, allow_preview=True, object_fit="contain",
+                                    height="auto", elem_id="finals-gallery", interactive=False)
+                jobs_sig = gr.State(None)
+                jobs_timer = gr.Timer(JOBS_POLL_S)
+
+            # --- History --------------------------------------------------------------------------
+            with gr.Tab("History", id="history"):
+                with gr.Row():
+                    query = gr.Textbox(label="Search prompts", scale=3, elem_id="history-query")
+                    search_btn = gr.Button("Search", scale=0, elem_id="history-search-btn")
+                history_note = gr.Markdown()
+                history = gr.Gallery(label="History", columns=8, allow_preview=False, height="auto",
+                                     elem_id="history-gallery", interactive=False)
+                refs = gr.State([])
+                with gr.Row():
+                    item = gr.Textbox(label="Item", info="click an image above, or type e.g. final:12",
+                                      elem_id="history-item", scale=2)
+                    send_btn = gr.Button("Send to Explore", elem_id="send-btn", scale=0)
+                    png_btn = gr.Button("Download PNG", elem_id="png-btn", scale=0)
+                png_file = gr.File(label="PNG with its parameters", interactive=False, elem_id="png-file")
+
+            # --- Admin ----------------------------------------------------------------------------
+            with gr.Tab("Admin", id="admin"):
+                unlocked = gr.State(False)
+                if not admin.enabled:
+                    gr.Markdown(f"**Admin is disabled.** Set the environment variable `{ADMIN_PASSWORD_ENV}` "
+                                "and restart the app to enable dataset building, PPO training and checkpoints.")
+                with gr.Row(visible=admin.enabled) as lock_row:
+                    password = gr.Textbox(label="Admin password", type="password", elem_id="admin-password")
+                    unlock_btn = gr.Button("Unlock", elem_id="unlock-btn", scale=0)
+                lock_note = gr.Markdown()
+                with gr.Column(visible=False) as admin_panel:
+                    proc_status = gr.Markdown(elem_id="admin-proc")
+                    with gr.Accordion("1. Offline dataset", open=True):
+                        ds_prompts = gr.Textbox(label="Training prompts (one per line)", lines=4)
+                        with gr.Row():
+                            ds_seeds = gr.Number(label="Seeds per prompt", value=4, precision=0, minimum=1, maximum=64)
+                            ds_btn = gr.Button("Build dataset", scale=0)
+                    with gr.Accordion("2. PPO training", open=True):
+                        with gr.Row():
+                            ppo_updates = gr.Number(label="Updates", value=50, precision=0, minimum=1, maximum=100000)
+                            ppo_btn = gr.Button("Start PPO run", variant="primary", scale=0)
+                            stop_btn = gr.Button("Stop", variant="stop", scale=0)
+                        reward_plot = gr.LinePlot(x="update", y="reward", title="Mean reward per update", height=260)
+                    with gr.Accordion("3. Checkpoints", open=True):
+                        ckpts = gr.Dataframe(label="Checkpoints", interactive=False, wrap=True)
+                        with gr.Row():
+                            ckpt_id = gr.Number(label="Checkpoint id", precision=0, minimum=1)
+                            activate_btn = gr.Button("Activate", scale=0)
+                    with gr.Accordion("4. Evaluation", open=True):
+                        with gr.Row():
+                            ev_steps = gr.Textbox(label="Steps", value="3,4,5,6,8")
+                            ev_seeds = gr.Number(label="Seeds", value=4, precision=0, minimum=1, maximum=64)
+                            ev_btn = gr.Button("Run evaluation", scale=0)
+                        ev_table = gr.Markdown()
+                        ev_plot = gr.Image(label="Measures against NFE", type="filepath", interactive=False)
+                    admin_timer = gr.Timer(ADMIN_POLL_S, active=False)
+
+        # --- wiring: Explore --------------------------------------------------------------------
+        explore_fields = [prompts, negative, seed_count, seed_start, seed_list, steps, solver, guidance,
+                          width_in, height_in, refine_steps]
+        dice.click(h.dice, None, [seed_start, seed_list], api_name="dice", queue=False)
+        preview_event = preview_btn.click(
+            h.preview, explore_fields, [gallery, snapshot, selection, status], api_name="preview",
+            concurrency_limit=8, concurrency_id="preview", trigger_mode="once", show_progress="minimal",
+        )
+        gallery.select(h.toggle_tile, [selection, snapshot], selection, api_name="toggle_tile", queue=False)
+        all_btn.click(h.select_all, snapshot, selection, api_name="select_all", queue=False)
+        clear_btn.click(lambda: gr.CheckboxGroup(value=[]), None, selection, api_name="clear_selection", queue=False)
+        refine_btn.click(h.refine, [selection, snapshot, refine_steps], refine_status, api_name="refine",
+                         trigger_mode="once").then(h.jobs, jobs_sig, [jobs_view, finals, jobs_sig], api_name="jobs_after_refine",
+                                                 api_visibility="private")
+
+        # --- wiring: Refine ---------------------------------------------------------------------
+        jobs_timer.tick(h.jobs, jobs_sig, [jobs_view, finals, jobs_sig], api_name="jobs", show_progress="hidden",
+                        concurrency_limit=8, concurrency_id="reads")
+        demo.load(h.jobs, jobs_sig, [jobs_view, finals, jobs_sig], api_name="jobs_on_load", api_visibility="private")
+        cancel_btn.click(h.cancel, cancel_id, cancel_status, api_name="cancel_job")
+
+        # --- wiring: History --------------------------------------------------------------------
+        gr.on([search_btn.click, query.submit], h.search, query, [history, refs, history_note],
+              api_name="search_history", concurrency_limit=8, concurrency_id="reads")
+        demo.load(h.search, query, [history, refs, history_note], api_name="history_on_load", api_visibility="private")
+        history.select(h.pick, refs, item, api_name="pick_history", queue=False)
+        send_btn.click(h.send_to_explore, item, explore_fields + [tabs], api_name="send_to_explore")
+        png_btn.click(h.png, item, png_file, api_name="history_png")
+        preview_event.then(h.search, query, [history, refs, history_note], api_name="history_after_preview",
+                           api_visibility="private")
+
+        # --- wiring: Admin (private endpoints; every handler re-checks the session's unlock) -----
+        private = dict(api_visibility="private")
+        unlock_btn.click(admin.unlock, [password], [unlocked, admin_panel, lock_row, lock_note, admin_timer],
+                         concurrency_limit=1, api_name="admin_unlock", **private)
+        ds_btn.click(admin.build_dataset, [unlocked, ds_prompts, ds_seeds], proc_status, api_name="admin_build_dataset", **private)
+        ppo_btn.click(admin.start_ppo, [unlocked, ppo_updates], proc_status, api_name="admin_start_ppo", **private)
+        stop_btn.click(admin.stop, [unlocked], proc_status, api_name="admin_stop", **private)
+        admin_timer.tick(admin.poll, [unlocked], [proc_status, reward_plot, ckpts], show_progress="hidden", api_name="admin_poll", **private)
+        activate_btn.click(admin.activate, [unlocked, ckpt_id], [proc_status, ckpts], api_name="admin_activate", **private)
+        ev_btn.click(admin.evaluate, [unlocked, ev_steps, ev_seeds], [ev_table, ev_plot], api_name="admin_evaluate", **private)
+    return demo
+
+
+def launch_kwargs(paths: AppPaths, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False) -> dict:
+    """The launch settings that keep file access minimal; tests launch with the same ones."""
+    blocked = [str(paths.db), str(paths.db) + "-wal", str(paths.db) + "-shm", str(paths.work)]
+    return dict(
+        server_name=host,
+        server_port=port,
+        share=share,
+        allowed_paths=[str(paths.exports)],
+        blocked_paths=blocked,
+        max_file_size=MAX_UPLOAD,
+        ssr_mode=False,
+        mcp_server=False,
+        footer_links=["api"],
+        css_paths=[STATIC / "app.css"],
+        js=(STATIC / "app.js").read_text(encoding="utf-8"),
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None,
+                   help="hub id, local diffusers folder or single-file checkpoint (default: the embedded model)")
+    p.add_argument("--db", default=None, help="SQLite database path (default: ~/.local/share/diffusion-preview/)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="open a public gradio.live link for 72 h (off by default)")
+    p.add_argument("--device", default=None, help="torch device(s), comma-separated (default: cuda if available)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app_backend import EngineBackend  # heavy imports (torch, the model) after argument parsing
+
+    paths = AppPaths.default(args.db)
+    paths.prepare()
+    if args.host not in ("127.0.0.1", "localhost", "::1") or args.share:
+        logger.warning("the app is reachable from other machines (host %s, share %s); it has no user login",
+                       args.host, args.share)
+    try:
+        backend = EngineBackend.open(model=args.model, db=paths.db, exports=paths.exports, devices=args.device)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        sys.exit(f"error: {exc}")
+    admin = Admin(db=paths.db, work=paths.work, exports=paths.exports, model=args.model, backend=backend)
+    demo = build_demo(backend, admin)
+    demo.queue(max_size=128, default_concurrency_limit=4)
+    try:
+        demo.launch(**launch_kwargs(paths, args.host, args.port, args.share))
+    finally:
+        admin.close()
+        backend.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""The Admin tab: a password, background training processes, checkpoints and the evaluation.
+
+Security: the tab is disabled unless ``DIFFUSION_PREVIEW_ADMIN_PASSWORD`` is set; its endpoints
+are private (``api_visibility="private"``) and every handler re-checks the session's unlock flag
+(a ``gr.State``), so a hand-made request without the password does nothing.
+
+Work: dataset building, PPO and evaluation run as child PROCESSES (``python -m training...``), one
+at a time, so the UI never freezes and Stop really stops (a thread could not be killed). Their
+progress comes from the store (``training_runs`` / ``training_metrics``) and from a log file in the
+private work folder. Every path handed to them is built here; no user text becomes a path.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+
+from app_inputs import MAX_PROMPT_CHARS, FieldError, _int, parse_seed_list
+
+logger = logging.getLogger(__name__)
+
+ADMIN_PASSWORD_ENV = "DIFFUSION_PREVIEW_ADMIN_PASSWORD"
+REPO = Path(__file__).resolve().parent
+MAX_TRAIN_PROMPTS = 10_000
+STOP_GRACE_S = 10.0
+LOG_TAIL_CHARS = 1500
+
+
+@dataclass
+class Running:
+    kind: str  # "dataset" | "ppo" | "evaluate"
+    proc: subprocess.Popen
+    log: Path
+    started: float
+
+
+class ProcessSlot:
+    """At most one background process for the whole app (training competes for the device)."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self._lock = threading.Lock()
+        self.current: Running | None = None
+        self.last: Running | None = None
+
+    def start(self, kind: str, argv: list[str]) -> Running:
+        with self._lock:
+            if self.current is not None and self.current.proc.poll() is None:
+                raise gr.Error(f"A {self.current.kind} process is still running (pid {self.current.proc.pid}); "
+                               "stop it or wait for it to finish.", title="Busy")
+            log = self.work / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            env.pop(ADMIN_PASSWORD_ENV, None)  # the child does not need the password
+            with open(log, "wb") as fh:
+                proc = subprocess.Popen(argv, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+            self.current = Running(kind, proc, log, time.monotonic())
+            logger.info("started %s (pid %d): %s", kind, proc.pid, " ".join(argv))
+            return self.current
+
+    def stop(self) -> str:
+        with self._lock:
+            run = self.current
+            if run is None or run.proc.poll() is not None:
+                return "Nothing is running."
+            run.proc.send_signal(signal.SIGINT)  # the trainers checkpoint and mark the run on SIGINT
+            try:
+                run.proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                run.proc.kill()
+                run.proc.wait()
+            return f"Stopped the {run.kind} process (exit {run.proc.returncode})."
+
+    def status(self) -> str:
+        run = self.current
+        if run is None:
+            return "No background process has run in this app yet."
+        code = run.proc.poll()
+        took = time.monotonic() - run.started
+        state = f"running for {took:.0f} s (pid {run.proc.pid})" if code is None else f"finished with exit code {code}"
+        tail = tail_text(run.log)
+        return f"**{run.kind}**: {state}\n\n```\n{tail}\n```" if tail else f"**{run.kind}**: {state}"
+
+    def close(self) -> None:
+        if self.current is not None and self.current.proc.poll() is None:
+            self.stop()
+
+
+def tail_text(path: Path, limit: int = LOG_TAIL_CHARS) -> str:
+    """The end of a log, with carriage-return progress bars collapsed to their last state."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4 * limit))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
+    return "\n".join(lines)[-limit:].replace("```", "'''")
+
+
+class Admin:
+    """Handlers of the Admin tab (all private endpoints)."""
+
+    def __init__(self, db: Path, work: Path, exports: Path, model: str | None, backend: Any) -> None:
+        self.db, self.work, self.exports, self.model, self.backend = db, work, exports, model, backend
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.slot = ProcessSlot(work)
+        self._password = os.environ.get(ADMIN_PASSWORD_ENV) or ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._password)
+
+    def close(self) -> None:
+        self.slot.close()
+
+    # --- access -------------------------------------------------------------------------------
+    def unlock(self, password: str | None) -> tuple:
+        if not self.enabled:
+            raise gr.Error(f"Admin is disabled: set {ADMIN_PASSWORD_ENV} and restart the app.")
+        if not hmac.compare_digest((password or "").encode(), self._password.encode()):
+            time.sleep(1.0)  # slow down guessing
+            raise gr.Error("Admin password: wrong password.", title="Locked")
+        return (True, gr.Column(visible=True), gr.Row(visible=False), "Unlocked for this browser session.",
+                gr.Timer(active=True))
+
+    def _check(self, unlocked: bool) -> None:
+        if not self.enabled or unlocked is not True:
+            raise gr.Error("Admin: unlock the Admin tab with the password first.", title="Locked")
+
+    # --- background work ----------------------------------------------------------------------
+    def _model_args(self) -> list[str]:
+        return ["--model", self.model] if self.model else []
+
+    def build_dataset(self, unlocked: bool, prompts_text: str | None, seeds: Any) -> str:
+        self._check(unlocked)
+        try:
+            prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
+            if not prompts:
+                raise FieldError("Training prompts", "enter at least one prompt (one per line)")
+            if len(prompts) > MAX_TRAIN_PROMPTS or any(len(p) > MAX_PROMPT_CHARS for p in prompts):
+                raise FieldError("Training prompts", f"at most {MAX_TRAIN_PROMPTS} prompts of {MAX_PROMPT_CHARS} characters")
+            n_seeds = _int(seeds, "Seeds per prompt", 1, 64)
+        except FieldError as exc:
+            raise gr.Error(str(exc), title="Check the input") from None
+        prompt_file = self.work / f"train-prompts-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+        prompt_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+        argv = [sys.executable, "-m", "training.dataset", "--db", str(self.db), "--prompts", str(prompt_file),
+                "--seeds", f"0-{n_seeds - 1}", *self._model_args()]
+        run = self.slot.start("dataset", argv)
+        return f"Building the dataset (pid {run.proc.pid}) from {len(prompts)} prompts x {n_seeds} seeds…"
+
+    def start_ppo(self, unlocked: bool, updates: Any) -> str:
+        self._check(unlocked)
+        try:
+            n = _int(updates, "Updates", 1, 100_000)
+        except FieldError as exc:
+            raise gr.Error(str(exc), title="Check the input") from None
+        argv = [sys.executable, "-m", "training.ppo", "--db", str(self.db), "--updates", str(n), *self._model_args()]
+        run = self.slot.start("ppo", argv)
+        return f"PPO run started (pid {run.proc.pid}, {n} updates); the reward plot updates from the store."
+
+    def stop(self, unlocked: bool) -> str:
+        self._check(unlocked)
+        return self.slot.stop()
+
+    def poll(self, unlocked: bool) -> tuple[Any, Any, Any]:
+        if unlocked is not True:
+            return gr.skip(), gr.skip(), gr.skip()
+        from app_backend import checkpoints_table, reward_frame
+
+        return self.slot.status(), reward_frame(self.db), checkpoints_table(self.db)
+
+    def activate(self, unlocked: bool, checkpoint_id: Any) -> tuple[str, Any]:
+        self._check(unlocked)
+        from app_backend import activate_checkpoint, checkpoints_table
+
+        try:
+            cid = _int(checkpoint_id, "Checkpoint id", 1, 2**62)
+            name = activate_checkpoint(self.db, cid)
+        except (FieldError, ValueError, LookupError) as exc:
+            raise gr.Error(str(exc), title="Check the input") from None
+        self.backend.reload_solver()
+        return f"Checkpoint #{cid} ({name}) is now the active ConsistencySolver.", checkpoints_table(self.db)
+
+    def evaluate(self, unlocked: bool, steps_text: str | None, seeds: Any) -> Iterator[tuple[str, Any]]:
+        """Run ``python -m training.evaluate`` in a child process; stream its log, then show table and plot."""
+        self._check(unlocked)
+        try:
+            steps = parse_steps(steps_text)
+            n_seeds = _int(seeds, "Seeds", 1, 64)
+        except FieldError as exc:
+            raise gr.Error(str(exc), title="Check the input") from None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out_json = self.work / f"evaluate-{stamp}.json"
+        out_plot = self.exports / f"evaluate-{stamp}.png"  # served: the plot is shown in the page
+        argv = [sys.executable, "-m", "training.evaluate", "--seeds", f"0-{n_seeds - 1}",
+                "--steps", ",".join(map(str, steps)), "--json", str(out_json), "--plot", str(out_plot),
+                "--db", str(self.db), *self._model_args()]
+        run = self.slot.start("evaluate", argv)
+        while run.proc.poll() is None:
+            yield f"Evaluating… (pid {run.proc.pid})\n\n```\n{tail_text(run.log, 800)}\n```", gr.skip()
+            time.sleep(1.0)
+        if run.proc.returncode != 0 or not out_json.exists():
+            raise gr.Error(f"The evaluation failed (exit {run.proc.returncode}): {tail_text(run.log, 400)}")
+        table = results_markdown(json.loads(out_json.read_text(encoding="utf-8")))
+        yield table, (str(out_plot) if out_plot.exists() else None)
+
+
+def parse_steps(text: str | None) -> list[int]:
+    """``"3,4,5,6,8"`` -> [3, 4, 5, 6, 8] (each in 1..50)."""
+    if not text or not re.fullmatch(r"\s*\d+(\s*[,-]\s*\d+)*\s*", text):
+        raise FieldError("Steps", "enter step counts such as 3,4,5,6,8")
+    steps = parse_seed_list(text.replace(" ", ""))  # same "a,b,c-d" grammar
+    if any(not 1 <= s <= 50 for s in steps):
+        raise FieldError("Steps", "each step count must be in 1..50")
+    return steps
+
+
+def results_markdown(result: dict) -> str:
+    """The evaluation JSON's ``results`` as a markdown table (every column the JSON has)."""
+    rows = result.get("results") or []
+    if not rows:
+        return "The evaluation produced no results."
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v).replace("|", "\\|")
+
+    ref = result.get("reference") or {}
+    head = f"Model `{result.get('model', '?')}`, reference {ref.get('solver', '?')} at {ref.get('steps', '?')} steps.\n\n"
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in cols) + " |" for row in rows]
+    return head + "\n".join(lines)

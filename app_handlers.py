@@ -1,0 +1,247 @@
+"""The app's event handlers: read the fields, call the backend, format what the components show.
+
+No business logic lives here: parsing is ``app_inputs``, work is the :class:`app_views.Backend`.
+Every bad input becomes one ``gr.Error`` naming its field, raised before the backend is called.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+import time
+import uuid
+from typing import Any, Iterator
+
+import gradio as gr
+
+from app_inputs import FieldError, dice_seed, parse_explore
+from app_views import Backend, HistoryItem, JobView, Tile
+
+logger = logging.getLogger(__name__)
+
+STREAM_MIN_INTERVAL_S = 0.3  # coalesce gallery updates that arrive faster than this
+LOCAL_OWNER = "local"
+_REF = re.compile(r"(preview|final):(\d{1,18})")
+
+
+def owner_of(request: gr.Request | None) -> str:
+    """The row owner: the logged-in user when auth is on, else the single local user."""
+    name = getattr(request, "username", None) if request is not None else None
+    return name or LOCAL_OWNER
+
+
+def _error(exc: Exception) -> gr.Error:
+    return gr.Error(str(exc), title="Check the input")
+
+
+def tile_caption(tile: Tile) -> str:
+    return f"{tile.prompt} · seed {tile.seed}"
+
+
+def tile_label(i: int, tile: Tile) -> str:
+    prompt = tile.prompt if len(tile.prompt) <= 40 else tile.prompt[:39] + "…"
+    return f"#{i + 1} {prompt} · seed {tile.seed}"
+
+
+class Handlers:
+    """Event functions bound to one backend (shared by every session; per-session data is gr.State)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    # --- Explore ------------------------------------------------------------------------------
+    def dice(self) -> tuple[int, str]:
+        """A random seed start; clears the explicit seed list so the start is what runs."""
+        return dice_seed(), ""
+
+    def preview(
+        self,
+        prompts: str,
+        negative: str,
+        seed_count: float,
+        seed_start: float,
+        seed_list: str,
+        steps: float,
+        solver: str,
+        guidance: float,
+        width: float,
+        height: float,
+        refine_steps: float,
+        request: gr.Request,
+    ) -> Iterator[tuple[Any, dict, Any, str]]:
+        """Stream the grid: (gallery, snapshot, selection choices, status) after every finished chunk.
+
+        The snapshot ``{"run": id, "tiles": [{"preview_id", "label"}...]}`` is exactly what the gallery
+        shows; the selection values are ``"<run>:<index>"`` so a refine can tell a stale selection.
+        """
+        b = self.backend
+        try:
+            settings = parse_explore(
+                prompts, negative, seed_count, seed_start, seed_list, steps, solver, guidance, width, height,
+                refine_steps, solvers=b.solvers(), max_size=b.max_size,
+            )
+        except FieldError as exc:
+            raise _error(exc) from None
+        owner = owner_of(request)
+        run = uuid.uuid4().hex[:8]
+        total = len(settings.prompts) * len(settings.seeds)
+        tiles: list[Tile] = []
+        snapshot: dict = {"run": run, "tiles": []}
+        last = 0.0
+        t0 = time.monotonic()
+        try:
+            chunks = b.preview(settings, owner)
+            for chunk in chunks:
+                tiles.extend(chunk)
+                now = time.monotonic()
+                if now - last >= STREAM_MIN_INTERVAL_S and len(tiles) < total:
+                    last = now
+                    yield self._grid(run, tiles, f"{len(tiles)} / {total} previews…")
+        except ValueError as exc:
+            raise _error(exc) from None
+        yield self._grid(run, tiles, f"{len(tiles)} previews in {time.monotonic() - t0:.1f} s. "
+                                     "Click tiles (or tick them below) and press Refine.")
+
+    def _grid(self, run: str, tiles: list[Tile], status: str) -> tuple[Any, dict, Any, str]:
+        gallery = [(str(t.path), tile_caption(t)) for t in tiles]
+        snapshot = {"run": run, "tiles": [{"preview_id": t.preview_id, "label": tile_label(i, t)} for i, t in enumerate(tiles)]}
+        choices = [(tile["label"], f"{run}:{i}") for i, tile in enumerate(snapshot["tiles"])]
+        return gallery, snapshot, gr.CheckboxGroup(choices=choices, value=[]), status
+
+    def toggle_tile(self, selected: list[str] | None, snapshot: dict | None, evt: gr.SelectData) -> Any:
+        """A click on a tile ticks or unticks it in the selection (the selection is the source of truth)."""
+        if not snapshot or not isinstance(evt.index, int) or not 0 <= evt.index < len(snapshot["tiles"]):
+            return gr.skip()
+        value = f"{snapshot['run']}:{evt.index}"
+        selected = list(selected or [])
+        selected = [v for v in selected if v != value] if value in selected else selected + [value]
+        return gr.CheckboxGroup(value=selected)
+
+    def select_all(self, snapshot: dict | None) -> Any:
+        if not snapshot:
+            return gr.skip()
+        return gr.CheckboxGroup(value=[f"{snapshot['run']}:{i}" for i in range(len(snapshot["tiles"]))])
+
+    def refine(self, selected: list[str] | None, snapshot: dict | None, refine_steps: float, request: gr.Request) -> str:
+        """Queue one refine job per selected tile; ids come from the rendered snapshot, re-read by the backend."""
+        if not snapshot or not snapshot.get("tiles"):
+            raise gr.Error("Selection: preview a grid first, then select tiles to refine.", title="Nothing to refine")
+        if not selected:
+            raise gr.Error("Selection: select at least one tile (click it or tick it below the grid).", title="Nothing to refine")
+        preview_ids = []
+        for value in selected:
+            run, _, index = str(value).partition(":")
+            if run != snapshot["run"] or not index.isdigit() or int(index) >= len(snapshot["tiles"]):
+                raise gr.Error("Selection: the grid changed since you selected; select the tiles again.")
+            preview_ids.append(int(snapshot["tiles"][int(index)]["preview_id"]))
+        try:
+            from app_inputs import REFINE_STEPS, _int
+
+            steps = _int(refine_steps, "Refine steps", *REFINE_STEPS)
+            job_ids = self.backend.refine(preview_ids, steps, owner_of(request))
+        except ValueError as exc:
+            raise _error(exc) from None
+        gr.Info(f"Queued {len(job_ids)} refine job(s); follow them in the Refine tab.")
+        return f"Queued refine job(s) {', '.join('#' + str(j) for j in job_ids)} — see the Refine tab."
+
+    # --- Refine -------------------------------------------------------------------------------
+    def jobs(self, signature: str | None, request: gr.Request) -> tuple[Any, Any, str]:
+        """The job list (HTML with progress bars) and the finals beside their previews; skipped if unchanged."""
+        views = self.backend.jobs(owner_of(request))
+        sig = repr([(v.job_id, v.state, v.step, v.total, round(v.eta_s or 0)) for v in views])
+        if sig == signature:
+            return gr.skip(), gr.skip(), sig
+        return jobs_html(views), finals_gallery(views), sig
+
+    def cancel(self, job_id: float | None, request: gr.Request) -> str:
+        if job_id is None or isinstance(job_id, bool) or float(job_id) != int(job_id) or job_id < 1:
+            raise gr.Error("Job id: enter the number of a job from the list.", title="Check the input")
+        try:
+            state = self.backend.cancel(int(job_id), owner_of(request))
+        except ValueError as exc:
+            raise _error(exc) from None
+        return f"Job #{int(job_id)}: {state}."
+
+    # --- History ------------------------------------------------------------------------------
+    def search(self, query: str | None, request: gr.Request) -> tuple[list, list[str], str]:
+        query = (query or "").strip()
+        if len(query) > 200:
+            raise gr.Error("Search: at most 200 characters.", title="Check the input")
+        items = self.backend.history(query, owner_of(request))
+        gallery = [(str(it.path), history_caption(it)) for it in items]
+        refs = [it.ref for it in items]
+        note = f"{len(items)} image(s)" + (f" matching “{query}”" if query else "") + ". Click one to pick it."
+        return gallery, refs, note
+
+    def pick(self, refs: list[str] | None, evt: gr.SelectData) -> Any:
+        if not refs or not isinstance(evt.index, int) or not 0 <= evt.index < len(refs):
+            return gr.skip()
+        return refs[evt.index]
+
+    def _item(self, ref: str | None, request: gr.Request | None) -> HistoryItem:
+        m = _REF.fullmatch((ref or "").strip())
+        if not m:
+            raise gr.Error("Item: pick an image in the history (e.g. final:12 or preview:3).", title="Check the input")
+        try:
+            return self.backend.history_item(m.group(0), owner_of(request))
+        except (ValueError, KeyError) as exc:
+            raise gr.Error(f"Item: {exc}", title="Not found") from None
+
+    def send_to_explore(self, ref: str, request: gr.Request) -> tuple:
+        """Every Explore field from a stored image, and the Explore tab selected."""
+        s = self._item(ref, request).settings
+        return (
+            "\n".join(s.prompts), s.negative_prompt, 1, s.seeds[0], "", s.steps, s.solver, s.guidance,
+            s.width, s.height, s.refine_steps, gr.Tabs(selected="explore"),
+        )
+
+    def png(self, ref: str, request: gr.Request) -> str:
+        """The stored PNG file itself (metadata intact), never a re-encoded image."""
+        return str(self._item(ref, request).path)
+
+
+def history_caption(item: HistoryItem) -> str:
+    s = item.settings
+    return f"{item.kind} · {s.prompts[0]} · seed {s.seeds[0]} · {s.solver} {s.steps} steps"
+
+
+def _fmt_eta(eta: float | None) -> str:
+    if eta is None:
+        return ""
+    return f"{eta:.0f} s left" if eta < 120 else f"{eta / 60:.1f} min left"
+
+
+def jobs_html(views: list[JobView]) -> str:
+    """A table with one progress bar per job; every user string is HTML-escaped."""
+    if not views:
+        return "<p class='dp-empty'>No refine jobs yet. Select previews in Explore and press Refine.</p>"
+    rows = []
+    for v in views:
+        pct = 100.0 * v.step / v.total if v.total else 0.0
+        detail = _fmt_eta(v.eta_s) if v.state in ("running", "queued") else ""
+        if v.state == "done" and v.consistency.get("psnr") is not None:
+            detail = f"PSNR {v.consistency['psnr']:.1f} dB · SSIM {v.consistency.get('ssim', 0.0):.3f}"
+        if v.error:
+            detail = v.error
+        rows.append(
+            f"<tr class='dp-job' data-job='{v.job_id}' data-state='{html.escape(v.state)}'>"
+            f"<td>#{v.job_id}</td><td>{html.escape(v.prompt)}</td><td>{v.seed}</td>"
+            f"<td><progress max='{v.total}' value='{v.step}'></progress> {v.step}/{v.total} ({pct:.0f}%)</td>"
+            f"<td class='dp-state dp-{html.escape(v.state)}'>{html.escape(v.state)}</td><td>{html.escape(detail)}</td></tr>"
+        )
+    head = "<tr><th>Job</th><th>Prompt</th><th>Seed</th><th>Progress</th><th>State</th><th>ETA / consistency</th></tr>"
+    return f"<table class='dp-jobs'>{head}{''.join(rows)}</table>"
+
+
+def finals_gallery(views: list[JobView]) -> list[tuple[str, str]]:
+    """Preview then final, side by side (two columns), for every finished job."""
+    out = []
+    for v in views:
+        if v.state != "done" or v.final_path is None or v.preview_path is None:
+            continue
+        c = v.consistency
+        metrics = ", ".join(f"{k.upper()} {val:.3f}" for k, val in c.items() if isinstance(val, float))
+        out.append((str(v.preview_path), f"preview · job #{v.job_id} · seed {v.seed}"))
+        out.append((str(v.final_path), f"final · job #{v.job_id} · {metrics}"))
+    return out

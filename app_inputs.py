@@ -1,0 +1,184 @@
+"""The Explore tab's fields, parsed and checked before anything touches the engine or the store.
+
+The app shows one clear message per bad field (:class:`FieldError` names the field as the UI labels
+it) and writes nothing. Range checks that belong to the model or the engine (allowed sizes, known
+solvers, the maximum grid) are repeated there; the ones here exist so that the message names the
+field the user typed into.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import asdict, dataclass, field
+
+SEED_MAX = 2**32 - 1  # A1111's seed range: 32-bit seeds
+MAX_PROMPTS = 16
+MAX_SEEDS = 64
+MAX_PROMPT_CHARS = 1000
+PREVIEW_STEPS = (1, 50)
+REFINE_STEPS = (1, 200)
+GUIDANCE_MAX = 30.0
+
+
+class FieldError(ValueError):
+    """Bad input in one UI field; ``field`` is the field's label."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ExploreSettings:
+    """Everything a preview grid depends on (the determinism key, less the model)."""
+
+    prompts: list[str]
+    negative_prompt: str
+    seeds: list[int]
+    steps: int
+    solver: str
+    guidance: float
+    width: int
+    height: int
+    refine_steps: int = 40
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_prompts(text: str | None) -> list[str]:
+    """One prompt per non-empty line."""
+    prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not prompts:
+        raise FieldError("Prompts", "enter at least one prompt (one per line)")
+    if len(prompts) > MAX_PROMPTS:
+        raise FieldError("Prompts", f"at most {MAX_PROMPTS} prompts, got {len(prompts)}")
+    for p in prompts:
+        if len(p) > MAX_PROMPT_CHARS:
+            raise FieldError("Prompts", f"each prompt is at most {MAX_PROMPT_CHARS} characters")
+    return prompts
+
+
+def parse_negative(text: str | None) -> str:
+    neg = (text or "").strip()
+    if "\n" in neg:
+        raise FieldError("Negative prompt", "one line only (it applies to every prompt)")
+    if len(neg) > MAX_PROMPT_CHARS:
+        raise FieldError("Negative prompt", f"at most {MAX_PROMPT_CHARS} characters")
+    return neg
+
+
+def _int(value: object, name: str, lo: int, hi: int) -> int:
+    """An integer in lo..hi; a float only when it is whole (Gradio Numbers arrive as floats)."""
+    if isinstance(value, bool) or value is None or value == "":
+        raise FieldError(name, f"enter a whole number in {lo}..{hi}")
+    if isinstance(value, str):
+        value = value.strip()
+        if not re.fullmatch(r"[+-]?\d+", value):
+            raise FieldError(name, f"enter a whole number in {lo}..{hi}, got {value!r}")
+        value = int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise FieldError(name, f"enter a whole number in {lo}..{hi}, got {value!r}")
+        value = int(value)
+    if not isinstance(value, int):
+        raise FieldError(name, f"enter a whole number in {lo}..{hi}, got {value!r}")
+    if not lo <= value <= hi:
+        raise FieldError(name, f"must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def parse_seed_list(text: str) -> list[int]:
+    """``"3, 17, 100-103"`` -> [3, 17, 100, 101, 102, 103] (order kept, duplicates refused)."""
+    seeds: list[int] = []
+    for part in re.split(r"[,\s]+", text.strip()):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise FieldError("Seed list", f"{part!r} is not a seed or a range like 100-103")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise FieldError("Seed list", f"range {part!r} runs backwards")
+        if hi > SEED_MAX:
+            raise FieldError("Seed list", f"seeds are in 0..{SEED_MAX}, got {hi}")
+        if hi - lo + 1 + len(seeds) > MAX_SEEDS:
+            raise FieldError("Seed list", f"at most {MAX_SEEDS} seeds")
+        seeds.extend(range(lo, hi + 1))
+    if not seeds:
+        raise FieldError("Seed list", "enter seeds such as 3, 17, 100-103")
+    if len(set(seeds)) != len(seeds):
+        raise FieldError("Seed list", "a seed appears twice")
+    return seeds
+
+
+def parse_seeds(seed_list: str | None, count: object, start: object) -> list[int]:
+    """The explicit list when given, else ``count`` seeds from ``start`` (seed + i, as A1111 does)."""
+    if seed_list and seed_list.strip():
+        return parse_seed_list(seed_list)
+    n = _int(count, "Seed count", 1, MAX_SEEDS)
+    s = _int(start, "Seed start", 0, SEED_MAX)
+    if s + n - 1 > SEED_MAX:
+        raise FieldError("Seed start", f"start + count - 1 must stay within {SEED_MAX}")
+    return list(range(s, s + n))
+
+
+def parse_guidance(value: object) -> float:
+    if isinstance(value, bool) or value is None or value == "":
+        raise FieldError("Guidance", "enter a number")
+    try:
+        g = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise FieldError("Guidance", f"enter a number, got {value!r}") from None
+    if not math.isfinite(g) or not 0.0 <= g <= GUIDANCE_MAX:
+        raise FieldError("Guidance", f"must be a finite number in 0..{GUIDANCE_MAX:g}, got {value!r}")
+    return g
+
+
+def parse_explore(
+    prompts: str | None,
+    negative: str | None,
+    seed_count: object,
+    seed_start: object,
+    seed_list: str | None,
+    steps: object,
+    solver: str | None,
+    guidance: object,
+    width: object,
+    height: object,
+    refine_steps: object = 40,
+    solvers: list[str] | None = None,
+    max_size: int = 2048,
+) -> ExploreSettings:
+    """All Explore fields at once; the first bad one raises :class:`FieldError`."""
+    settings = ExploreSettings(
+        prompts=parse_prompts(prompts),
+        negative_prompt=parse_negative(negative),
+        seeds=parse_seeds(seed_list, seed_count, seed_start),
+        steps=_int(steps, "Preview steps", *PREVIEW_STEPS),
+        solver=_solver(solver, solvers),
+        guidance=parse_guidance(guidance),
+        width=_int(width, "Width", 1, max_size),
+        height=_int(height, "Height", 1, max_size),
+        refine_steps=_int(refine_steps, "Refine steps", *REFINE_STEPS),
+    )
+    if len(settings.prompts) * len(settings.seeds) > MAX_SEEDS * 4:
+        raise FieldError("Prompts", f"prompts x seeds is at most {MAX_SEEDS * 4} tiles")
+    return settings
+
+
+def _solver(value: str | None, solvers: list[str] | None) -> str:
+    if not value:
+        raise FieldError("Solver", "choose a solver")
+    if solvers is not None and value not in solvers:
+        raise FieldError("Solver", f"unknown solver {value!r}; choose one of {', '.join(solvers)}")
+    return value
+
+
+def dice_seed(rng: random.Random | None = None) -> int:
+    """A random seed start for the dice button."""
+    return (rng or random.SystemRandom()).randrange(SEED_MAX + 1)

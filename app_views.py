@@ -1,0 +1,80 @@
+"""What the app shows, as plain records: the interface between the UI and the engine adapter.
+
+The UI (``app.py``, ``app_handlers.py``) only ever sees these records and the :class:`Backend`
+protocol; ``app_backend.py`` fills them from the store and the engine. Paths in these records are
+PNG files that the backend wrote into the app's export folder under names it chose itself
+(``preview-<id>.png``), never a path a user typed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+from app_inputs import ExploreSettings
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One finished preview in the Explore grid."""
+
+    preview_id: int
+    prompt: str
+    seed: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class JobView:
+    """One refine job as the Refine tab shows it."""
+
+    job_id: int
+    state: str  # queued | running | done | failed | cancelled | interrupted
+    step: int
+    total: int
+    eta_s: float | None
+    prompt: str
+    seed: int
+    preview_id: int
+    preview_path: Path | None = None
+    final_path: Path | None = None
+    consistency: dict[str, float | None] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    """One stored image (a preview or a final) with every setting needed to make it again."""
+
+    kind: str  # "preview" | "final"
+    image_id: int
+    settings: ExploreSettings  # prompts has one entry, seeds one entry
+    path: Path
+    created: str = ""
+
+    @property
+    def ref(self) -> str:
+        """The stable handle the UI passes back, e.g. ``final:12``."""
+        return f"{self.kind}:{self.image_id}"
+
+
+class Backend(Protocol):
+    """What the app needs from the engine and the store (see ``app_backend.EngineBackend``)."""
+
+    model_name: str
+    default_size: tuple[int, int]  # (height, width)
+    default_guidance: float
+    size_multiple: int
+    max_size: int
+
+    def solvers(self) -> list[str]: ...
+    def default_solver(self) -> str: ...
+    def preview(self, settings: ExploreSettings, owner: str) -> Iterator[list[Tile]]: ...
+    def refine(self, preview_ids: list[int], steps: int, owner: str) -> list[int]: ...
+    def jobs(self, owner: str, limit: int = 50) -> list[JobView]: ...
+    def cancel(self, job_id: int, owner: str) -> str: ...
+    def history(self, query: str, owner: str, limit: int = 48) -> list[HistoryItem]: ...
+    def history_item(self, ref: str, owner: str) -> HistoryItem: ...
+    def reload_solver(self) -> None: ...
+    def close(self) -> None: ...

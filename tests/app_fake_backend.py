@@ -1,0 +1,132 @@
+"""A stand-in for ``app_backend.EngineBackend`` with the same :class:`app_views.Backend` surface.
+
+It lets the UI tests check wiring, streaming, selection mapping and bad-input handling in
+milliseconds, without a model. Images are flat colours derived from (prompt, seed) written as PNG
+with an A1111 ``parameters`` chunk; refine jobs advance one "step" per ``step_s`` on a thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+
+from app_inputs import ExploreSettings
+from app_views import HistoryItem, JobView, Tile
+from store.png import encode_png
+
+
+class FakeBackend:
+    model_name = "fake"
+    default_size = (32, 32)
+    default_guidance = 3.0
+    size_multiple = 8
+    max_size = 256
+
+    def __init__(self, exports: Path, chunk: int = 4, step_s: float = 0.02) -> None:
+        self.exports = exports
+        self.chunk = chunk
+        self.step_s = step_s
+        self.lock = threading.Lock()
+        self.previews: dict[int, tuple[ExploreSettings, str, int]] = {}
+        self.jobs_: dict[int, dict] = {}
+        self.calls: list[str] = []
+
+    def solvers(self) -> list[str]:
+        return ["consistency", "ddim", "unipc"]
+
+    def default_solver(self) -> str:
+        return "consistency"
+
+    def _png(self, name: str, prompt: str, seed: int, s: ExploreSettings, shade: int = 0) -> Path:
+        rgb = hashlib.sha256(f"{prompt}|{seed}".encode()).digest()[:3]
+        img = Image.new("RGB", (s.width, s.height), tuple((c + shade) % 256 for c in rgb))
+        params = dict(prompt=prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler=s.solver,
+                      cfg_scale=s.guidance, seed=seed, width=s.width, height=s.height, model=self.model_name)
+        path = self.exports / name
+        path.write_bytes(encode_png(img, params))
+        return path
+
+    def preview(self, settings: ExploreSettings, owner: str) -> Iterator[list[Tile]]:
+        self.calls.append("preview")
+        pairs = [(p, s) for p in settings.prompts for s in settings.seeds]
+        for i in range(0, len(pairs), self.chunk):
+            out = []
+            for prompt, seed in pairs[i:i + self.chunk]:
+                with self.lock:
+                    pid = len(self.previews) + 1
+                    self.previews[pid] = (settings, prompt, seed)
+                out.append(Tile(pid, prompt, seed, self._png(f"preview-{pid}.png", prompt, seed, settings)))
+            yield out
+
+    def refine(self, preview_ids: list[int], steps: int, owner: str) -> list[int]:
+        self.calls.append("refine")
+        for pid in preview_ids:
+            if pid not in self.previews:
+                raise ValueError(f"preview {pid} does not exist")
+        ids = []
+        for pid in preview_ids:
+            with self.lock:
+                jid = len(self.jobs_) + 1
+                self.jobs_[jid] = dict(preview_id=pid, state="queued", step=0, total=steps)
+            ids.append(jid)
+            threading.Thread(target=self._run, args=(jid,), daemon=True).start()
+        return ids
+
+    def _run(self, jid: int) -> None:
+        job = self.jobs_[jid]
+        job["state"] = "running"
+        while job["step"] < job["total"]:
+            if job["state"] == "cancelled":
+                return
+            time.sleep(self.step_s)
+            job["step"] += 1
+        settings, prompt, seed = self.previews[job["preview_id"]]
+        self._png(f"final-{jid}.png", prompt, seed, settings, shade=10)
+        job["state"] = "done"
+
+    def jobs(self, owner: str, limit: int = 50) -> list[JobView]:
+        out = []
+        for jid, j in sorted(self.jobs_.items(), reverse=True)[:limit]:
+            settings, prompt, seed = self.previews[j["preview_id"]]
+            done = j["state"] == "done"
+            out.append(JobView(jid, j["state"], j["step"], j["total"], 1.0, prompt, seed, j["preview_id"],
+                               self.exports / f"preview-{j['preview_id']}.png",
+                               self.exports / f"final-{jid}.png" if done else None,
+                               {"psnr": 30.0, "ssim": 0.9} if done else {}))
+        return out
+
+    def cancel(self, job_id: int, owner: str) -> str:
+        if job_id not in self.jobs_:
+            raise ValueError(f"Job id: no job #{job_id}")
+        self.jobs_[job_id]["state"] = "cancelled"
+        return "cancelled"
+
+    def history(self, query: str, owner: str, limit: int = 48) -> list[HistoryItem]:
+        items = []
+        for jid, j in sorted(self.jobs_.items(), reverse=True):
+            if j["state"] == "done":
+                items.append(self.history_item(f"final:{jid}", owner))
+        for pid in sorted(self.previews, reverse=True):
+            items.append(self.history_item(f"preview:{pid}", owner))
+        return [it for it in items if query.lower() in it.settings.prompts[0].lower()][:limit]
+
+    def history_item(self, ref: str, owner: str) -> HistoryItem:
+        kind, _, n = ref.partition(":")
+        n = int(n)
+        pid = self.jobs_[n]["preview_id"] if kind == "final" else n
+        if pid not in self.previews:
+            raise ValueError(f"no {kind} #{n}")
+        settings, prompt, seed = self.previews[pid]
+        one = ExploreSettings(**{**settings.as_dict(), "prompts": [prompt], "seeds": [seed]})
+        return HistoryItem(kind, n, one, self.exports / f"{kind}-{n}.png")
+
+    def reload_solver(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
