@@ -1,0 +1,94 @@
+"""Batched rollouts: R previews that share a step count K, each with its own coefficient table.
+
+Paper eq. 10 for every rollout r at once::
+
+    y^r_{i+1} = y^r_i + (n^r_{i+1} - n^r_i) * sum_j W^r[i, j] * eps^r_{i+1-j}
+
+``solver.sampling.iter_lmm`` runs one table for a whole batch; training needs one table per rollout
+(each rollout draws its own coefficients), so this is the same update with the coefficients indexed by
+rollout. The equivalence is a test (tests/test_training_ppo.py). With a shared grid the R states sit at
+the same timestep, so each step is ONE guided model call for all R rollouts (all groups of this K);
+with a learned time grid each rollout has its own timesteps and the call passes a vector of timesteps.
+Solver arithmetic is float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from solver.outputs import to_epsilon
+from solver.schedules import TimeGrid
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (R, C, h, w), t scalar or (R,)) -> eps
+
+
+def _check_tables(tables: torch.Tensor, num_steps: int) -> None:
+    if tables.ndim != 3 or tables.shape[1] != num_steps:
+        raise ValueError(f"tables must have shape (R, {num_steps}, m), got {tuple(tables.shape)}")
+    order = tables.shape[2]
+    for i in range(num_steps):
+        if bool((tables[:, i, min(i + 1, order):] != 0).any()):
+            raise ValueError(f"tables row {i} uses more than the {i + 1} epsilons available at step {i}")
+
+
+def lmm_rollouts(eps_fn: EpsFn, x_T: torch.Tensor, grids: TimeGrid | list[TimeGrid], tables: torch.Tensor) -> torch.Tensor:
+    """Final x of R rollouts from x_T (R, C, h, w) with per-rollout tables (R, K, m).
+
+    ``grids``: one TimeGrid shared by all rollouts (eps_fn gets a scalar timestep), or one per rollout
+    (eps_fn gets the (R,) timesteps of step i).
+    """
+    shared = isinstance(grids, TimeGrid)
+    grid_list = [grids] if shared else list(grids)  # type: ignore[list-item]
+    num_steps = grid_list[0].num_steps
+    if not shared and (len(grid_list) != x_T.shape[0] or any(g.num_steps != num_steps for g in grid_list)):
+        raise ValueError("grids must be one TimeGrid or one per rollout, all with the same number of steps")
+    _check_tables(tables, num_steps)
+    R, order = x_T.shape[0], tables.shape[2]
+    view = (R,) + (1,) * (x_T.ndim - 1)
+    alpha = torch.stack([g.alpha for g in grid_list]).to(torch.float32).expand(R, -1)  # (R, K+1)
+    n = torch.stack([g.n for g in grid_list]).to(torch.float32).expand(R, -1)
+    dn = n[:, 1:] - n[:, :-1]  # (R, K)
+    w = tables.to(torch.float32).to(x_T.device)
+    history: list[torch.Tensor] = []  # most recent first
+    y = x_T.float() / alpha[:, 0].view(view).to(x_T.device)
+    for i in range(num_steps):
+        t = grid_list[0].timesteps[i] if shared else torch.stack([g.timesteps[i] for g in grid_list])
+        x = y * alpha[:, i].view(view).to(y.device)
+        eps = eps_fn(x, t).float()
+        if torch.isnan(eps).any():
+            raise ValueError(f"model_output contains NaN at step {i}")
+        history.insert(0, eps)
+        del history[order:]
+        k = min(i + 1, order)
+        eps_eff = sum(w[:, i, j].view(view) * history[j] for j in range(k))
+        y = y + dn[:, i].view(view).to(y.device) * eps_eff
+    return y * alpha[:, num_steps].view(view).to(y.device)
+
+
+def guided_eps_per_sample(model, x: torch.Tensor, t: torch.Tensor, cond, guidance: float) -> torch.Tensor:
+    """Classifier-free-guided eps when each row has its own timestep t (R,).
+
+    ``Denoiser.guided_eps`` takes one timestep per call; a learned time grid gives each rollout its own.
+    Same arithmetic: one batched [uncond; cond] call, conversion to eps at the edge, float32.
+    (Wish for models/: a vector ``t`` in ``guided_eps`` itself.)
+    """
+    t = torch.as_tensor(t, dtype=torch.float64)
+    if t.ndim == 0:
+        return model.guided_eps(x, t, cond, guidance)
+    alpha, sigma = model.schedule.alpha_sigma(t)
+    view = (-1,) + (1,) * (x.ndim - 1)
+    x32 = x.to(model.device, torch.float32)
+    xin = x32.to(model.dtype)
+    a = alpha.to(torch.float32).view(view).to(model.device)
+    s = sigma.to(torch.float32).view(view).to(model.device)
+    if guidance == 1.0:
+        out = model.model_output(xin, t.to(model.device), cond.cond, cond.cond_mask)
+        return to_epsilon(out, x32, a, s, model.schedule.prediction_type).to(x.device)
+    context = torch.cat([cond.uncond, cond.cond])
+    mask = None if cond.cond_mask is None else torch.cat([cond.uncond_mask, cond.cond_mask])
+    out = model.model_output(torch.cat([xin, xin]), torch.cat([t, t]).to(model.device), context, mask)
+    eps = to_epsilon(out, torch.cat([x32, x32]), torch.cat([a, a]), torch.cat([s, s]), model.schedule.prediction_type)
+    eps_u, eps_c = eps.chunk(2)
+    return (eps_u + guidance * (eps_c - eps_u)).to(x.device)
