@@ -1,0 +1,170 @@
+"""What a preview run is asked to do, checked in full before anything runs or is written."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+DEFAULT_STEPS = 4
+MAX_STEPS = 50
+DEFAULT_MAX_SEEDS = 64
+MAX_PROMPTS = 16
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**32 - 1  # A1111's range; the store's CPU generator takes any of these
+MAX_GUIDANCE = 50.0
+DEFAULT_SOLVER = "consistency"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Seeds from ``"0-7"``, ``"1,5,9"`` or mixes such as ``"0-3,10,20-21"`` (ranges inclusive, order kept).
+
+    Raises ValueError naming ``seeds`` for anything else (empty parts, reversed ranges, negatives).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"seeds must be like '0-7', '1,5,9' or a mix, got {text!r}")
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, dash, hi = part.partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if dash else a
+        except ValueError:
+            raise ValueError(f"seeds: cannot read {part!r} in {text!r} (use '0-7', '1,5,9' or a mix)") from None
+        if a < 0 or b < 0:
+            raise ValueError(f"seeds must be non-negative, got {part!r}")
+        if b < a:
+            raise ValueError(f"seeds: range {part!r} runs backwards")
+        if b - a >= 100_000:
+            raise ValueError(f"seeds: range {part!r} is too long")
+        seeds.extend(range(a, b + 1))
+    return seeds
+
+
+@dataclass(frozen=True)
+class PreviewRequest:
+    """A grid of previews: every prompt x every seed, with the same settings.
+
+    Attributes:
+        prompts: one or more non-empty prompts.
+        seeds: one or more seeds in 0..2**32-1 (each seed's noise comes from the store).
+        steps: K, the number of model evaluations per preview, 1..50.
+        solver: ``"consistency"`` (the active learned checkpoint) or a name from ``solver.registry``.
+        guidance: classifier-free guidance scale w >= 0 (``None`` = the model's default).
+        height, width: pixels (``None`` = the model's default size).
+        negative_prompt: the text of the unconditional branch ("" = unconditional).
+    """
+
+    prompts: Sequence[str]
+    seeds: Sequence[int]
+    steps: int = DEFAULT_STEPS
+    solver: str = DEFAULT_SOLVER
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pairs(self) -> list[tuple[str, int]]:
+        """(prompt, seed) in output order: prompt-major, seeds in the order given."""
+        return [(p, s) for p in self.prompts for s in self.seeds]
+
+
+def default_guidance(model: Any) -> float:
+    return float(getattr(model, "default_guidance", 5.0))
+
+
+def check_prompts(prompts: Any) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts: give at least one prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise ValueError(f"prompts: at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompts[{i}] is empty; every prompt must be non-empty text")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompts[{i}] is longer than {MAX_PROMPT_CHARS} characters")
+    return list(prompts)
+
+
+def check_seeds(seeds: Any, max_seeds: int) -> list[int]:
+    if isinstance(seeds, str):
+        seeds = parse_seeds(seeds)
+    if not isinstance(seeds, (list, tuple)) or not seeds:
+        raise ValueError("seeds: give at least one seed")
+    if len(seeds) > max_seeds:
+        raise ValueError(f"seeds: at most {max_seeds} seeds per request, got {len(seeds)}")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise ValueError(f"seeds must be integers in 0..{MAX_SEED}, got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("seeds: a seed is listed twice")
+    return list(seeds)
+
+
+def check_guidance(guidance: Any, field_name: str = "guidance") -> float:
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+        raise ValueError(f"{field_name} must be a number, got {guidance!r}")
+    g = float(guidance)
+    if math.isnan(g) or math.isinf(g):
+        raise ValueError(f"{field_name} must be a finite number, got {guidance!r}")
+    if not 0.0 <= g <= MAX_GUIDANCE:
+        raise ValueError(f"{field_name} must be in 0..{MAX_GUIDANCE:g}, got {guidance!r}")
+    return g
+
+
+def check_steps(steps: Any, limit: int, field_name: str = "steps") -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise ValueError(f"{field_name} must be an integer, got {steps!r}")
+    if not 1 <= steps <= limit:
+        raise ValueError(f"{field_name} must be in 1..{limit}, got {steps}")
+    return steps
+
+
+def check_size(model: Any, height: Any, width: Any) -> tuple[int, int]:
+    """(height, width), the model's default for ``None``; the model's own rule otherwise."""
+    h = model.default_size[0] if height is None else height
+    w = model.default_size[1] if width is None else width
+    model.check_size(h, w)  # ValueError naming height / width
+    allowed = getattr(model, "allowed_sizes", None)
+    if allowed and (h, w) not in {tuple(s) for s in allowed}:
+        raise ValueError(f"size {h}x{w} is not one {model.model_id} supports; choose one of {sorted(allowed)}")
+    return int(h), int(w)
+
+
+def check_solver(name: Any) -> str:
+    from solver.registry import solver_names
+
+    names = [DEFAULT_SOLVER] + [n for n in solver_names() if n != DEFAULT_SOLVER]
+    if not isinstance(name, str) or name not in names:
+        raise ValueError(f"solver must be one of {names}, got {name!r}")
+    return name
+
+
+def validate(request: PreviewRequest, model: Any, max_seeds: int = DEFAULT_MAX_SEEDS) -> PreviewRequest:
+    """The request with defaults filled in, or one ValueError naming the first bad field. Writes nothing."""
+    if not isinstance(request.negative_prompt, str):
+        raise ValueError(f"negative_prompt must be text, got {request.negative_prompt!r}")
+    if len(request.negative_prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"negative_prompt is longer than {MAX_PROMPT_CHARS} characters")
+    prompts = check_prompts(request.prompts)
+    seeds = check_seeds(request.seeds, max_seeds)
+    steps = check_steps(request.steps, MAX_STEPS)
+    solver = check_solver(request.solver)
+    guidance = check_guidance(default_guidance(model) if request.guidance is None else request.guidance)
+    height, width = check_size(model, request.height, request.width)
+    return PreviewRequest(
+        prompts=tuple(prompts),
+        seeds=tuple(seeds),
+        steps=steps,
+        solver=solver,
+        guidance=guidance,
+        height=height,
+        width=width,
+        negative_prompt=request.negative_prompt,
+        extra=dict(request.extra),
+    )

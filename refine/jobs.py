@@ -1,0 +1,268 @@
+"""Refine jobs: persisted in the store, run on a device worker one model step at a time.
+
+Life of a job (states are the store's, see ``store.jobs``):
+
+1. :meth:`RefineService.refine_preview` / :meth:`RefineService.refine_new` validate, write the job
+   (``queued``) and hand the worker a stepped task.
+2. On the worker the task claims the oldest queued job (``running``; two workers or processes never
+   claim the same one), encodes the prompt, and then advances the full-step sampler by ONE guided
+   model call per ``next()``. After each step it records ``progress_step`` and reads the cancel
+   flag: a cancel takes effect within one step. Between two steps the worker runs any preview
+   that is waiting.
+3. At the end: decode, store the final PNG (``done``, same transaction), then measure and store the
+   preview-vs-final consistency (:mod:`refine.consistency`). An exception ends the job ``failed``
+   with its message and reaches whoever waits on the task.
+4. After a crash or restart, :meth:`RefineService.resume` calls ``recover_interrupted``: a job that
+   was ``running`` becomes ``interrupted`` and is queued again with ``restarts + 1``. A resumed
+   job restarts from its stored noise at step 0 (there is no mid-trajectory checkpoint); since the
+   noise and inputs are the same, so is the final image. Its progress says so
+   (:attr:`JobProgress.restarted`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Generator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.base import Denoiser
+from preview.request import MAX_PROMPT_CHARS, check_guidance, check_prompts, check_seeds, check_size, default_guidance
+from refine.consistency import measure_consistency
+from refine.full_step import DEFAULT_STEPS, FULL_STEP_SOLVER, check_full_steps, iterate_full_step
+from refine.worker import REFINE, DeviceWorker, WorkerPool
+
+logger = logging.getLogger(__name__)
+
+Executor = DeviceWorker | WorkerPool
+FINISHED = ("done", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """What a UI shows for a job: state, step i of N, an ETA, and whether it was restarted."""
+
+    job_id: int
+    state: str
+    step: int
+    steps: int
+    eta_s: float | None
+    restarts: int
+    device: str | None
+    error: str | None
+    final_id: int | None
+
+    @property
+    def restarted(self) -> bool:
+        """True when the job was interrupted by a restart and began again from its noise."""
+        return self.restarts > 0
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.steps if self.steps else 0.0
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image -> float (3, H, W) in [0, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def pixels_to_image(pixels: torch.Tensor) -> Image.Image:
+    from preview.engine import to_pil
+
+    return to_pil(pixels)
+
+
+def _parse_time(text: str | None) -> float | None:
+    return None if text is None else _dt.datetime.fromisoformat(text).timestamp()
+
+
+class RefineService:
+    """Queue, run, cancel, resume and watch refine jobs.
+
+    Args:
+        executor: the device worker (or pool) owning the model.
+        store: the project store (``store.open_store``).
+        poll_s: how often :meth:`wait` re-reads a job's row.
+    """
+
+    def __init__(self, executor: Executor, store: Any, *, poll_s: float = 0.02) -> None:
+        self.executor = executor
+        self.store = store
+        self.poll_s = poll_s
+
+    @property
+    def model(self) -> Denoiser:
+        ex = self.executor
+        return ex.wait_ready()[0] if isinstance(ex, WorkerPool) else ex.wait_ready()
+
+    # --- queueing ------------------------------------------------------------------------------
+    def refine_preview(self, preview_id: int, steps: int = DEFAULT_STEPS) -> int:
+        """Queue a full-step refine of a stored preview (same prompt, negative, noise, guidance, size)."""
+        check_full_steps(steps)
+        if isinstance(preview_id, bool) or not isinstance(preview_id, int):
+            raise ValueError(f"preview_id must be an integer, got {preview_id!r}")
+        from store.errors import NotFoundError
+
+        try:
+            preview = self.store.get_preview(preview_id, with_image=False)
+        except NotFoundError:
+            raise ValueError(f"preview_id {preview_id} does not exist in the store") from None
+        self._check_generation_model(preview.generation)
+        job_id = self.store.enqueue_job(preview.generation.id, steps=steps, solver=FULL_STEP_SOLVER, preview_id=preview_id)
+        self.dispatch()
+        return job_id
+
+    def refine_new(
+        self,
+        prompt: str,
+        seed: int,
+        *,
+        negative_prompt: str = "",
+        guidance: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int = DEFAULT_STEPS,
+        owner: str | None = None,
+    ) -> int:
+        """Queue a fresh full-step image of (prompt, seed) with no preview; everything validated first."""
+        model = self.model
+        (prompt,) = check_prompts([prompt])
+        (seed,) = check_seeds([seed], 1)
+        if not isinstance(negative_prompt, str) or len(negative_prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"negative_prompt must be text of at most {MAX_PROMPT_CHARS} characters")
+        g = check_guidance(default_guidance(model) if guidance is None else guidance)
+        h, w = check_size(model, height, width)
+        check_full_steps(steps)
+        noise_id, _ = self.store.get_or_create_noise(seed, model.latent_shape(h, w))
+        extra = {} if owner is None else {"owner": owner}
+        generation_id = self.store.add_generation(model_id=model.model_id, prompt=prompt, negative_prompt=negative_prompt,
+                                                  seed=seed, height=h, width=w, guidance=g, noise_id=noise_id, **extra)
+        job_id = self.store.enqueue_job(generation_id, steps=steps, solver=FULL_STEP_SOLVER)
+        self.dispatch()
+        return job_id
+
+    def _check_generation_model(self, generation: Any) -> None:
+        if generation.model_id != self.model.model_id:
+            raise ValueError(f"preview_id: it was made with model {generation.model_id!r}, "
+                             f"but this worker runs {self.model.model_id!r}")
+
+    def dispatch(self) -> Future:
+        """Give the worker one stepped task that claims and runs the oldest queued job (if any)."""
+        return self.executor.submit_stepped(self._run_next_job, priority=REFINE, label="refine")
+
+    def resume(self, max_restarts: int = 3) -> list[int]:
+        """At start-up: re-queue jobs interrupted by a restart, and dispatch every queued job.
+
+        Call once, before this process dispatches anything. Returns the re-queued job ids.
+        """
+        requeued = self.store.recover_interrupted(max_restarts=max_restarts)
+        for job_id in requeued:
+            logger.info("refine job %d was interrupted by a restart; it starts again from its noise", job_id)
+        for _ in self.store.list_jobs(states=["queued"], owner=None, limit=10_000):
+            self.dispatch()
+        return requeued
+
+    # --- watching --------------------------------------------------------------------------------
+    def cancel(self, job_id: int) -> str:
+        """Cancel a job: queued -> cancelled now; running -> stops within one step. Returns the state."""
+        return self.store.request_cancel(job_id)
+
+    def progress(self, job_id: int) -> JobProgress:
+        job = self.store.get_job(job_id)
+        eta = None
+        if job.state == "running" and job.progress_step > 0 and job.started_at:
+            elapsed = time.time() - _parse_time(job.started_at)  # type: ignore[operator]
+            eta = elapsed / job.progress_step * (job.steps - job.progress_step)
+        elif job.state == "done":
+            eta = 0.0
+        final = self.store.get_final_for_job(job_id) if job.state == "done" else None
+        return JobProgress(job_id=job.id, state=job.state, step=job.progress_step, steps=job.steps, eta_s=eta,
+                           restarts=job.restarts, device=job.device, error=job.error,
+                           final_id=None if final is None else final.id)
+
+    def wait(self, job_id: int, timeout: float | None = None) -> JobProgress:
+        """Block until the job is done, failed or cancelled (polls the store; works across processes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            p = self.progress(job_id)
+            if p.state in FINISHED:
+                return p
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"refine job {job_id} still {p.state} at step {p.step}/{p.steps} after {timeout} s")
+            time.sleep(self.poll_s)
+
+    # --- on the worker ---------------------------------------------------------------------------
+    def _run_next_job(self, model: Denoiser) -> Generator[None, None, int | None]:
+        workers = self.executor.workers if isinstance(self.executor, WorkerPool) else [self.executor]
+        device = next((w.name for w in workers if w.model is model), str(model.device))
+        job = self.store.claim_next_job(device)
+        if job is None:
+            return None
+        if job.restarts:
+            logger.info("refine job %d: restart %d, running again from its noise at step 0", job.id, job.restarts)
+        try:
+            final_id = yield from self._run_job(model, job)
+        except GeneratorExit:
+            # The worker is closing: the job stays 'running' and recover_interrupted() re-queues it
+            # at the next start (the store allows running -> interrupted only there).
+            logger.info("refine job %d stopped at shutdown; it resumes after restart", job.id)
+            raise
+        except BaseException as exc:
+            logger.exception("refine job %d failed", job.id)
+            try:
+                self.store.finish_job(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
+            except Exception:  # noqa: BLE001 - the original error matters more
+                logger.exception("could not record the failure of refine job %d", job.id)
+            raise
+        return final_id
+
+    def _run_job(self, model: Denoiser, job: Any) -> Generator[None, None, int | None]:
+        store = self.store
+        generation = store.get_generation(job.generation_id)
+        if generation.model_id != model.model_id:
+            raise ValueError(f"generation {generation.id} was made with model {generation.model_id!r}, "
+                             f"this worker runs {model.model_id!r}")
+        if generation.noise_id is None:
+            raise ValueError(f"generation {generation.id} has no stored noise to refine from")
+        t0 = time.perf_counter()
+        noise = store.get_noise(generation.noise_id).unsqueeze(0)
+        cond = model.encode_prompts([generation.prompt], generation.negative_prompt)
+        x = None
+        for record in iterate_full_step(model, cond, noise, generation.guidance, job.steps):
+            x = record.x
+            step = min(record.i + 1, job.steps)
+            if store.update_job_progress(job.id, step):
+                store.finish_job(job.id, "cancelled")
+                logger.info("refine job %d cancelled at step %d/%d", job.id, step, job.steps)
+                return None
+            yield
+        t1 = time.perf_counter()
+        pixels = model.decode(x)[0].float().cpu()
+        image = pixels_to_image(pixels)
+        t2 = time.perf_counter()
+        final_id = store.finish_job(
+            job.id, "done", image=image,
+            timings_ms={"sample": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3},
+            extra_params={"Refine restarts": job.restarts} if job.restarts else None,
+        )
+        if job.preview_id is not None:
+            self._record_consistency(job.preview_id, final_id, image)
+        return final_id
+
+    def _record_consistency(self, preview_id: int, final_id: int, final_image: Image.Image) -> None:
+        """Preview vs final, both as stored (8-bit PNG pixels)."""
+        import io
+
+        png = self.store.get_preview(preview_id).png
+        preview = image_to_tensor(Image.open(io.BytesIO(png)))
+        metrics = measure_consistency(preview, image_to_tensor(final_image))
+        self.store.add_consistency(preview_id, final_id, psnr=metrics["psnr"], ssim=metrics["ssim"],
+                                   metrics={k: v for k, v in metrics.items() if k not in ("psnr", "ssim")})
