@@ -122,9 +122,10 @@ def check_location(path: Path, forbid_under: Iterable[str | Path] = ()) -> None:
 
     :raises StoreError: for a path inside a served folder, a folder, a read-only folder or file.
     """
+    resolved = path.resolve()
     for served in forbid_under:
         served_path = Path(served).expanduser().resolve()
-        if path == served_path or served_path in path.parents:
+        if resolved == served_path or served_path in resolved.parents:
             raise StoreError(
                 f"the store {path} is inside {served_path}, a folder the web server serves; "
                 "choose a path outside it"

@@ -22,7 +22,6 @@ from store.connection import (
 from store.errors import BlobIntegrityError
 from store.history import verify_png
 from store.migrations import apply_migrations, check_schema
-from store.noise import _load_verified
 from store.training import TrainingStore
 
 log = logging.getLogger(__name__)
@@ -37,9 +36,9 @@ class Store(TrainingStore):
     def verify_blobs(self) -> list[str]:
         """Check every stored blob's hash; returns one line per corrupted row (empty when all good)."""
         problems: list[str] = []
-        for (row_id,) in [tuple(r.values()) for r in self.query("SELECT id FROM noise ORDER BY id")]:
+        for r in self.query("SELECT id FROM noise ORDER BY id"):
             try:
-                _load_verified(self.query_one("SELECT * FROM noise WHERE id = ?", [row_id]))  # type: ignore[arg-type]
+                self.get_noise(r["id"])
             except BlobIntegrityError as exc:
                 problems.append(str(exc))
         for table in ("previews", "finals"):

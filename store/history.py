@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,9 +337,10 @@ class HistoryStore(NoiseStore):
             raise ValueError(f"kind must be 'preview' or 'final', got {kind!r}")
         assert png is not None
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(tmp_name)
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(fd, "wb") as f:
                 f.write(png)
                 f.flush()
                 os.fsync(f.fileno())
