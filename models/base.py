@@ -124,13 +124,14 @@ class Denoiser(ABC):
             raise ValueError(f"conditioning has {len(cond)} rows but x has batch {x.shape[0]}")
         t = torch.as_tensor(t, dtype=torch.float64)
         alpha, sigma = self.schedule.alpha_sigma(t)
-        xin = x.to(self.device, self.dtype)
+        x32 = x.to(self.device, torch.float32)  # the state, full precision, beside the model output
+        xin = x32.to(self.dtype)
         if guidance == 1.0:
             out = self.model_output(xin, t, cond.cond, cond.cond_mask)
-            return to_epsilon(out, x, alpha.item(), sigma.item(), self.schedule.prediction_type)
+            return to_epsilon(out, x32, alpha.item(), sigma.item(), self.schedule.prediction_type).to(x.device)
         context = torch.cat([cond.uncond, cond.cond])
         mask = None if cond.cond_mask is None else torch.cat([cond.uncond_mask, cond.cond_mask])  # type: ignore[list-item]
         out = self.model_output(torch.cat([xin, xin]), t, context, mask)
-        eps = to_epsilon(out, torch.cat([x, x]), alpha.item(), sigma.item(), self.schedule.prediction_type)
+        eps = to_epsilon(out, torch.cat([x32, x32]), alpha.item(), sigma.item(), self.schedule.prediction_type)
         eps_u, eps_c = eps.chunk(2)
-        return eps_u + guidance * (eps_c - eps_u)
+        return (eps_u + guidance * (eps_c - eps_u)).to(x.device)
