@@ -48,8 +48,9 @@ class AppPaths:
 
     @classmethod
     def default(cls, db: str | Path | None = None, cache: str | Path | None = None) -> "AppPaths":
-        home = Path(os.environ.get("DIFFUSION_PREVIEW_HOME") or Path.home() / ".local/share/diffusion-preview")
-        db_path = Path(db).expanduser().resolve() if db else (home / "diffusion-preview.db").resolve()
+        from store.connection import default_store_path
+
+        db_path = Path(db).expanduser().resolve() if db else default_store_path().resolve()
         cache_root = Path(cache or os.environ.get("DIFFUSION_PREVIEW_CACHE") or Path.home() / ".cache/diffusion-preview")
         cache_root = cache_root.expanduser().resolve()
         return cls(db=db_path, exports=cache_root / "exports", gradio_tmp=cache_root / "gradio",
@@ -82,26 +83,24 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
                                              elem_id="prompts", placeholder="a red circle above a blue square")
                         negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
                         with gr.Row():
-                            seed_count = gr.Number(label="Seed count", value=8, precision=0, minimum=1,
-                                                   maximum=MAX_SEEDS, elem_id="seed-count")
-                            seed_start = gr.Number(label="Seed start", value=0, precision=0, minimum=0,
-                                                   maximum=SEED_MAX, elem_id="seed-start")
+                            seed_count = gr.Number(label="Seed count", value=8, elem_id="seed-count")
+                            seed_start = gr.Number(label="Seed start", value=0, elem_id="seed-start")
                             dice = gr.Button("🎲", scale=0, min_width=48, elem_id="dice-btn")
                         seed_list = gr.Textbox(label="Seed list", info="optional, overrides count/start: 3, 17, 100-103",
                                                elem_id="seed-list")
                         with gr.Row():
-                            steps = gr.Slider(PREVIEW_STEPS[0], PREVIEW_STEPS[1], value=4, step=1, label="Preview steps",
+                            steps = gr.Number(label="Preview steps", value=4, info=f"{PREVIEW_STEPS[0]}..{PREVIEW_STEPS[1]}",
                                               elem_id="steps")
-                            solver = gr.Dropdown(solvers, value=backend.default_solver(), label="Solver", elem_id="solver")
-                        guidance = gr.Number(label="Guidance", value=backend.default_guidance, minimum=0, maximum=30,
+                            solver = gr.Dropdown(solvers, value=backend.default_solver(), label="Solver", elem_id="solver",
+                                                 allow_custom_value=True)
+                        guidance = gr.Number(label="Guidance", value=backend.default_guidance,
                                              elem_id="guidance")
                         with gr.Row():
-                            width_in = gr.Number(label="Width", value=width, precision=0, step=backend.size_multiple,
+                            width_in = gr.Number(label="Width", value=width, step=backend.size_multiple,
                                                  elem_id="width")
-                            height_in = gr.Number(label="Height", value=height, precision=0, step=backend.size_multiple,
+                            height_in = gr.Number(label="Height", value=height, step=backend.size_multiple,
                                                   elem_id="height")
-                            refine_steps = gr.Number(label="Refine steps", value=40, precision=0,
-                                                     minimum=REFINE_STEPS[0], maximum=REFINE_STEPS[1], elem_id="refine-steps")
+                            refine_steps = gr.Number(label="Refine steps", value=40, elem_id="refine-steps")
                         preview_btn = gr.Button("Preview (Ctrl+Enter)", variant="primary", elem_id="preview-btn")
                     with gr.Column(scale=2):
                         status = gr.Markdown("Enter prompts and press Preview.", elem_id="explore-status")
@@ -121,7 +120,7 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
                             "Each final is shown beside its preview with the measured consistency.")
                 jobs_view = gr.HTML(elem_id="jobs")
                 with gr.Row():
-                    cancel_id = gr.Number(label="Job id", precision=0, minimum=1, elem_id="cancel-id", scale=0)
+                    cancel_id = gr.Number(label="Job id", elem_id="cancel-id", scale=0)
                     cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="cancel-btn", scale=0)
                     cancel_status = gr.Markdown()
                 finals = gr.Gallery(label="Preview → final", columns=2, allow_preview=True, object_fit="contain",
@@ -160,23 +159,23 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
                     with gr.Accordion("1. Offline dataset", open=True):
                         ds_prompts = gr.Textbox(label="Training prompts (one per line)", lines=4)
                         with gr.Row():
-                            ds_seeds = gr.Number(label="Seeds per prompt", value=4, precision=0, minimum=1, maximum=64)
+                            ds_seeds = gr.Number(label="Seeds per prompt", value=4)
                             ds_btn = gr.Button("Build dataset", scale=0)
                     with gr.Accordion("2. PPO training", open=True):
                         with gr.Row():
-                            ppo_updates = gr.Number(label="Updates", value=50, precision=0, minimum=1, maximum=100000)
+                            ppo_updates = gr.Number(label="Updates", value=50)
                             ppo_btn = gr.Button("Start PPO run", variant="primary", scale=0)
                             stop_btn = gr.Button("Stop", variant="stop", scale=0)
                         reward_plot = gr.LinePlot(x="update", y="reward", title="Mean reward per update", height=260)
                     with gr.Accordion("3. Checkpoints", open=True):
                         ckpts = gr.Dataframe(label="Checkpoints", interactive=False, wrap=True)
                         with gr.Row():
-                            ckpt_id = gr.Number(label="Checkpoint id", precision=0, minimum=1)
+                            ckpt_id = gr.Number(label="Checkpoint id")
                             activate_btn = gr.Button("Activate", scale=0)
                     with gr.Accordion("4. Evaluation", open=True):
                         with gr.Row():
                             ev_steps = gr.Textbox(label="Steps", value="3,4,5,6,8")
-                            ev_seeds = gr.Number(label="Seeds", value=4, precision=0, minimum=1, maximum=64)
+                            ev_seeds = gr.Number(label="Seeds", value=4)
                             ev_btn = gr.Button("Run evaluation", scale=0)
                         ev_table = gr.Markdown()
                         ev_plot = gr.Image(label="Measures against NFE", type="filepath", interactive=False)
@@ -260,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from app_backend import EngineBackend  # heavy imports (torch, the model) after argument parsing
+    from store.errors import StoreError
 
     paths = AppPaths.default(args.db)
     paths.prepare()
@@ -267,8 +267,9 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning("the app is reachable from other machines (host %s, share %s); it has no user login",
                        args.host, args.share)
     try:
-        backend = EngineBackend.open(model=args.model, db=paths.db, exports=paths.exports, devices=args.device)
-    except (ValueError, FileNotFoundError, OSError) as exc:
+        backend = EngineBackend.open(model=args.model, db=paths.db, exports=paths.exports, devices=args.device,
+                                     forbid_under=[paths.exports, paths.gradio_tmp])
+    except (ValueError, OSError, StoreError) as exc:
         sys.exit(f"error: {exc}")
     admin = Admin(db=paths.db, work=paths.work, exports=paths.exports, model=args.model, backend=backend)
     demo = build_demo(backend, admin)

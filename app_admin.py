@@ -181,21 +181,17 @@ class Admin:
     def poll(self, unlocked: bool) -> tuple[Any, Any, Any]:
         if unlocked is not True:
             return gr.skip(), gr.skip(), gr.skip()
-        from app_backend import checkpoints_table, reward_frame
-
-        return self.slot.status(), reward_frame(self.db), checkpoints_table(self.db)
+        return self.slot.status(), self.backend.reward_frame(), self.backend.checkpoints_table()
 
     def activate(self, unlocked: bool, checkpoint_id: Any) -> tuple[str, Any]:
         self._check(unlocked)
-        from app_backend import activate_checkpoint, checkpoints_table
-
         try:
             cid = _int(checkpoint_id, "Checkpoint id", 1, 2**62)
-            name = activate_checkpoint(self.db, cid)
+            name = self.backend.activate_checkpoint(cid)
         except (FieldError, ValueError, LookupError) as exc:
             raise gr.Error(str(exc), title="Check the input") from None
         self.backend.reload_solver()
-        return f"Checkpoint #{cid} ({name}) is now the active ConsistencySolver.", checkpoints_table(self.db)
+        return f"Checkpoint #{cid} ({name}) is now the active ConsistencySolver.", self.backend.checkpoints_table()
 
     def evaluate(self, unlocked: bool, steps_text: str | None, seeds: Any) -> Iterator[tuple[str, Any]]:
         """Run ``python -m training.evaluate`` in a child process; stream its log, then show table and plot."""

@@ -31,6 +31,7 @@ class FakeBackend:
         self.exports = exports
         self.chunk = chunk
         self.step_s = step_s
+        self.chunk_s = 0.0  # delay before each chunk (to observe streaming)
         self.lock = threading.Lock()
         self.previews: dict[int, tuple[ExploreSettings, str, int]] = {}
         self.jobs_: dict[int, dict] = {}
@@ -55,6 +56,7 @@ class FakeBackend:
         self.calls.append("preview")
         pairs = [(p, s) for p in settings.prompts for s in settings.seeds]
         for i in range(0, len(pairs), self.chunk):
+            time.sleep(self.chunk_s)
             out = []
             for prompt, seed in pairs[i:i + self.chunk]:
                 with self.lock:
@@ -127,6 +129,21 @@ class FakeBackend:
 
     def reload_solver(self) -> None:
         pass
+
+    def reward_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame({"update": [0, 1], "reward": [0.1, 0.2]})
+
+    def checkpoints_table(self):
+        import pandas as pd
+
+        return pd.DataFrame([{"id": 1, "active": "", "name": "fake"}])
+
+    def activate_checkpoint(self, checkpoint_id: int) -> str:
+        if checkpoint_id != 1:
+            raise ValueError(f"Checkpoint id: there is no checkpoint #{checkpoint_id}")
+        return "fake"
 
     def close(self) -> None:
         pass

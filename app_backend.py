@@ -1,0 +1,286 @@
+"""The app's adapter to the engine and the store: fills :mod:`app_views` records, writes export PNGs.
+
+Every device-bound call goes through the engine's device worker(s) (``refine.worker``): previews
+run at preview priority, refine jobs one model step at a time at refine priority, so a preview
+waits at most one refine step. Images are exported from the store's verified PNG bytes into the
+export folder under names made here from row ids and hashes (``preview-12-<sha>.png``), so the
+A1111 ``parameters`` chunk reaches the browser and the download untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+
+from app_inputs import ExploreSettings
+from app_views import HistoryItem, JobView, Tile
+
+logger = logging.getLogger(__name__)
+
+HISTORY_FINALS_SQL = (
+    "SELECT f.id AS final_id FROM finals f JOIN refine_jobs j ON j.id = f.job_id "
+    "JOIN generations g ON g.id = j.generation_id JOIN prompts p ON p.id = g.prompt_id "
+    "WHERE f.owner = ? AND p.prompt LIKE ? ESCAPE '\\' ORDER BY f.id DESC LIMIT ?"
+)
+NEWEST_JOBS_SQL = "SELECT id FROM refine_jobs WHERE owner = ? ORDER BY id DESC LIMIT ?"
+
+
+def _devices(spec: str | None) -> list[str]:
+    import torch
+
+    if spec:
+        names = [d.strip() for d in spec.split(",") if d.strip()]
+        if not names:
+            raise ValueError("--device: give one or more torch devices, e.g. cuda:0,cuda:1")
+        return names
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
+class EngineBackend:
+    """The :class:`app_views.Backend` on the real engine (``preview``, ``refine``) and store."""
+
+    def __init__(self, store: Any, executor: Any, exports: Path, *, chunk_size: int | None = None) -> None:
+        from preview.request import default_guidance
+        from refine.jobs import RefineService
+
+        self.store = store
+        self.executor = executor
+        self.exports = Path(exports)
+        self.exports.mkdir(parents=True, exist_ok=True)
+        self.chunk_size = chunk_size
+        self.model = executor.wait_ready()[0] if hasattr(executor, "workers") else executor.wait_ready()
+        self.model_name = str(self.model.model_id)
+        self.default_size = tuple(self.model.default_size)
+        self.size_multiple = int(self.model.size_multiple)
+        self.max_size = int(getattr(self.model, "max_size", 2048))
+        self.default_guidance = default_guidance(self.model)
+        self.refine_service = RefineService(executor, store)
+        self._engines: dict[str, Any] = {}
+        self._done_views: dict[int, JobView] = {}  # finished jobs never change again
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, model: str | None = None, db: Path | None = None, exports: Path = Path("exports"),
+             devices: str | None = None, forbid_under: list[Path] | None = None,
+             chunk_size: int | None = None) -> "EngineBackend":
+        """Open the store (refusing a served folder), start one device worker per device, resume jobs."""
+        from models.registry import load_model
+        from refine.worker import DeviceWorker, WorkerPool
+        from store import open_store
+
+        store = open_store(db, forbid_under=forbid_under or [exports], app_lock=True)
+        names = _devices(devices)
+        if len(names) == 1:
+            executor: Any = DeviceWorker(factory=lambda: load_model(model, device=names[0]), name=names[0])
+        else:
+            executor = WorkerPool.for_devices(names, lambda d: load_model(model, device=d))
+        try:
+            backend = cls(store, executor, exports, chunk_size=chunk_size)
+        except BaseException:
+            executor.close()
+            store.close()
+            raise
+        requeued = backend.refine_service.resume()
+        if requeued:
+            logger.info("re-queued refine jobs interrupted by the last shutdown: %s", requeued)
+        return backend
+
+    def close(self) -> None:
+        self.executor.close()
+        self.store.close()
+
+    # --- Explore ------------------------------------------------------------------------------
+    def solvers(self) -> list[str]:
+        from solver.registry import CONSISTENCY, solver_names
+
+        return [CONSISTENCY, *(n for n in solver_names() if n != CONSISTENCY)]
+
+    def default_solver(self) -> str:
+        from solver.registry import CONSISTENCY
+
+        return CONSISTENCY
+
+    def _engine(self, owner: str) -> Any:
+        from preview.engine import PreviewEngine
+
+        with self._lock:
+            if owner not in self._engines:
+                self._engines[owner] = PreviewEngine(self.executor, self.store, chunk_size=self.chunk_size, owner=owner)
+            return self._engines[owner]
+
+    def preview(self, settings: ExploreSettings, owner: str) -> Iterator[list[Tile]]:
+        """Previews of the grid, one list per finished chunk (validated before anything is written)."""
+        from preview.request import PreviewRequest
+
+        request = PreviewRequest(prompts=settings.prompts, seeds=settings.seeds, steps=settings.steps,
+                                 solver=settings.solver, guidance=settings.guidance, height=settings.height,
+                                 width=settings.width, negative_prompt=settings.negative_prompt)
+        results = self._engine(owner).run(request)  # raises ValueError here, before any write
+        return self._tiles_by_chunk(results)
+
+    def _tiles_by_chunk(self, results: Iterator[Any]) -> Iterator[list[Tile]]:
+        group: list[Tile] = []
+        chunk = None
+        for r in results:
+            if chunk is not None and r.chunk_index != chunk and group:
+                yield group
+                group = []
+            chunk = r.chunk_index
+            group.append(Tile(r.preview_id, r.prompt, r.seed, self.export("preview", r.preview_id)))
+        if group:
+            yield group
+
+    def export(self, kind: str, row_id: int) -> Path:
+        """The stored PNG as a file in the export folder (named by id and hash, so never stale)."""
+        if kind == "preview":
+            sha = self.store.get_preview(row_id, with_image=False).png_sha256
+        else:
+            sha = self.store.get_final(row_id).png_sha256
+        path = self.exports / f"{kind}-{row_id}-{sha[:16]}.png"
+        if not path.exists():
+            self.store.export_png(kind, row_id, path)
+        return path
+
+    def refine(self, preview_ids: list[int], steps: int, owner: str) -> list[int]:
+        """Queue a refine per preview, after checking every id exists and belongs to ``owner``."""
+        from refine.full_step import check_full_steps
+        from store.errors import NotFoundError
+
+        check_full_steps(steps, "Refine steps")
+        for pid in preview_ids:
+            try:
+                preview = self.store.get_preview(pid, with_image=False)
+            except NotFoundError:
+                raise ValueError(f"Selection: preview {pid} no longer exists") from None
+            if preview.owner != owner:
+                raise ValueError(f"Selection: preview {pid} is not yours")
+        return [self.refine_service.refine_preview(pid, steps) for pid in preview_ids]
+
+    # --- Refine -------------------------------------------------------------------------------
+    def jobs(self, owner: str, limit: int = 50) -> list[JobView]:
+        ids = [r["id"] for r in self.store.query(NEWEST_JOBS_SQL, [owner, limit])]
+        return [self._job_view(job_id) for job_id in ids]
+
+    def _job_view(self, job_id: int) -> JobView:
+        if job_id in self._done_views:
+            return self._done_views[job_id]
+        p = self.refine_service.progress(job_id)
+        job = self.store.get_job(job_id)
+        gen = self.store.get_generation(job.generation_id)
+        preview_path = final_path = None
+        consistency: dict[str, float | None] = {}
+        if p.state == "done" and p.final_id is not None:
+            final_path = self.export("final", p.final_id)
+            if job.preview_id is not None:
+                preview_path = self.export("preview", job.preview_id)
+                rows = self.store.list_consistency(preview_id=job.preview_id, final_id=p.final_id)
+                if rows:
+                    c = rows[-1]
+                    consistency = {"psnr": c.psnr, "ssim": c.ssim,
+                                   **{k: v for k, v in c.metrics.items() if isinstance(v, (int, float))}}
+        view = JobView(job_id=job_id, state=p.state, step=p.step, total=p.steps, eta_s=p.eta_s, prompt=gen.prompt,
+                       seed=gen.seed, preview_id=job.preview_id or 0, preview_path=preview_path,
+                       final_path=final_path, consistency=consistency, error=p.error)
+        if p.state == "done" and (consistency or job.preview_id is None):
+            self._done_views[job_id] = view
+        return view
+
+    def cancel(self, job_id: int, owner: str) -> str:
+        from store.errors import JobStateError, NotFoundError
+
+        try:
+            job = self.store.get_job(job_id)
+        except NotFoundError:
+            raise ValueError(f"Job id: there is no job #{job_id}") from None
+        if job.owner != owner:
+            raise ValueError(f"Job id: job #{job_id} is not yours")
+        try:
+            return self.refine_service.cancel(job_id)
+        except JobStateError as exc:
+            raise ValueError(f"Job id: {exc}") from None
+
+    # --- History ------------------------------------------------------------------------------
+    def history(self, query: str, owner: str, limit: int = 48) -> list[HistoryItem]:
+        """Finals first, then previews, newest first, whose prompt contains ``query``."""
+        from store.history import like_pattern
+
+        finals = [r["final_id"] for r in self.store.query(HISTORY_FINALS_SQL, [owner, like_pattern(query), limit])]
+        items = [self.history_item(f"final:{fid}", owner) for fid in finals]
+        previews = self.store.list_previews(search=query or None, owner=owner, limit=max(1, limit - len(items)))
+        items += [self._preview_item(p) for p in previews]
+        return items[:limit]
+
+    def _settings(self, gen: Any, solver: str, steps: int, refine_steps: int = 40) -> ExploreSettings:
+        return ExploreSettings(prompts=[gen.prompt], negative_prompt=gen.negative_prompt, seeds=[gen.seed],
+                               steps=steps, solver=solver, guidance=gen.guidance, width=gen.width,
+                               height=gen.height, refine_steps=refine_steps)
+
+    def _preview_item(self, p: Any) -> HistoryItem:
+        return HistoryItem("preview", p.id, self._settings(p.generation, p.solver, p.steps),
+                           self.export("preview", p.id), p.created_at)
+
+    def history_item(self, ref: str, owner: str) -> HistoryItem:
+        """``preview:ID`` or ``final:ID`` of ``owner``; ValueError when missing or someone else's."""
+        from store.errors import NotFoundError
+
+        kind, _, number = ref.partition(":")
+        row_id = int(number)
+        try:
+            if kind == "preview":
+                p = self.store.get_preview(row_id, with_image=False)
+                if p.owner != owner:
+                    raise NotFoundError("previews", row_id)
+                return self._preview_item(p)
+            final = self.store.get_final(row_id)
+            if final.owner != owner:
+                raise NotFoundError("finals", row_id)
+            job = self.store.get_job(final.job_id)
+            gen = self.store.get_generation(job.generation_id)
+            if job.preview_id is not None:
+                p = self.store.get_preview(job.preview_id, with_image=False)
+                settings = self._settings(gen, p.solver, p.steps, job.steps)
+            else:
+                settings = self._settings(gen, self.default_solver(), 4, job.steps)
+            return HistoryItem("final", row_id, settings, self.export("final", row_id), final.created_at)
+        except NotFoundError:
+            raise ValueError(f"there is no {kind} #{row_id}") from None
+
+    # --- Admin --------------------------------------------------------------------------------
+    def reload_solver(self) -> None:
+        """Nothing to do: ``consistency`` resolves the active checkpoint from the store on every run."""
+
+    def reward_frame(self) -> pd.DataFrame:
+        """Mean reward per update of the newest training run (for the live plot)."""
+        runs = self.store.list_training_runs()
+        if not runs:
+            return pd.DataFrame({"update": [], "reward": []})
+        rows = self.store.training_metrics(runs[0].id)
+        key = next((k for k in ("reward_mean", "reward", "mean_reward") if rows and k in rows[-1].metrics), None)
+        return pd.DataFrame({"update": [m.update_index for m in rows],
+                             "reward": [float(m.metrics.get(key, float("nan"))) if key else float("nan") for m in rows]})
+
+    def checkpoints_table(self) -> pd.DataFrame:
+        rows = []
+        for c in self.store.list_checkpoints():
+            numbers = {k: v for k, v in c.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            rows.append({"id": c.id, "active": "✔" if c.active else "", "name": c.name, "model": c.model_id or "",
+                         "run": c.training_run_id, "created": c.created_at[:19], **numbers})
+        return pd.DataFrame(rows or [{"id": "", "name": "no checkpoints yet"}])
+
+    def activate_checkpoint(self, checkpoint_id: int) -> str:
+        from store.errors import NotFoundError
+
+        try:
+            ckpt = self.store.get_checkpoint(checkpoint_id)
+        except NotFoundError:
+            raise ValueError(f"Checkpoint id: there is no checkpoint #{checkpoint_id}") from None
+        if ckpt.model_id and ckpt.model_id != self.model_name:
+            raise ValueError(f"Checkpoint id: #{checkpoint_id} was trained for {ckpt.model_id}, not {self.model_name}")
+        self.store.set_active_checkpoint(checkpoint_id)
+        return ckpt.name

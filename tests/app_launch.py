@@ -1,0 +1,46 @@
+"""Launch the app for a test: temp folders, a free port on 127.0.0.1, the app's own launch settings."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # app.py is a script at the repo root, not an installed package
+    sys.path.insert(0, str(REPO))
+
+import app  # noqa: E402
+from app_admin import Admin  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_paths(tmp: Path) -> app.AppPaths:
+    """Database and work folder apart from the served exports and Gradio cache, as in production."""
+    paths = app.AppPaths(db=tmp / "data" / "store.sqlite3", exports=tmp / "cache" / "exports",
+                         gradio_tmp=tmp / "cache" / "gradio", work=tmp / "data" / "work")
+    paths.prepare()  # also points GRADIO_TEMP_DIR at tmp
+    return paths
+
+
+@contextlib.contextmanager
+def launched(backend, paths: app.AppPaths, model: str | None = None) -> Iterator[tuple[str, Admin]]:
+    """Yield (url, admin) of the running app; close the server in any case."""
+    admin = Admin(db=paths.db, work=paths.work, exports=paths.exports, model=model, backend=backend)
+    demo = app.build_demo(backend, admin)
+    demo.queue(max_size=64, default_concurrency_limit=4)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True,
+                            **app.launch_kwargs(paths, "127.0.0.1", free_port()))
+    try:
+        yield url, admin
+    finally:
+        admin.close()
+        demo.close()
+
