@@ -26,7 +26,7 @@ import os
 import sqlite3
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -320,12 +320,12 @@ class StoreBase:
                     conn.execute("ROLLBACK")
                 raise
 
-    def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[dict[str, Any]]:
+    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
         """Run a read-only statement with bound parameters and return all rows as dicts."""
         with self._locked():
             return list(self.db.query(sql, params))
 
-    def query_one(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> dict[str, Any] | None:
+    def query_one(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:
         """Like :meth:`query`, returning the first row or ``None``."""
         rows = self.query(sql, params)
         return rows[0] if rows else None

@@ -304,7 +304,8 @@ class HistoryStore(NoiseStore):
     ) -> list[Preview]:
         """Newest first, optionally filtered by prompt text (literal, LIKE) or generation."""
         check_positive_int(limit, "limit", MAX_LIST)
-        where, params = "v.owner = ?", [owner]
+        where = "v.owner = ?"
+        params: list[Any] = [owner]
         if search:
             where += " AND p.prompt LIKE ? ESCAPE '\\'"
             params.append(like_pattern(search))

@@ -111,7 +111,9 @@ def parse_parameters(text: str) -> dict[str, Any]:
     pairs = [(m.group(1).strip(), m.group(2).strip()) for m in _PAIR_RE.finditer(lines[-1]) if m.group(0).strip()]
     if not pairs or pairs[0][0] != "Steps":
         raise ValueError("parameters text has no 'Steps: ...' line at its end")
-    prompt_lines, negative_lines, in_negative = [], [], False
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    in_negative = False
     for line in lines[:-1]:
         if not in_negative and line.startswith(_NEGATIVE):
             in_negative = True

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -52,6 +53,7 @@ def _writer(path: str, fd: int, seed: int) -> None:
             report("final", fid, job.id)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_loses_nothing_committed(tmp_path: Path) -> None:
     path = tmp_path / "crash.sqlite3"
     rng = random.Random(1234)

@@ -10,6 +10,7 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -69,6 +70,7 @@ def _process_writer(path: str, writer: int, run_id: int, checkpoints: list[int],
         q.put((writer, None, traceback.format_exc()))
 
 
+@pytest.mark.slow
 def test_eight_concurrent_writers_no_lock_errors(tmp_path: Path) -> None:
     path = tmp_path / "load.sqlite3"
     with store.open_store(path) as s:
