@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ import torch
 from tiny_sd import MAX_TOKENS, save_ldm_single_file, save_tiny_sd
 
 from models.base import Denoiser
+from models.errors import ModelLoadError, UnsupportedModelError
 from models.registry import load_model
-from models.sd import LoadOptions, StableDiffusionDenoiser
+from models.sd import LoadOptions, StableDiffusionDenoiser, check_sd_compatible
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -115,6 +117,47 @@ def test_fp16_on_cpu_and_offload_without_cuda_are_refused(eps_dir):
         load_model(str(eps_dir), device="cpu", dtype=torch.float16)
     with pytest.raises(ValueError, match="cpu_offload needs a CUDA device"):
         load_model(str(eps_dir), device="cpu", options=LoadOptions(cpu_offload=True))
+
+
+def test_a_cached_hub_id_loads_offline(eps_dir, tmp_path, monkeypatch):
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-sd"
+    shutil.copytree(eps_dir, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = load_model("tiny-org/tiny-sd", device="cpu")
+    assert isinstance(model, StableDiffusionDenoiser) and model.model_id == "tiny-org/tiny-sd"
+
+
+def test_missing_weights_fail_whole_in_one_sentence(eps_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(eps_dir, broken)
+    for weights in (broken / "unet").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ModelLoadError, match=f"could not load {broken}") as err:
+        load_model(str(broken), device="cpu")
+    assert "\n" not in str(err.value)
+
+
+def _fake_pipe(**unet):
+    config = {"in_channels": 4, "addition_embed_type": None, **unet}
+    return SimpleNamespace(
+        unet=SimpleNamespace(config=SimpleNamespace(**config)),
+        vae=SimpleNamespace(config=SimpleNamespace(latent_channels=4)),
+        text_encoder=object(), tokenizer=object(), scheduler=SimpleNamespace(config={"prediction_type": "epsilon"}),
+    )
+
+
+def test_pipelines_that_are_not_sd_shaped_are_refused():
+    check_sd_compatible(_fake_pipe(), "ok")
+    with pytest.raises(UnsupportedModelError, match="looks like SDXL"):
+        check_sd_compatible(_fake_pipe(addition_embed_type="text_time"), "m")
+    with pytest.raises(UnsupportedModelError, match="takes 9 channels but its VAE makes 4"):
+        check_sd_compatible(_fake_pipe(in_channels=9), "m")
+    no_vae = _fake_pipe()
+    no_vae.vae = None
+    with pytest.raises(UnsupportedModelError, match="m has no vae"):
+        check_sd_compatible(no_vae, "m")
 
 
 # --- prompts ------------------------------------------------------------------------------------

@@ -1,0 +1,174 @@
+"""``load_model``: every bad name, path or checkpoint is one clear sentence, and nothing is loaded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models import registry
+from models.errors import ModelLoadError, UnsupportedModelError
+from models.registry import load_model
+from models.sd import LoadOptions
+
+
+def _one_sentence(err: pytest.ExceptionInfo) -> str:
+    text = str(err.value)
+    assert "\n" not in text and "Traceback" not in text
+    return text
+
+
+def _folder(tmp_path, class_name: str):
+    folder = tmp_path / class_name
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name, "_diffusers_version": "0.42.1"}))
+    return folder
+
+
+@pytest.mark.parametrize("name", ["./no/such/model", "/no/such/folder", "~/nope.safetensors", "a/b/c"])
+def test_unknown_path(name):
+    with pytest.raises(ModelLoadError, match="no such file or folder") as err:
+        load_model(name)
+    _one_sentence(err)
+
+
+@pytest.mark.parametrize("name", ["not a model", "just-a-name", " "])
+def test_not_a_hub_id(name):
+    with pytest.raises(ModelLoadError):
+        load_model(name)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])
+def test_pickle_checkpoints_are_refused(tmp_path, suffix):
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ModelLoadError, match="pickle") as err:
+        load_model(str(path), options=LoadOptions(config=tmp_path))
+    _one_sentence(err)
+
+
+def test_unknown_file_type(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError, match="unknown model file type '.gguf'"):
+        load_model(str(path))
+
+
+def _sd_like_checkpoint(path, extra: dict[str, torch.Tensor] | None = None, sd: bool = True):
+    tensors = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)} if sd else {}
+    tensors.update(extra or {})
+    save_file(tensors, str(path))
+    return path
+
+
+def test_single_file_needs_a_local_config_folder(tmp_path):
+    ckpt = _sd_like_checkpoint(tmp_path / "m.safetensors")
+    with pytest.raises(ModelLoadError, match=r"pass config=FOLDER") as err:
+        load_model(str(ckpt))
+    _one_sentence(err)
+    with pytest.raises(ModelLoadError, match="is not a folder"):
+        load_model(str(ckpt), options=LoadOptions(config=tmp_path / "missing"))
+    with pytest.raises(ModelLoadError, match="no model_index.json"):
+        load_model(str(ckpt), options=LoadOptions(config=tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("key", "arch"),
+    [
+        ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias", "SDXL"),
+        ("model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias", "Stable Diffusion 3"),
+        ("double_blocks.0.img_attn.norm.key_norm.scale", "FLUX"),
+    ],
+)
+def test_single_file_of_an_unsupported_architecture(tmp_path, key, arch):
+    ckpt = _sd_like_checkpoint(tmp_path / "m.safetensors", {key: torch.zeros(2)})
+    config = _folder(tmp_path, "StableDiffusionPipeline")
+    with pytest.raises(UnsupportedModelError, match=f"is a {arch}.* checkpoint, which is not supported yet") as err:
+        load_model(str(ckpt), options=LoadOptions(config=config))
+    _one_sentence(err)
+
+
+def test_single_file_that_is_not_stable_diffusion(tmp_path):
+    ckpt = _sd_like_checkpoint(tmp_path / "m.safetensors", {"encoder.weight": torch.zeros(2)}, sd=False)
+    with pytest.raises(UnsupportedModelError, match="not a Stable Diffusion 1.x/2.x checkpoint"):
+        load_model(str(ckpt), options=LoadOptions(config=_folder(tmp_path, "StableDiffusionPipeline")))
+
+
+def test_damaged_safetensors(tmp_path):
+    ckpt = tmp_path / "m.safetensors"
+    ckpt.write_bytes(b"\xff" * 64)
+    with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
+        load_model(str(ckpt), options=LoadOptions(config=_folder(tmp_path, "StableDiffusionPipeline")))
+
+
+@pytest.mark.parametrize(
+    ("class_name", "message"),
+    [
+        ("StableDiffusionXLPipeline", "is a SDXL model .* not supported yet"),
+        ("StableDiffusion3Pipeline", "Stable Diffusion 3 \\(flow matching\\) model .* not supported yet"),
+        ("FluxPipeline", "FLUX \\(flow matching\\) model .* not supported yet"),
+        ("KandinskyPipeline", "is a KandinskyPipeline model; supported: StableDiffusionPipeline"),
+    ],
+)
+def test_folder_of_an_unsupported_architecture(tmp_path, class_name, message):
+    with pytest.raises(UnsupportedModelError, match=message) as err:
+        load_model(str(_folder(tmp_path, class_name)))
+    _one_sentence(err)
+
+
+def test_folder_without_model_index(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a diffusers model folder"):
+        load_model(str(tmp_path))
+
+
+def test_hub_id_not_cached_offline_is_one_sentence(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(registry, "_hub_reachable", lambda timeout=2.0: pytest.fail("offline must not probe the network"))
+    with pytest.raises(ModelLoadError, match="is not in the local Hugging Face cache and downloads are off") as err:
+        load_model("diffusion-preview-tests/not-a-cached-model")
+    assert _one_sentence(err).startswith("model 'diffusion-preview-tests/not-a-cached-model'")
+    assert err.value.__cause__ is not None  # the library's exception stays chained for debugging
+
+
+def test_hub_id_with_no_network_uses_the_cache_only(monkeypatch, caplog):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(registry, "_hub_reachable", lambda timeout=2.0: False)
+    with caplog.at_level(logging.WARNING, logger="models.registry"):
+        with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+            load_model("diffusion-preview-tests/not-a-cached-model")
+    assert any("cannot be reached" in r.getMessage() for r in caplog.records)
+
+
+def test_default_is_the_embedded_model(monkeypatch):
+    seen = {}
+
+    def load_embedded(device=None):
+        seen["device"] = device
+        return "embedded-denoiser"
+
+    monkeypatch.setitem(sys.modules, "models.embedded", types.SimpleNamespace(load_embedded=load_embedded))
+    assert load_model(None, device="cpu") == "embedded-denoiser" and seen == {"device": "cpu"}
+    with pytest.raises(ValueError, match="dtype cannot be chosen"):
+        load_model(None, dtype=torch.float32)
+
+
+def test_default_without_the_embedded_model_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "models.embedded", None)  # import models.embedded fails
+    with pytest.raises(ModelLoadError, match="embedded default model is not available") as err:
+        load_model()
+    _one_sentence(err)
+
+
+def test_bad_device_dtype_options_before_anything_is_read():
+    with pytest.raises(ValueError, match="not supported on the CPU"):
+        load_model("/no/such/folder", device="cpu", dtype=torch.float16)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_model("/no/such/folder", device="cpu", dtype=torch.int8)
+    with pytest.raises(ValueError, match="options must be a LoadOptions"):
+        load_model("/no/such/folder", options={"fp16": True})  # type: ignore[arg-type]
