@@ -291,7 +291,8 @@ class StoreBase:
         SQLite's busy timeout. Nested use joins the outer transaction through a savepoint.
         Yields the ``sqlite_utils.Database``.
 
-        :raises StoreError: when another process kept the database locked past the busy timeout.
+        :raises StoreError: when another process kept the database locked past the busy timeout,
+            or the disk is full (the transaction is rolled back).
         """
         with self._locked() as conn:
             if conn.in_transaction:
@@ -309,15 +310,15 @@ class StoreBase:
                 raise
             try:
                 yield self.db
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            try:
                 conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+                    raise StoreError(
+                        f"the disk holding {self.path} is full, so this change was rolled back and nothing "
+                        "of it was saved"
+                    ) from exc
                 raise
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
