@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -97,6 +98,8 @@ class RefineService:
         self.executor = executor
         self.store = store
         self.poll_s = poll_s
+        # jobs this process claimed -> set once everything after the final (consistency) is stored
+        self._settled: dict[int, threading.Event] = {}
 
     @property
     def model(self) -> Denoiser:
@@ -194,6 +197,10 @@ class RefineService:
         while True:
             p = self.progress(job_id)
             if p.state in FINISHED:
+                settled = self._settled.get(job_id)
+                if settled is not None:  # ours: also wait for the consistency row written after 'done'
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    settled.wait(left)
                 return p
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"refine job {job_id} still {p.state} at step {p.step}/{p.steps} after {timeout} s")
@@ -206,6 +213,7 @@ class RefineService:
         job = self.store.claim_next_job(device)
         if job is None:
             return None
+        settled = self._settled.setdefault(job.id, threading.Event())
         if job.restarts:
             logger.info("refine job %d: restart %d, running again from its noise at step 0", job.id, job.restarts)
         try:
@@ -222,6 +230,8 @@ class RefineService:
             except Exception:  # noqa: BLE001 - the original error matters more
                 logger.exception("could not record the failure of refine job %d", job.id)
             raise
+        finally:
+            settled.set()
         return final_id
 
     def _run_job(self, model: Denoiser, job: Any) -> Generator[None, None, int | None]:

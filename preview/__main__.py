@@ -1,0 +1,97 @@
+"""``python -m preview``: a grid of few-step previews, written as PNGs with A1111 metadata.
+
+Example::
+
+    python -m preview --prompt "a red circle on a blue background" --seeds 0-7 --steps 4 --out previews/
+
+Prints one JSON object per image (prompt, seed, steps, solver, path, ids, timings). Without
+``--model`` the embedded default model is used and nothing is fetched from the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from preview.request import DEFAULT_MAX_SEEDS, DEFAULT_SOLVER, DEFAULT_STEPS, PreviewRequest, parse_seeds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m preview", description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--seeds", default="0", help="seeds: '0-7', '1,5,9' or a mix (default 0)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"preview steps K, 1..50 (default {DEFAULT_STEPS})")
+    p.add_argument("--solver", default=DEFAULT_SOLVER, help="'consistency' (the active checkpoint) or a solver name")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--model", default=None, help="model name or path (default: the embedded model)")
+    p.add_argument("--db", default=None, help="store file (default: the user data folder)")
+    p.add_argument("--chunk-size", type=int, default=None, help="rows per model call (default: sized from memory)")
+    p.add_argument("--max-seeds", type=int, default=DEFAULT_MAX_SEEDS)
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
+    """Run the CLI; ``model`` lets tests pass a loaded denoiser instead of ``--model``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from preview.engine import PreviewEngine
+    from refine.worker import DeviceWorker
+    from store import open_store
+
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    request = PreviewRequest(prompts=args.prompt, seeds=seeds, steps=args.steps, solver=args.solver,
+                             guidance=args.guidance, height=args.height, width=args.width,
+                             negative_prompt=args.negative_prompt)
+    if model is None:
+        from models.registry import load_model
+
+        worker = DeviceWorker(factory=lambda: load_model(args.model), name="device")
+    else:
+        worker = DeviceWorker(model)
+    try:
+        worker.wait_ready()
+        store = open_store(args.db)
+    except Exception as exc:  # noqa: BLE001 - one sentence for the user, not a stack trace
+        worker.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    try:
+        engine = PreviewEngine(worker, store, max_seeds=args.max_seeds, chunk_size=args.chunk_size)
+        try:
+            results = engine.run(request)  # validates everything before writing anything
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        total = len(request.prompts) * len(seeds)
+        for r in tqdm(results, total=total, desc="previews", unit="img", file=sys.stderr):
+            path = store.export_png("preview", r.preview_id, out / f"preview-{r.preview_id:06d}-seed{r.seed}.png")
+            print(json.dumps({
+                "prompt": r.prompt, "seed": r.seed, "steps": r.steps, "solver": r.solver, "path": str(path),
+                "preview_id": r.preview_id, "generation_id": r.generation_id, "checkpoint_id": r.checkpoint_id,
+                "guidance": r.guidance, "size": [r.height, r.width],
+                "timings_ms": {k: round(v, 2) for k, v in r.timings_ms.items()},
+            }), flush=True)
+    finally:
+        worker.close()
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
