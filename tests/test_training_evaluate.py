@@ -1,0 +1,84 @@
+"""Evaluation CLI: the JSON schema, NFE accounting, the zero-initialised policy equals its base rule, the
+summary (adherence K, step saving K'), the plot, and bad input refused before any model call."""
+
+import json
+
+import pytest
+import torch
+
+from solver.policy import ConsistencyPolicy
+from tests.training_fakes import GaussianDenoiser, write_prompts
+from training.evaluate import evaluate, main, resolve_solvers, summarize
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_command_line_json_table_and_plot(tmp_path, capsys):
+    write_prompts(tmp_path / "p.txt", 2)
+    ConsistencyPolicy().save(tmp_path / "zero")
+    rc = main(["--prompts", str(tmp_path / "p.txt"), "--seeds", "0-1", "--steps", "3,4", "--reference-steps", "12",
+               "--solvers", f"consistency:{tmp_path / 'zero'},rule:dpm2m,ddim,ipndm", "--store", "",
+               "--json", str(tmp_path / "out.json"), "--plot", str(tmp_path / "out.png")], model=GaussianDenoiser())
+    assert rc == 0
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["model"] == "fake-gaussian" and doc["reference"] == {"solver": "dpm2m", "steps": 12}
+    rows = {(r["solver"], r["steps"]): r for r in doc["results"]}
+    assert len(rows) == 8 and {"psnr", "ssim", "gms", "nfe"} <= set(rows[("ddim", 3)])
+    assert rows[("ipndm", 3)]["nfe"] == 4 and rows[("ddim", 3)]["nfe"] == 3  # PNDM repeats one timestep
+    zero = rows[(f"consistency:{tmp_path / 'zero'}", 4)]
+    assert zero["psnr"] == pytest.approx(rows[("rule:dpm2m", 4)]["psnr"], abs=1e-4)  # zero-init = base rule
+    assert rows[("rule:dpm2m", 4)]["psnr"] > rows[("ddim", 4)]["psnr"]  # a second-order rule beats DDIM here
+    assert (tmp_path / "out.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "| solver | K | NFE | psnr | ssim | gms |" in out
+
+
+def test_summary_adherence_k_and_step_saving():
+    def row(s, k, psnr, adh):
+        return {"solver": s, "steps": k, "nfe": k, "psnr": psnr, "ssim": 0.5, "gms": 0.5, "adherence": adh,
+                "verdict_agreement": 90.0}
+
+    doc = {"reference": {"solver": "dpm2m", "steps": 40, "adherence": 90.0}, "results": [
+        row("consistency", 3, 20.0, 85.0), row("consistency", 4, 24.0, 88.5), row("consistency", 6, 27.0, 90.0),
+        row("unipc", 3, 18.0, 70.0), row("unipc", 4, 21.0, 80.0), row("unipc", 6, 24.5, 89.0),
+        row("ddim", 3, 15.0, 60.0), row("ddim", 4, 17.0, 70.0), row("ddim", 6, 20.0, 80.0)]}
+    s = summarize(doc)
+    assert s["adherence_within_2_points"] == {"consistency": 4, "unipc": 6, "ddim": None}
+    psnr = s["step_saving"]["psnr"]
+    assert psnr["k_prime"] == 6 and psnr["per_baseline"] == {"unipc": 6, "ddim": None}
+    assert psnr["step_saving"] == pytest.approx(1 / 3, abs=1e-3)
+    assert s["vs_best_baseline"]["4"]["psnr"]["margin"] == pytest.approx(3.0)
+
+
+def test_judge_gives_adherence_and_verdict_agreement():
+    model = GaussianDenoiser()
+    solvers = resolve_solvers(["ddim"], model)
+    judge = lambda images, prompts: images.mean((1, 2, 3)) > 0.5  # noqa: E731  a stand-in analyzer
+    doc = evaluate(model, ["a", "b"], [0, 1], [2], solvers, reference_steps=8, judge=judge, progress=False)
+    r = doc["results"][0]
+    assert 0 <= r["adherence"] <= 100 and 0 <= r["verdict_agreement"] <= 100 and "adherence" in doc["reference"]
+
+
+def test_bad_input_before_any_model_call(tmp_path):
+    write_prompts(tmp_path / "p.txt", 2)
+    (tmp_path / "empty.txt").write_text("")
+    model = GaussianDenoiser()
+    base = ["--seeds", "0", "--json", str(tmp_path / "o.json"), "--store", ""]
+    cases = [
+        (["--prompts", str(tmp_path / "empty.txt")], "prompts"),
+        (["--prompts", str(tmp_path / "p.txt"), "--steps", "0,4"], "steps must be in 1..50"),
+        (["--prompts", str(tmp_path / "p.txt"), "--steps", "4,51"], "steps must be in 1..50"),
+        (["--prompts", str(tmp_path / "p.txt"), "--solvers", "ddim,heun9"], "unknown solver"),
+        (["--prompts", str(tmp_path / "p.txt"), "--measures", "depth", "--reward-weights", f"depth={tmp_path}/x"], "depth"),
+        (["--prompts", str(tmp_path / "p.txt"), "--solvers", f"consistency:{tmp_path}/nowhere"], "no policy checkpoint"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message):
+            main(base + extra, model=model)
+    assert model.calls == 0 and not (tmp_path / "o.json").exists()

@@ -1,0 +1,347 @@
+"""Evaluation: few-step previews of every solver against the full-step reference of the same prompt and noise.
+
+    python -m training.evaluate --prompts FILE --seeds 0-3 --steps 3,4,5,6,8 \\
+        --solvers consistency,ddim,dpmpp2m,unipc,deis,ipndm [--model M] --json OUT [--plot PNG]
+
+For each solver and step count K: PSNR, SSIM and the structure measure (GMS) to the reference, the
+model-based measures whose weights were given (``--reward-weights depth=DIR,...``), and the NFE the
+solver actually used. On the embedded model also the scene analyzer's prompt adherence and the verdict
+agreement (the fraction of (prompt, seed) pairs whose preview verdict equals the final's verdict).
+The reference is refine's full-step sampler (``refine.full_step``). ``consistency`` is the solver the
+engine would use (the store's active checkpoint, else the shipped one, else the zero-initialised
+policy); ``consistency:PATH`` a given checkpoint. A policy with a learned time grid is also evaluated
+on the fixed grid (``<name>@fixed-grid``).
+
+Summary (in the JSON and on stdout): per solver the smallest K whose adherence is within 2 points of
+the reference images', and the step saving K': the smallest K at which the best baseline matches
+ConsistencySolver at K = 4 (per measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from training.config import MAX_PREVIEW_STEPS
+from training.dataset import parse_int_list, read_prompts
+
+logger = logging.getLogger(__name__)
+
+PIXEL_MEASURES = ("psnr", "ssim", "gms")
+MODEL_MEASURES = ("depth", "depth_aligned", "dino", "clip", "segformer")
+ADHERENCE_TOLERANCE = 2.0  # points (percent)
+STEP_SAVING_AT = 4
+
+
+@dataclass
+class NamedSolver:
+    name: str
+    solver: Any
+    is_consistency: bool
+
+
+def parse_solvers(text: str) -> list[str]:
+    """Comma list of solver-registry names (``consistency[:PATH]``, ``rule:*``, baselines)."""
+    from solver.registry import solver_names
+
+    names = [s.strip() for s in str(text).split(",") if s.strip()]
+    if not names:
+        raise ValueError("solvers: empty list")
+    known = set(solver_names())
+    for name in names:
+        if name not in known and not name.startswith("consistency:"):
+            raise ValueError(f"solvers: unknown solver {name!r}; known: {', '.join(sorted(known))} or consistency:PATH")
+    if len(set(names)) != len(names):
+        raise ValueError(f"solvers: repeated names in {text!r}")
+    return names
+
+
+def resolve_solvers(names: Sequence[str], model: Any, store: Any = None) -> list[NamedSolver]:
+    """Solver objects for ``names``; checkpoints are loaded (and checked) here, before any sampling."""
+    from solver.policy import ConsistencyPolicy
+    from solver.registry import LMMSolver, get_solver
+    from solver.schedules import schedule_from_config
+
+    out = []
+    for name in names:
+        policy = None
+        if name == "consistency":
+            from preview.solvers import resolve_policy
+
+            policy, description, _ = resolve_policy(store)
+            logger.info("consistency = %s", description)
+        elif name.startswith("consistency:"):
+            policy = ConsistencyPolicy.load(name.split(":", 1)[1])
+        if policy is None:
+            out.append(NamedSolver(name, get_solver(name, model.scheduler_config), False))
+            continue
+        policy.eval()
+        out.append(NamedSolver(name, get_solver("consistency", model.scheduler_config, policy=policy), True))
+        if policy.learn_time_grid:
+            fixed = LMMSolver(name=f"{name}@fixed-grid", schedule=schedule_from_config(model.scheduler_config),
+                              table_fn=policy.coefficient_table)
+            out.append(NamedSolver(fixed.name, fixed, True))
+    return out
+
+
+def load_judge(model: Any) -> Callable[[torch.Tensor, Sequence[str]], torch.Tensor] | None:
+    """The embedded model's scene analyzer as judge(images (B,3,H,W) in [0,1], prompts) -> (B,) bool.
+
+    None for other models (the analyzer only understands the embedded model's scenes).
+    """
+    if not str(getattr(model, "model_id", "")).startswith("embedded"):
+        return None
+    from models.embedded import analyzer  # the scene analyzer of the embedded-model issue
+
+    return analyzer_judge(analyzer)
+
+
+def analyzer_judge(analyzer: Any) -> Callable[[torch.Tensor, Sequence[str]], torch.Tensor]:
+    judge_batch = getattr(analyzer, "judge_batch", None)
+    if judge_batch is not None:
+        return lambda images, prompts: torch.as_tensor(judge_batch(images, list(prompts)), dtype=torch.bool)
+    judge = getattr(analyzer, "judge")
+    return lambda images, prompts: torch.tensor([bool(judge(img, p)) for img, p in zip(images, prompts)])
+
+
+def _batched(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: Sequence[int],
+    solvers: Sequence[NamedSolver],
+    *,
+    guidance: float | None = None,
+    reference_steps: int | None = None,
+    model_measures: dict[str, Any] | None = None,
+    judge: Callable[[torch.Tensor, Sequence[str]], torch.Tensor] | None = None,
+    batch_size: int = 32,
+    negative_prompt: str = "",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Every measure for every (solver, K); returns the JSON document (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    from refine.full_step import DEFAULT_STEPS, FULL_STEP_SOLVER, check_full_steps, sample_full_step
+    from store.noise import make_noise
+    from training.rewards import PIXEL_MEASURES as FUNCTIONS
+
+    reference_steps = check_full_steps(DEFAULT_STEPS if reference_steps is None else reference_steps, "reference_steps")
+    guidance = float(getattr(model, "default_guidance", 5.0)) if guidance is None else float(guidance)
+    h, w = model.default_size
+    shape = model.latent_shape(h, w)
+    pairs = [(p, s) for p in prompts for s in seeds]
+    chunks = _batched(list(range(len(pairs))), batch_size)
+    conds = [model.encode_prompts([pairs[i][0] for i in c], negative_prompt) for c in chunks]
+    noises = [torch.stack([make_noise(pairs[i][1], shape) for i in c]) for c in chunks]
+    total = len(chunks) * (reference_steps + sum(s.solver.nfe(k) for s in solvers for k in steps))
+    bar = tqdm(total=total, desc="evaluate", unit="call", disable=not progress)
+    model_measures = model_measures or {}
+
+    def run(sample: Callable[[Any, torch.Tensor, Any], torch.Tensor], calls: int) -> torch.Tensor:
+        images = []
+        for cond, noise in zip(conds, noises):
+            images.append(model.decode(sample(cond, noise.to(model.device), calls)).float().cpu())
+            bar.update(calls)
+        return torch.cat(images)
+
+    t0 = time.perf_counter()
+    reference = run(lambda cond, noise, n: sample_full_step(model, cond, noise, guidance, n), reference_steps)
+    ref_features = {name: sim.features(reference) for name, sim in model_measures.items()}
+    all_prompts = [p for p, _ in pairs]
+    ref_verdicts = judge(reference, all_prompts) if judge is not None else None
+    results = []
+    for named in solvers:
+        for k in steps:
+            def sample(cond: Any, noise: torch.Tensor, n: int, solver: Any = named.solver, k: int = k) -> torch.Tensor:
+                return solver.sample(lambda x, t: model.guided_eps(x, t, cond, guidance), noise, k)
+
+            start = time.perf_counter()
+            previews = run(sample, named.solver.nfe(k))
+            row: dict[str, Any] = {"solver": named.name, "steps": k, "nfe": named.solver.nfe(k),
+                                   "seconds": round(time.perf_counter() - start, 3)}
+            for name in PIXEL_MEASURES:
+                values = FUNCTIONS[name][0](reference, previews)
+                row[name] = float(values.mean())
+                row[f"{name}_sem"] = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
+            for name, sim in model_measures.items():
+                row[name] = float(sim.compare(ref_features[name], sim.features(previews)).mean())
+            if judge is not None:
+                verdicts = judge(previews, all_prompts)
+                row["adherence"] = 100.0 * float(verdicts.float().mean())
+                row["verdict_agreement"] = 100.0 * float((verdicts == ref_verdicts).float().mean())
+            results.append(row)
+    bar.close()
+    doc: dict[str, Any] = {
+        "model": model.model_id,
+        "reference": {"solver": FULL_STEP_SOLVER, "steps": reference_steps},
+        "guidance": guidance,
+        "num_prompts": len(prompts),
+        "seeds": list(seeds),
+        "results": results,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if ref_verdicts is not None:
+        doc["reference"]["adherence"] = 100.0 * float(ref_verdicts.float().mean())
+    doc["summary"] = summarize(doc)
+    return doc
+
+
+def summarize(doc: dict[str, Any]) -> dict[str, Any]:
+    """Adherence-within-2-points K per solver, and the step saving K' per measure (module docstring)."""
+    rows = doc["results"]
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    by = {(r["solver"], r["steps"]): r for r in rows}
+    summary: dict[str, Any] = {}
+    ref_adh = doc["reference"].get("adherence")
+    if ref_adh is not None:
+        summary["adherence_within_2_points"] = {
+            s: min((r["steps"] for r in rows if r["solver"] == s and r["adherence"] >= ref_adh - ADHERENCE_TOLERANCE),
+                   default=None) for s in solvers}
+    consistency = [s for s in solvers if s.startswith("consistency") and "@" not in s]
+    baselines = [s for s in solvers if not s.startswith("consistency") and not s.startswith("rule:")]
+    if consistency and baselines and (consistency[0], STEP_SAVING_AT) in by:
+        ours = by[(consistency[0], STEP_SAVING_AT)]
+        saving = {}
+        for measure in ("psnr", "ssim", "gms", "verdict_agreement"):
+            if measure not in ours:
+                continue
+            matches = {b: min((r["steps"] for r in rows if r["solver"] == b and r[measure] >= ours[measure]), default=None)
+                       for b in baselines}
+            found = [k for k in matches.values() if k is not None]
+            k_prime = min(found) if found else None
+            saving[measure] = {"consistency_at": STEP_SAVING_AT, "value": ours[measure], "k_prime": k_prime,
+                               "per_baseline": matches,
+                               "step_saving": None if k_prime is None else round(1 - STEP_SAVING_AT / k_prime, 3)}
+        summary["step_saving"] = saving
+    if consistency and baselines:
+        wins = {}
+        for k in sorted({r["steps"] for r in rows}):
+            if (consistency[0], k) not in by:
+                continue
+            ours = by[(consistency[0], k)]
+            wins[str(k)] = {m: {"ours": ours[m], "best_baseline": max(by[(b, k)][m] for b in baselines if (b, k) in by),
+                                "margin": ours[m] - max(by[(b, k)][m] for b in baselines if (b, k) in by)}
+                            for m in ("psnr", "ssim", "gms", "verdict_agreement", "adherence") if m in ours}
+        summary["vs_best_baseline"] = wins
+    return summary
+
+
+def markdown_table(doc: dict[str, Any]) -> str:
+    rows = doc["results"]
+    measures = [m for m in ("psnr", "ssim", "gms", *MODEL_MEASURES, "adherence", "verdict_agreement") if m in rows[0]]
+    head = "| solver | K | NFE | " + " | ".join(measures) + " |"
+    lines = [head, "|" + "---|" * (3 + len(measures))]
+    for r in sorted(rows, key=lambda r: (r["steps"], r["solver"])):
+        lines.append(f"| {r['solver']} | {r['steps']} | {r['nfe']} | " + " | ".join(f"{r[m]:.3f}" for m in measures) + " |")
+    ref = doc["reference"]
+    note = f"reference: {ref['solver']} {ref['steps']} steps"
+    if "adherence" in ref:
+        note += f", adherence {ref['adherence']:.1f}%"
+    return "\n".join(lines) + "\n\n" + note
+
+
+def plot(doc: dict[str, Any], path: str | Path) -> None:
+    """One panel per measure against NFE, one line per solver."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = doc["results"]
+    measures = [m for m in ("psnr", "ssim", "gms", *MODEL_MEASURES, "adherence", "verdict_agreement") if m in rows[0]]
+    fig, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], measures):
+        for s in dict.fromkeys(r["solver"] for r in rows):
+            pts = sorted((r["nfe"], r[m]) for r in rows if r["solver"] == s)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=2.2 if s.startswith("consistency") else 1.2,
+                    label=s)
+        if m == "adherence" and "adherence" in doc["reference"]:
+            ax.axhline(doc["reference"]["adherence"], color="k", ls="--", lw=0.8, label="reference")
+        ax.set_xlabel("NFE")
+        ax.set_title(m)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{doc['model']}: previews vs {doc['reference']['solver']} {doc['reference']['steps']} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", required=True, help="prompt file, one per line (held out from training)")
+    parser.add_argument("--seeds", default="0-3")
+    parser.add_argument("--steps", default="3,4,5,6,8", help=f"preview step counts, each in 1..{MAX_PREVIEW_STEPS}")
+    parser.add_argument("--solvers", default="consistency,ddim,dpmpp2m,unipc,deis,ipndm")
+    parser.add_argument("--model", default=None, help="model name or path (default: the embedded model)")
+    parser.add_argument("--json", dest="json_out", required=True, help="write the results JSON here")
+    parser.add_argument("--plot", default=None, help="write a PNG of every measure against NFE here")
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--reference-steps", type=int, default=None, help="full-step sampler steps (default 40)")
+    parser.add_argument("--measures", default="", help=f"model-based measures to add: {','.join(MODEL_MEASURES)}")
+    parser.add_argument("--reward-weights", default="", help="NAME=PATH,... weights of the model-based measures")
+    parser.add_argument("--allow-download", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--store", default=None, help="store holding the active checkpoint ('' = none; default path)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    # bad input: all checked before the model is loaded or anything is sampled
+    prompts = read_prompts(args.prompts)
+    seeds = parse_int_list(args.seeds, "seeds", 0, 2**32 - 1)
+    steps = parse_int_list(args.steps, "steps", 1, MAX_PREVIEW_STEPS)
+    names = parse_solvers(args.solvers)
+    if args.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {args.batch_size}")
+    from training.config import _parse_mapping
+    from training.rewards import get_similarity
+
+    weights = _parse_mapping(args.reward_weights)
+    measures = [m.strip() for m in args.measures.split(",") if m.strip()]
+    for m in measures:
+        if m not in MODEL_MEASURES:
+            raise ValueError(f"measures: unknown measure {m!r}; known: {', '.join(MODEL_MEASURES)}")
+    model_measures = {m: get_similarity(m, weights=weights, allow_download=args.allow_download) for m in measures}
+    store = None
+    if args.store != "" and "consistency" in names:
+        from store import open_store
+
+        store = open_store(args.store)
+    if model is None:
+        from models.registry import load_model
+
+        model = load_model(args.model)
+    solvers = resolve_solvers(names, model, store)
+    doc = evaluate(model, prompts, seeds, steps, solvers, guidance=args.guidance, reference_steps=args.reference_steps,
+                   model_measures=model_measures, judge=load_judge(model), batch_size=args.batch_size)
+    doc["prompts"] = str(args.prompts)
+    Path(args.json_out).write_text(json.dumps(doc, indent=1))
+    if args.plot:
+        plot(doc, args.plot)
+    print(markdown_table(doc))
+    print(json.dumps(doc["summary"].get("step_saving", {}).get("psnr", {})))
+    if "adherence_within_2_points" in doc["summary"]:
+        print("adherence within 2 points of the reference at K =", json.dumps(doc["summary"]["adherence_within_2_points"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
