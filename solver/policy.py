@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -117,9 +118,11 @@ class ConsistencyPolicy(nn.Module):
         self.init_log_std = float(init_log_std)
         self.learn_time_grid = bool(time_grid)
         free = order - 1
-        self.net = nn.Sequential(
-            nn.Linear(len(features), hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, free)
-        )
+        with warnings.catch_warnings():  # order 1 has no free dims: an empty output layer is intended
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            self.net = nn.Sequential(
+                nn.Linear(len(features), hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, free)
+            )
         self.log_std = nn.Parameter(torch.full((free,), self.init_log_std))
         self.grid_net: nn.Sequential | None = None
         if self.learn_time_grid:

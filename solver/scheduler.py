@@ -73,20 +73,20 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         check_order(solver_order)
         if policy is None:
             policy = ConsistencyPolicy(order=solver_order, base=base_rule, features=FEATURES)
-        if policy.order != solver_order:
-            raise ValueError(f"solver_order is {solver_order} but the policy has order {policy.order}")
-        self.policy = policy
-        self.schedule = VPSchedule.from_config(
-            {
-                "num_train_timesteps": num_train_timesteps,
-                "beta_start": beta_start,
-                "beta_end": beta_end,
-                "beta_schedule": beta_schedule,
-                "trained_betas": trained_betas,
-                "set_alpha_to_one": set_alpha_to_one,
-                "prediction_type": prediction_type,
-            }
-        )
+        self._use_policy(policy)
+        schedule_config = {
+            "num_train_timesteps": num_train_timesteps,
+            "beta_start": beta_start,
+            "beta_end": beta_end,
+            "beta_schedule": beta_schedule,
+            "trained_betas": trained_betas,
+            "set_alpha_to_one": set_alpha_to_one,
+            "prediction_type": prediction_type,
+        }
+        try:
+            self.schedule = VPSchedule.from_config(schedule_config)
+        except NotImplementedError as err:  # diffusers' reply to an unknown beta_schedule
+            raise ValueError(f"beta_schedule {beta_schedule!r} is unknown: {err}") from None
         self.alphas_cumprod = self.schedule.alphas_cumprod.to(torch.float32)
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
@@ -94,6 +94,25 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         self.grid: TimeGrid | None = None
         self.table: torch.Tensor | None = None
         self._reset()
+
+    def _use_policy(self, policy: ConsistencyPolicy) -> None:
+        if policy.order != self.config.solver_order:
+            raise ValueError(f"solver_order is {self.config.solver_order} but the policy has order {policy.order}")
+        if policy.base != self.config.base_rule:
+            raise ValueError(f"base_rule is {self.config.base_rule!r} but the policy's base is {policy.base!r}")
+        self.policy = policy
+
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """diffusers' ``from_config``; ``policy=`` is accepted too, and sets solver_order/base_rule to match it."""
+        policy = kwargs.pop("policy", None)
+        if policy is not None:
+            kwargs.setdefault("solver_order", policy.order)
+            kwargs.setdefault("base_rule", policy.base)
+        out = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        if policy is not None:
+            (out[0] if return_unused_kwargs else out)._use_policy(policy)
+        return out
 
     def _reset(self) -> None:
         self._step_index: int | None = None
@@ -221,10 +240,7 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         scheduler = out[0] if return_unused_kwargs else out
         directory = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
         if os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
-            policy = ConsistencyPolicy.load(directory, order=scheduler.config.solver_order)
-            if policy.base != scheduler.config.base_rule:
-                raise ValueError(f"base_rule is {scheduler.config.base_rule!r} but the saved policy's base is {policy.base!r}")
-            scheduler.policy = policy
+            scheduler._use_policy(ConsistencyPolicy.load(directory, order=scheduler.config.solver_order))
         return out
 
     def __len__(self) -> int:

@@ -1,0 +1,180 @@
+"""ConsistencyPolicy: zero-init = base rule, determinism, masking of unused dims, checkpoints."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from solver.coefficients import RULES, pad_table
+from solver.policy import CONFIG_NAME, ConsistencyPolicy, free_mask
+from solver.sampling import iter_lmm, sample_lmm
+from solver.schedules import FlowSchedule, VPSchedule
+
+SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "set_alpha_to_one": False}
+
+
+@pytest.fixture(scope="module")
+def schedule() -> VPSchedule:
+    return VPSchedule.from_config(DDIMScheduler(**SD).config)
+
+
+def perturbed(policy: ConsistencyPolicy, seed: int = 0) -> ConsistencyPolicy:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return policy
+
+
+def toy_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A per-sample nonlinear stand-in for a model (elementwise, so batch-free by construction)."""
+    return torch.tanh(x) * (0.5 + float(t) / 2000.0)
+
+
+@pytest.mark.parametrize("base", ["dpm2m", "ab2", "ab3", "ddim"])
+@pytest.mark.parametrize("num_steps", [1, 4, 8])
+def test_zero_initialized_policy_is_exactly_its_base_rule(schedule, base, num_steps):
+    policy = ConsistencyPolicy(order=4, base=base)
+    grid = schedule.grid(num_steps)
+    assert torch.equal(policy.coefficient_table(grid), pad_table(RULES[base](grid), 4))
+
+
+def test_trained_rows_keep_sum_one_and_only_free_dims(schedule):
+    policy = perturbed(ConsistencyPolicy(order=4))
+    grid = schedule.grid(6)
+    table = policy.coefficient_table(grid)
+    assert torch.allclose(table.sum(1), torch.ones(6, dtype=torch.float64), atol=1e-6)
+    assert table[0].tolist() == [1.0, 0.0, 0.0, 0.0]  # one epsilon available: DDIM whatever the policy
+    for i in range(6):
+        assert not table[i, i + 1 :].any()
+    assert not torch.equal(table, policy.base_table(grid))
+
+
+def test_deterministic_table_is_bit_identical_across_calls_and_instances(schedule, tmp_path):
+    policy = perturbed(ConsistencyPolicy(order=4))
+    grid = schedule.grid(5)
+    first = policy.coefficient_table(grid)
+    policy._cache.clear()
+    assert torch.equal(first, policy.coefficient_table(grid))
+    assert torch.equal(first, policy.coefficient_table(schedule.grid(5)))
+    policy.save(tmp_path)
+    assert torch.equal(first, ConsistencyPolicy.load(tmp_path).coefficient_table(grid))
+
+
+def test_cached_table_follows_parameter_updates(schedule):
+    policy = ConsistencyPolicy(order=3)
+    grid = schedule.grid(5)
+    before = policy.coefficient_table(grid)
+    with torch.no_grad():
+        policy.net[-1].bias.add_(0.25)
+    assert not torch.equal(before, policy.coefficient_table(grid))
+
+
+def test_samples_are_independent_of_batch_size_and_order(schedule):
+    policy = perturbed(ConsistencyPolicy(order=4))
+    grid = schedule.grid(6)
+    table = policy.coefficient_table(grid)
+    noise = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    batch = sample_lmm(toy_eps, noise, grid, table)
+    alone = torch.cat([sample_lmm(toy_eps, noise[i : i + 1], grid, policy.coefficient_table(grid)) for i in range(5)])
+    order = torch.tensor([3, 0, 4, 1, 2])
+    shuffled = sample_lmm(toy_eps, noise[order], grid, policy.coefficient_table(grid))
+    assert torch.equal(batch, alone)
+    assert torch.equal(batch[order], shuffled)
+    denoised = [r.denoised for r in iter_lmm(toy_eps, noise, grid, table)]
+    assert len(denoised) == 6 and torch.equal(batch, sample_lmm(toy_eps, noise, grid, table))
+
+
+def test_sampled_tables_log_prob_and_entropy_use_only_free_dims(schedule):
+    policy = perturbed(ConsistencyPolicy(order=4, init_log_std=-1.0))
+    grid = schedule.grid(5)
+    table, actions, log_prob = policy.sample_table(grid, torch.Generator().manual_seed(0))
+    mask = free_mask(5, 4)
+    assert torch.equal(actions * ~mask, torch.zeros_like(actions))
+    assert actions[mask].abs().min() > 0
+    assert torch.allclose(table.sum(1), torch.ones(5, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(table, policy.compose(grid, actions))
+    assert log_prob.shape == (5,) and log_prob[0] == 0
+    assert torch.allclose(policy.log_prob(grid, actions), log_prob)
+    again = policy.sample_table(grid, torch.Generator().manual_seed(0))
+    assert torch.equal(again[1], actions)
+    # Step 1 has one free dim: its log-prob and entropy carry no gradient into the other dims' std (T2, T3).
+    policy.zero_grad()
+    (policy.log_prob(grid, actions)[1] + policy.entropy(grid)[1]).backward()
+    assert policy.log_std.grad[0] != 0 and torch.equal(policy.log_std.grad[1:], torch.zeros(2))
+    entropy = policy.entropy(grid)
+    per_dim = 0.5 + 0.5 * torch.log(torch.tensor(2 * torch.pi)) + policy.log_std.detach()
+    assert torch.allclose(entropy, torch.stack([per_dim[:k].sum() for k in [0, 1, 2, 3, 3]]))
+
+
+def test_mean_table_is_differentiable(schedule):
+    policy = ConsistencyPolicy(order=4)
+    grid = schedule.grid(4)
+    policy.mean_table(grid)[2, 0].backward()
+    assert policy.net[-1].bias.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("order", [0, 9, 2.5, True])
+def test_order_outside_1_to_8_is_refused(order):
+    with pytest.raises(ValueError, match="order"):
+        ConsistencyPolicy(order=order)
+
+
+def test_bad_base_and_features_are_refused():
+    with pytest.raises(ValueError, match="base"):
+        ConsistencyPolicy(base="plms")
+    with pytest.raises(ValueError, match="order 1 is too small for base 'dpm2m'"):
+        ConsistencyPolicy(order=1)
+    with pytest.raises(ValueError, match="features"):
+        ConsistencyPolicy(features=("lam_cur", "snr"))
+    assert ConsistencyPolicy(order=1, base="ddim").coefficient_table(VPSchedule.from_config(SD).grid(3)).shape == (3, 1)
+    assert ConsistencyPolicy(order=8, base="ab4").coefficient_table(VPSchedule.from_config(SD).grid(9)).shape == (9, 8)
+
+
+def test_checkpoint_round_trip_and_clear_errors(tmp_path, schedule):
+    policy = perturbed(ConsistencyPolicy(order=3, base="ab2", hidden=16, time_grid=True))
+    policy.save(tmp_path)
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.bin"))
+    loaded = ConsistencyPolicy.load(tmp_path, order=3)
+    assert loaded.config_dict() == policy.config_dict()
+    for (k, v), (k2, v2) in zip(policy.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    with pytest.raises(ValueError, match="order 4 was asked for .* order 3"):
+        ConsistencyPolicy.load(tmp_path, order=4)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "schema_version": 99}))
+    with pytest.raises(ValueError, match="schema_version"):
+        ConsistencyPolicy.load(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "hidden": 8}))
+    with pytest.raises(ValueError, match="do not match"):
+        ConsistencyPolicy.load(tmp_path)
+    with pytest.raises(ValueError, match="no policy checkpoint"):
+        ConsistencyPolicy.load(tmp_path / "missing")
+
+
+def test_time_grid_head_zero_init_is_the_default_grid_and_stays_valid(schedule):
+    assert torch.equal(ConsistencyPolicy().time_grid(schedule, 6).timesteps, schedule.grid(6).timesteps)
+    policy = ConsistencyPolicy(time_grid=True)
+    for k in (1, 3, 6, 11):
+        grid = policy.time_grid(schedule, k)
+        default = schedule.grid(k)
+        assert torch.equal(grid.timesteps, default.timesteps) and torch.equal(grid.n, default.n)
+    with torch.no_grad():
+        torch.nn.init.normal_(policy.grid_net[-1].weight, std=2.0, generator=torch.Generator().manual_seed(1))
+    for k in (3, 6, 11, 500, 1000):
+        grid = policy.time_grid(schedule, k)
+        ts = grid.timesteps
+        assert ts.dtype == torch.long and ts[0] == 999 and ts[-1] >= 0 and bool((ts[1:] < ts[:-1]).all())
+        assert torch.allclose(grid.alpha[:-1] ** 2, schedule.alphas_cumprod[ts])
+    moved = policy.time_grid(schedule, 6)
+    assert not torch.equal(moved.timesteps, schedule.grid(6).timesteps)
+    sampled, actions, log_prob = policy.sample_time_grid(schedule, 6, torch.Generator().manual_seed(0))
+    assert torch.allclose(policy.time_grid_log_prob(schedule, 6, actions), log_prob)
+    table = policy.coefficient_table(moved)
+    assert table.shape == (6, 4)
+    flow = FlowSchedule(shift=3.0)
+    fgrid = policy.time_grid(flow, 5)
+    assert bool((fgrid.timesteps[1:] < fgrid.timesteps[:-1]).all()) and fgrid.timesteps[0] == flow.timesteps(5)[0]
+    with pytest.raises(ValueError, match="time_grid"):
+        ConsistencyPolicy().sample_time_grid(schedule, 4)
