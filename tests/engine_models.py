@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Sequence
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from models.base import Conditioning, Denoiser
 from solver.schedules import VPSchedule
 
+_BUILD_LOCK = threading.Lock()
 SCHEDULER_CONFIG = {
     "_class_name": "DDIMScheduler",
     "num_train_timesteps": 1000,
@@ -31,6 +33,10 @@ class TinyUNetDenoiser(Denoiser):
     """
 
     def __init__(self, size: int = 16, seed: int = 0, tokens: int = 8, dim: int = 32, delay: float = 0.0) -> None:
+        with _BUILD_LOCK:  # the global RNG seeds the weights; workers may build models concurrently
+            self._build(size, seed, tokens, dim, delay)
+
+    def _build(self, size: int, seed: int, tokens: int, dim: int, delay: float) -> None:
         from diffusers import UNet2DConditionModel
 
         torch.manual_seed(seed)
