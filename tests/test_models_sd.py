@@ -243,6 +243,42 @@ def test_decode_is_the_vae_in_unit_range(sd):
         sd.decode(z[0])
 
 
+def test_a_half_precision_vae_that_overflows_is_rerun_in_float32(eps_dir, caplog):
+    model = load_model(str(eps_dir), device="cpu")
+    model.vae.to(torch.bfloat16)  # stands in for a float16 VAE on CUDA
+    decode = model.vae.decode
+
+    def overflowing(z):
+        if z.dtype != torch.float32:
+            return SimpleNamespace(sample=torch.full((z.shape[0], 3, 32, 32), float("nan"), dtype=z.dtype))
+        return decode(z)
+
+    model.vae.decode = overflowing
+    z = _noise(2)
+    with caplog.at_level(logging.WARNING, logger="models.sd"):
+        images = model.decode(z)
+    assert model.vae.dtype == torch.float32 and any("decoding in float32" in r.getMessage() for r in caplog.records)
+    with torch.no_grad():  # the rerun: the same (rounded) weights, now in float32
+        want = (decode(z / model.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    assert torch.isfinite(images).all()
+    torch.testing.assert_close(images, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("offload", [False, True])
+def test_cuda_defaults_to_fp16_and_offload_works(eps_dir, sd, offload):
+    model = load_model(str(eps_dir), device="cuda", options=LoadOptions(cpu_offload=offload))
+    assert model.dtype == torch.float16 and model.device.type == "cuda"
+    x = _noise(2)
+    cond, ref_cond = model.encode_prompts(["a cat", "the dog"]), sd.encode_prompts(["a cat", "the dog"])
+    eps = model.guided_eps(x, 500, cond, 5.0)
+    assert eps.dtype == torch.float32 and eps.device == x.device  # the solver's state stays where it was
+    torch.testing.assert_close(eps, sd.guided_eps(x, 500, ref_cond, 5.0), atol=3e-2, rtol=3e-2)
+    images = model.decode(x)
+    assert images.dtype == torch.float32 and images.device.type == "cpu"
+    torch.testing.assert_close(images, sd.decode(x), atol=2e-2, rtol=2e-2)
+
+
 # --- single-file checkpoint -----------------------------------------------------------------------
 def test_single_file_reload_gives_the_same_model(eps_dir, sd, tmp_path):
     ckpt = save_ldm_single_file(eps_dir, tmp_path / "tiny-sd15.safetensors")
