@@ -86,6 +86,8 @@ def load_model(
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError("model must be a hub id or a path, got an empty name")
     path = Path(name).expanduser()
+    if options.config is not None and not (path.is_file() and path.suffix.lower() == ".safetensors"):
+        raise ModelLoadError(f"config is only for a single-file .safetensors checkpoint, and {name!r} is not one")
     if path.is_dir():
         class_name = _folder_class_name(path)
         return _build(class_name, name, None, device, dtype, options, True)

@@ -48,8 +48,15 @@ def test_pickle_checkpoints_are_refused(tmp_path, suffix):
     path = tmp_path / f"model{suffix}"
     path.write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(ModelLoadError, match="pickle") as err:
-        load_model(str(path), options=LoadOptions(config=tmp_path))
+        load_model(str(path))
     _one_sentence(err)
+
+
+def test_config_is_only_for_single_files(tmp_path):
+    folder = _folder(tmp_path, "StableDiffusionPipeline")
+    for name in (str(folder), "owner/name"):
+        with pytest.raises(ModelLoadError, match="config is only for a single-file .safetensors checkpoint"):
+            load_model(name, options=LoadOptions(config=folder))
 
 
 def test_unknown_file_type(tmp_path):
