@@ -55,11 +55,11 @@ BACKENDS: dict[str, Callable[..., Denoiser]] = {
 # Known architectures with no backend yet: the name a user recognises.
 PLANNED: dict[str, str] = {
     "StableDiffusionXLPipeline": "SDXL",
-    "StableDiffusionXLImg2ImgPipeline": "the SDXL refiner",
+    "StableDiffusionXLImg2ImgPipeline": "SDXL refiner",
     "StableDiffusion3Pipeline": "Stable Diffusion 3 (flow matching)",
     "FluxPipeline": "FLUX (flow matching)",
     "StableDiffusionInpaintPipeline": "Stable Diffusion inpainting",
-    "StableDiffusionUpscalePipeline": "the Stable Diffusion upscaler",
+    "StableDiffusionUpscalePipeline": "Stable Diffusion upscaler",
 }
 # Markers of single-file checkpoints (original key layouts) of architectures with no backend yet.
 _SINGLE_FILE_MARKERS: dict[str, tuple[str, ...]] = {
@@ -168,14 +168,20 @@ def _check_single_file_architecture(path: Path) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
+            in_channels = f.get_slice(_SD_UNET_KEY).get_shape()[1] if _SD_UNET_KEY in keys else None
     except Exception as e:  # safetensors raises its own SafetensorError for a damaged header
         raise ModelLoadError(f"{path.name} is not a readable safetensors file: {e}") from e
     for arch, prefixes in _SINGLE_FILE_MARKERS.items():
         if any(k.startswith(prefixes) for k in keys):
-            raise UnsupportedModelError(f"{path.name} is a {arch} checkpoint, which is not supported yet")
+            raise UnsupportedModelError(f"{path.name} is a checkpoint of {arch}, which is not supported yet")
     if _SD_UNET_KEY not in keys:
         raise UnsupportedModelError(
             f"{path.name} is not a Stable Diffusion 1.x/2.x checkpoint in the original layout (no {_SD_UNET_KEY})"
+        )
+    if in_channels != 4:
+        raise UnsupportedModelError(
+            f"{path.name}'s UNet takes {in_channels} input channels (an inpainting or depth model?); "
+            "only text-to-image Stable Diffusion is supported"
         )
 
 
@@ -233,7 +239,7 @@ def _build(
     local_only: bool,
 ) -> Denoiser:
     if class_name in PLANNED:
-        raise UnsupportedModelError(f"{source} is a {PLANNED[class_name]} model ({class_name}), which is not supported yet")
+        raise UnsupportedModelError(f"{source} is a {class_name} ({PLANNED[class_name]}), which is not supported yet")
     loader = BACKENDS.get(class_name)
     if loader is None:
         raise UnsupportedModelError(

@@ -95,9 +95,16 @@ def test_single_file_needs_a_local_config_folder(tmp_path):
 def test_single_file_of_an_unsupported_architecture(tmp_path, key, arch):
     ckpt = _sd_like_checkpoint(tmp_path / "m.safetensors", {key: torch.zeros(2)})
     config = _folder(tmp_path, "StableDiffusionPipeline")
-    with pytest.raises(UnsupportedModelError, match=f"is a {arch}.* checkpoint, which is not supported yet") as err:
+    with pytest.raises(UnsupportedModelError, match=f"is a checkpoint of {arch}.*, which is not supported yet") as err:
         load_model(str(ckpt), options=LoadOptions(config=config))
     _one_sentence(err)
+
+
+def test_single_file_of_an_inpainting_model(tmp_path):
+    ckpt = tmp_path / "inpaint.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 9, 3, 3)}, str(ckpt))
+    with pytest.raises(UnsupportedModelError, match="takes 9 input channels"):
+        load_model(str(ckpt), options=LoadOptions(config=_folder(tmp_path, "StableDiffusionPipeline")))
 
 
 def test_single_file_that_is_not_stable_diffusion(tmp_path):
@@ -116,9 +123,9 @@ def test_damaged_safetensors(tmp_path):
 @pytest.mark.parametrize(
     ("class_name", "message"),
     [
-        ("StableDiffusionXLPipeline", "is a SDXL model .* not supported yet"),
-        ("StableDiffusion3Pipeline", "Stable Diffusion 3 \\(flow matching\\) model .* not supported yet"),
-        ("FluxPipeline", "FLUX \\(flow matching\\) model .* not supported yet"),
+        ("StableDiffusionXLPipeline", r"is a StableDiffusionXLPipeline \(SDXL\), which is not supported yet"),
+        ("StableDiffusion3Pipeline", r"StableDiffusion3Pipeline \(Stable Diffusion 3 \(flow matching\)\), which is not"),
+        ("FluxPipeline", r"is a FluxPipeline \(FLUX \(flow matching\)\), which is not supported yet"),
         ("KandinskyPipeline", "is a KandinskyPipeline model; supported: StableDiffusionPipeline"),
     ],
 )
