@@ -156,3 +156,14 @@ def test_command_line_trains_and_writes_a_checkpoint(dataset_dir, tmp_path, caps
                "--reward", "psnr+10*gms", "--seed", "3"], model=GaussianDenoiser())
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and out["update"] == 0 and (tmp_path / "cli" / "final" / "policy.safetensors").is_file()
+
+
+def test_learned_time_grid_rollouts_and_update(dataset_dir, tmp_path):
+    trainer = _trainer(dataset_dir, tmp_path, time_grid=True, init_log_std=-1.0)
+    bucket = trainer.rollout(4, torch.tensor([1]), update=0)
+    assert bucket.grid_actions.shape == (4, 4)
+    assert len({tuple(g.timesteps.tolist()) for g in bucket.grids}) > 1  # each rollout its own grid
+    before = [p.detach().clone() for p in trainer.policy.grid_net.parameters()]
+    stats = trainer.optimise([bucket], update=0)
+    assert stats["epochs"] == 4
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.grid_net.parameters()))

@@ -62,6 +62,7 @@ class TrainConfig:
     activate: bool = doc("make the final checkpoint the store's active solver", False)
     name: str | None = doc("run name in the store (default: derived from the out folder)", None)
     max_minutes: float | None = doc("stop (and checkpoint) after this many minutes of wall time", None)
+    threads: int | None = doc("torch intra-op threads (1 is fastest on a shared 2-core CPU); None = torch's default", None)
 
     def validate(self) -> "TrainConfig":
         """Raise one ValueError naming the field for any bad value; return self."""
@@ -91,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"ent_coef must be a non-negative finite number, got {self.ent_coef!r}")
         if not math.isfinite(self.init_log_std):
             raise ValueError(f"init_log_std must be finite, got {self.init_log_std!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
             raise ValueError(f"max_minutes must be positive, got {self.max_minutes!r}")
         if not self.dataset:

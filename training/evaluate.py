@@ -106,11 +106,8 @@ def load_judge(model: Any) -> Callable[[torch.Tensor, Sequence[str]], torch.Tens
 
 
 def analyzer_judge(analyzer: Any) -> Callable[[torch.Tensor, Sequence[str]], torch.Tensor]:
-    judge_batch = getattr(analyzer, "judge_batch", None)
-    if judge_batch is not None:
-        return lambda images, prompts: torch.as_tensor(judge_batch(images, list(prompts)), dtype=torch.bool)
-    judge = getattr(analyzer, "judge")
-    return lambda images, prompts: torch.tensor([bool(judge(img, p)) for img, p in zip(images, prompts)])
+    """Batch wrapper of ``analyzer.judge(image, prompt) -> Verdict`` (``.ok`` = right for its prompt)."""
+    return lambda images, prompts: torch.tensor([bool(analyzer.judge(img, p).ok) for img, p in zip(images, prompts)])
 
 
 def _batched(items: list, size: int) -> list[list]:

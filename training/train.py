@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = TrainConfig(**vars(args))
     config.validate()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
