@@ -85,7 +85,7 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
                         with gr.Row():
                             seed_count = gr.Number(label="Seed count", value=8, elem_id="seed-count")
                             seed_start = gr.Number(label="Seed start", value=0, elem_id="seed-start")
-                            dice = gr.Button("🎲", scale=0, min_width=48, elem_id="dice-btn")
+                            dice = gr.Button("🎲 Random", scale=0, min_width=96, elem_id="dice-btn")
                         seed_list = gr.Textbox(label="Seed list", info="optional, overrides count/start: 3, 17, 100-103",
                                                elem_id="seed-list")
                         with gr.Row():
@@ -106,7 +106,9 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
                         status = gr.Markdown("Enter prompts and press Preview.", elem_id="explore-status")
                         gallery = gr.Gallery(label="Previews", columns=8, allow_preview=False, object_fit="contain",
                                              height="auto", elem_id="preview-gallery", interactive=False)
-                        selection = gr.CheckboxGroup(label="Selected tiles", choices=[], elem_id="selection")
+                        selection = gr.Dropdown(label="Selected tiles", choices=[], value=[], multiselect=True,
+                                                allow_custom_value=True, elem_id="selection",
+                                                info="click tiles in the grid to add or remove them")
                         with gr.Row():
                             all_btn = gr.Button("Select all", size="sm", elem_id="select-all-btn")
                             clear_btn = gr.Button("Clear selection", size="sm", elem_id="clear-btn")
@@ -119,11 +121,12 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
                 gr.Markdown("Full-step refines from the same noise as their preview. "
                             "Each final is shown beside its preview with the measured consistency.")
                 jobs_view = gr.HTML(elem_id="jobs")
+                refresh_btn = gr.Button("Refresh", size="sm", elem_id="jobs-refresh-btn")
                 with gr.Row():
-                    cancel_id = gr.Number(label="Job id", elem_id="cancel-id", scale=0)
+                    cancel_id = gr.Number(label="Job id", value=None, elem_id="cancel-id", scale=0)
                     cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="cancel-btn", scale=0)
                     cancel_status = gr.Markdown()
-                finals = gr.Gallery(label="Preview → final", columns=2, allow_preview=True, object_fit="contain",
+                finals = gr.Gallery(label="Preview → final", columns=6, allow_preview=True, object_fit="contain",
                                     height="auto", elem_id="finals-gallery", interactive=False)
                 jobs_sig = gr.State(None)
                 jobs_timer = gr.Timer(JOBS_POLL_S)
@@ -191,14 +194,16 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
         )
         gallery.select(h.toggle_tile, [selection, snapshot], selection, api_name="toggle_tile", queue=False)
         all_btn.click(h.select_all, snapshot, selection, api_name="select_all", queue=False)
-        clear_btn.click(lambda: gr.CheckboxGroup(value=[]), None, selection, api_name="clear_selection", queue=False)
+        clear_btn.click(lambda: gr.Dropdown(value=[]), None, selection, api_name="clear_selection", queue=False)
         refine_btn.click(h.refine, [selection, snapshot, refine_steps], refine_status, api_name="refine",
                          trigger_mode="once").then(h.jobs, jobs_sig, [jobs_view, finals, jobs_sig], api_name="jobs_after_refine",
                                                  api_visibility="private")
 
         # --- wiring: Refine ---------------------------------------------------------------------
-        jobs_timer.tick(h.jobs, jobs_sig, [jobs_view, finals, jobs_sig], api_name="jobs", show_progress="hidden",
-                        concurrency_limit=8, concurrency_id="reads")
+        jobs_timer.tick(h.jobs, jobs_sig, [jobs_view, finals, jobs_sig], api_name="jobs_tick", show_progress="hidden",
+                        concurrency_limit=8, concurrency_id="reads", api_visibility="private")
+        refresh_btn.click(h.jobs_now, None, [jobs_view, finals, jobs_sig], api_name="jobs",
+                          concurrency_limit=8, concurrency_id="reads")
         demo.load(h.jobs, jobs_sig, [jobs_view, finals, jobs_sig], api_name="jobs_on_load", api_visibility="private")
         cancel_btn.click(h.cancel, cancel_id, cancel_status, api_name="cancel_job")
 

@@ -36,7 +36,7 @@ def _error(exc: Exception) -> gr.Error:
 
 
 def tile_caption(tile: Tile) -> str:
-    return f"{tile.prompt} · seed {tile.seed}"
+    return f"seed {tile.seed} · {tile.prompt}"  # the seed first: it survives the thumbnail's truncation
 
 
 def tile_label(i: int, tile: Tile) -> str:
@@ -107,7 +107,7 @@ class Handlers:
         gallery = [(str(t.path), tile_caption(t)) for t in tiles]
         snapshot = {"run": run, "tiles": [{"preview_id": t.preview_id, "label": tile_label(i, t)} for i, t in enumerate(tiles)]}
         choices = [(tile["label"], f"{run}:{i}") for i, tile in enumerate(snapshot["tiles"])]
-        return gallery, snapshot, gr.CheckboxGroup(choices=choices, value=[]), status
+        return gallery, snapshot, gr.Dropdown(choices=choices, value=[]), status
 
     def toggle_tile(self, selected: list[str] | None, snapshot: dict | None, evt: gr.SelectData) -> Any:
         """A click on a tile ticks or unticks it in the selection (the selection is the source of truth)."""
@@ -116,12 +116,12 @@ class Handlers:
         value = f"{snapshot['run']}:{evt.index}"
         selected = list(selected or [])
         selected = [v for v in selected if v != value] if value in selected else selected + [value]
-        return gr.CheckboxGroup(value=selected)
+        return gr.Dropdown(value=selected)
 
     def select_all(self, snapshot: dict | None) -> Any:
         if not snapshot:
             return gr.skip()
-        return gr.CheckboxGroup(value=[f"{snapshot['run']}:{i}" for i in range(len(snapshot["tiles"]))])
+        return gr.Dropdown(value=[f"{snapshot['run']}:{i}" for i in range(len(snapshot["tiles"]))])
 
     def refine(self, selected: list[str] | None, snapshot: dict | None, refine_steps: float, request: gr.Request) -> str:
         """Queue one refine job per selected tile; ids come from the rendered snapshot, re-read by the backend."""
@@ -153,6 +153,10 @@ class Handlers:
         if sig == signature:
             return gr.skip(), gr.skip(), sig
         return jobs_html(views), finals_gallery(views), sig
+
+    def jobs_now(self, request: gr.Request) -> tuple[Any, Any, str]:
+        """The job list and finals, always sent (the Refresh button and API clients)."""
+        return self.jobs(None, request)
 
     def cancel(self, job_id: float | None, request: gr.Request) -> str:
         if job_id is None or isinstance(job_id, bool) or float(job_id) != int(job_id) or job_id < 1:
@@ -203,7 +207,8 @@ class Handlers:
 
 def history_caption(item: HistoryItem) -> str:
     s = item.settings
-    return f"{item.kind} · {s.prompts[0]} · seed {s.seeds[0]} · {s.solver} {s.steps} steps"
+    steps = f"{s.refine_steps} steps" if item.kind == "final" else f"{s.solver} {s.steps} steps"
+    return f"{item.ref} · {s.prompts[0]} · seed {s.seeds[0]} · {steps}"
 
 
 def _fmt_eta(eta: float | None) -> str:
@@ -242,6 +247,6 @@ def finals_gallery(views: list[JobView]) -> list[tuple[str, str]]:
             continue
         c = v.consistency
         metrics = ", ".join(f"{k.upper()} {val:.3f}" for k, val in c.items() if isinstance(val, float))
-        out.append((str(v.preview_path), f"preview · job #{v.job_id} · seed {v.seed}"))
+        out.append((str(v.preview_path), f"preview · job #{v.job_id} · seed {v.seed} · {v.prompt}"))
         out.append((str(v.final_path), f"final · job #{v.job_id} · {metrics}"))
     return out

@@ -64,7 +64,7 @@ def wait_done(client: Client, timeout: float = 10.0) -> str:
 def test_preview_select_refine_history_download(served):
     client, backend, _paths, _url = served
     gallery, selection, status = client.predict(*explore(), api_name="/preview")
-    assert [g["caption"] for g in gallery] == [f"{p} · seed {s}" for p in ("a red circle", "a blue square") for s in (5, 6, 7)]
+    assert [g["caption"] for g in gallery] == [f"seed {s} · {p}" for p in ("a red circle", "a blue square") for s in (5, 6, 7)]
     assert "6 previews" in status
     values = [v for _label, v in selection["choices"]]
     # Tile #5 ("a blue square", seed 6): the refine maps it back to its preview id through the snapshot.
@@ -74,7 +74,7 @@ def test_preview_select_refine_history_download(served):
     assert "a blue square" in html and "PSNR" in html
 
     history, note = client.predict("blue square", api_name="/search_history")
-    assert history[0]["caption"].startswith("final · a blue square · seed 6")
+    assert history[0]["caption"].startswith("final:1 · a blue square · seed 6")
     png = Path(client.predict("final:1", api_name="/history_png"))
     params = read_png_parameters(png.read_bytes())
     assert (params["prompt"], params["seed"], params["width"]) == ("a blue square", 6, 32)
@@ -100,6 +100,7 @@ def test_preview_streams_before_the_grid_is_done(served):
     (dict(seed_start=2**32), "Seed start"),
     (dict(steps=0), "Preview steps"),
     (dict(solver="nope"), "Solver"),
+    (dict(solver="consistency:/tmp/elsewhere"), "Solver"),  # a path-form name never comes from the UI
     (dict(guidance=-1.0), "Guidance"),
     (dict(width=33.5), "Width"),
     (dict(negative="two\nlines"), "Negative prompt"),

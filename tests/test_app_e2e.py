@@ -1,0 +1,149 @@
+"""End to end on the real engine and store: the launched app driven by gradio_client, then by Chromium.
+
+The model is the embedded default when it loads here, else a tiny random-weight Stable Diffusion
+folder built in the test (no download either way). One server serves both tests (a model load and
+a launch cost seconds on two cores).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from app_launch import REPO, app_paths, launched  # noqa: I001 (puts the repo root on sys.path)
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client  # noqa: E402
+
+from app_admin import ADMIN_PASSWORD_ENV  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "tests" / "artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+JOB_TIMEOUT_S = 90
+
+
+def _model_source(tmp: Path) -> str | None:
+    """``None`` (the embedded model) when it loads, else a tiny SD folder written under ``tmp``."""
+    try:
+        from models.registry import load_model
+
+        load_model(None, device="cpu")
+        return None
+    except (ImportError, ValueError, OSError):
+        from tiny_sd import save_tiny_sd
+
+        return str(save_tiny_sd(tmp / "tiny-sd"))
+
+
+@pytest.fixture(scope="module")
+def real_app(tmp_path_factory):
+    from app_backend import EngineBackend
+
+    tmp = tmp_path_factory.mktemp("app-e2e")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(ADMIN_PASSWORD_ENV, raising=False)
+        paths = app_paths(tmp)
+        model = _model_source(tmp)
+        backend = EngineBackend.open(model=model, db=paths.db, exports=paths.exports, devices="cpu",
+                                     forbid_under=[paths.exports, paths.gradio_tmp])
+        try:
+            with launched(backend, paths, model=model) as (url, _admin):
+                yield url, backend, tmp
+        finally:
+            backend.close()
+
+
+def _wait_for_done(client: Client, job_id: int) -> str:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    html = ""
+    while time.monotonic() < deadline:
+        html, _finals = client.predict(api_name="/jobs")
+        m = re.search(rf"data-job='{job_id}' data-state='(\w+)'", html)
+        if m and m.group(1) in ("done", "failed", "cancelled"):
+            assert m.group(1) == "done", html
+            return html
+        time.sleep(0.25)
+    raise AssertionError(f"job {job_id} not done after {JOB_TIMEOUT_S} s: {html}")
+
+
+def test_preview_refine_history_download_with_gradio_client(real_app, tmp_path):
+    from store.png import read_png_parameters
+
+    url, backend, _tmp = real_app
+    height, width = backend.default_size
+    client = Client(url, verbose=False, download_files=str(tmp_path))
+    gallery, selection, status = client.predict(
+        "a red circle", "", 2, 0, "", 2, "consistency", backend.default_guidance, width, height, 4,
+        api_name="/preview")
+    assert [g["caption"] for g in gallery] == ["seed 0 · a red circle", "seed 1 · a red circle"], status
+    for g in gallery:  # the PNG the store wrote, parameters and all, is what the gallery serves
+        assert read_png_parameters(Path(g["image"]).read_bytes())["prompt"] == "a red circle"
+
+    message = client.predict([selection["choices"][1][1]], 4, api_name="/refine")
+    job_id = int(re.search(r"#(\d+)", message).group(1))
+    html = _wait_for_done(client, job_id)
+    assert "PSNR" in html
+    _html, finals = client.predict(api_name="/jobs")
+    assert [f["caption"].split(" · ")[0] for f in finals[:2]] == ["preview", "final"]
+
+    history, note = client.predict("red circle", api_name="/search_history")
+    first = history[0]["caption"]
+    assert re.match(r"final:\d+ · a red circle · seed 1 · 4 steps", first), (first, note)
+    ref = first.split(" · ")[0]
+    png = Path(client.predict(ref, api_name="/history_png"))
+    stored = backend.store.get_final(int(ref.split(":")[1])).png
+    assert png.read_bytes() == stored  # the stored PNG itself, not a re-encoded image
+    params = read_png_parameters(png.read_bytes())
+    assert (params["prompt"], params["seed"], params["steps"]) == ("a red circle", 1, 4)
+    assert (params["width"], params["height"]) == (width, height)
+
+    sent = client.predict(ref, api_name="/send_to_explore")
+    assert list(sent[:4]) == ["a red circle", "", 1, 1] and sent[5] == 2 and sent[10] == 4
+
+
+@pytest.mark.browser
+def test_browser_preview_and_refine(real_app):
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is not installed (Debian package 'chromium'; scripts/test.sh installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, backend, _tmp = real_app
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url, wait_until="domcontentloaded")
+            prompts = page.locator("#prompts textarea")
+            prompts.fill("a green triangle\na yellow circle")
+            page.locator("#seed-count input").fill("3")
+            page.locator("#steps input").fill("2")
+            page.locator("#refine-steps input").fill("4")
+            prompts.press("Control+Enter")  # the shortcut, not the button
+            tiles = page.locator("#preview-gallery img")
+            sync_api.expect(tiles).to_have_count(6, timeout=60_000)
+            sync_api.expect(page.locator("#explore-status")).to_contain_text("6 previews", timeout=30_000)
+            tiles.nth(4).click()  # "a yellow circle", seed 1
+            sync_api.expect(page.locator("#selection")).to_contain_text("#5 a yellow circle · seed 1", timeout=10_000)
+            page.screenshot(path=str(ARTIFACTS / "app-explore.png"), full_page=True)
+            page.locator("#refine-btn").click()
+            status = page.locator("#refine-status")
+            sync_api.expect(status).to_contain_text("Queued refine job", timeout=20_000)
+            job_id = int(re.search(r"#(\d+)", status.inner_text()).group(1))
+            page.get_by_role("tab", name="Refine").click()
+            job_row = page.locator(f"#jobs tr[data-job='{job_id}']")
+            sync_api.expect(job_row).to_have_attribute("data-state", "done", timeout=JOB_TIMEOUT_S * 1000)
+            final = page.locator("#finals-gallery").get_by_text(re.compile(rf"final · job #{job_id} · PSNR"))
+            sync_api.expect(final).to_be_visible(timeout=10_000)
+            sync_api.expect(page.locator("#finals-gallery img").first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "app-refine.png"), full_page=True)
+            if os.environ.get("DIFFUSION_PREVIEW_SCREENSHOT"):  # docs/screenshot.png for the README
+                page.get_by_role("tab", name="Explore").click()
+                page.screenshot(path=os.environ["DIFFUSION_PREVIEW_SCREENSHOT"], full_page=False)
+        finally:
+            browser.close()
