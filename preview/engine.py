@@ -202,8 +202,10 @@ class PreviewEngine:
                 t_done = time.perf_counter()
                 timings = dict(out.timings_ms)
                 timings["latency"] = (t_done - t_submit) * 1e3
-                for row, (prompt, seed) in enumerate(part):
-                    yield self._store_one(req, solver, prompt, seed, noise_by_seed[seed][0], out.pixels[row], timings, index)
+                with self.store.transaction():  # one commit (one fsync) per chunk, all or nothing
+                    stored = [self._store_one(req, solver, prompt, seed, noise_by_seed[seed][0], out.pixels[row], timings, index)
+                              for row, (prompt, seed) in enumerate(part)]
+                yield from stored
         finally:
             for _, future, _ in submitted:
                 future.cancel()  # only chunks still queued; a running one finishes and is dropped

@@ -9,11 +9,16 @@ timestep spacing), 40 steps by default, 1..200 allowed, one classifier-free-guid
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import torch
 
 from models.base import Conditioning, Denoiser
+
+# diffusers marks algorithm_type="dpmsolver" (DPM-Solver-2 in epsilon form) for removal in its 1.0; it is the
+# sampler this project chose on purpose, so the warning is silenced once here rather than on every refine.
+warnings.filterwarnings("ignore", message=r"`algorithm_types dpmsolver", category=FutureWarning)
 
 FULL_STEP_SOLVER = "dpm2m"
 DEFAULT_STEPS = 40
