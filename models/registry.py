@@ -115,7 +115,13 @@ def _load_embedded(device: Any, dtype: Any) -> Denoiser:
         if "dtype" not in inspect.signature(load_embedded).parameters:
             raise ValueError("dtype cannot be chosen for the embedded default model")
         kwargs["dtype"] = dtype
-    return load_embedded(**kwargs)
+    try:
+        return load_embedded(**kwargs)
+    except OSError as e:  # weights missing or unreadable
+        text = str(e).strip()
+        raise ModelLoadError(
+            f"the embedded default model could not be loaded: {text.splitlines()[0] if text else type(e).__name__}"
+        ) from e
 
 
 def _looks_like_path(name: str) -> bool:

@@ -172,6 +172,15 @@ def test_default_is_the_embedded_model(monkeypatch):
         load_model(None, dtype=torch.float32)
 
 
+def test_default_with_missing_weights_is_a_clear_error(monkeypatch):
+    def load_embedded(device=None):
+        raise FileNotFoundError("embedded model weights not found in /x (train them)")
+
+    monkeypatch.setitem(sys.modules, "models.embedded", types.SimpleNamespace(load_embedded=load_embedded))
+    with pytest.raises(ModelLoadError, match="embedded default model could not be loaded: embedded model weights not found"):
+        load_model()
+
+
 def test_default_without_the_embedded_model_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "models.embedded", None)  # import models.embedded fails
     with pytest.raises(ModelLoadError, match="embedded default model is not available") as err:
