@@ -166,6 +166,7 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
                             ds_btn = gr.Button("Build dataset", scale=0)
                     with gr.Accordion("2. PPO training", open=True):
                         with gr.Row():
+                            ppo_dataset = gr.Dropdown(label="Dataset", choices=[], value=None)
                             ppo_updates = gr.Number(label="Updates", value=50)
                             ppo_btn = gr.Button("Start PPO run", variant="primary", scale=0)
                             stop_btn = gr.Button("Stop", variant="stop", scale=0)
@@ -176,6 +177,7 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
                             ckpt_id = gr.Number(label="Checkpoint id")
                             activate_btn = gr.Button("Activate", scale=0)
                     with gr.Accordion("4. Evaluation", open=True):
+                        ev_prompts = gr.Textbox(label="Held-out prompts (one per line, not used in training)", lines=3)
                         with gr.Row():
                             ev_steps = gr.Textbox(label="Steps", value="3,4,5,6,8")
                             ev_seeds = gr.Number(label="Seeds", value=4)
@@ -222,11 +224,11 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
         unlock_btn.click(admin.unlock, [password], [unlocked, admin_panel, lock_row, lock_note, admin_timer],
                          concurrency_limit=1, api_name="admin_unlock", **private)
         ds_btn.click(admin.build_dataset, [unlocked, ds_prompts, ds_seeds], proc_status, api_name="admin_build_dataset", **private)
-        ppo_btn.click(admin.start_ppo, [unlocked, ppo_updates], proc_status, api_name="admin_start_ppo", **private)
+        ppo_btn.click(admin.start_ppo, [unlocked, ppo_dataset, ppo_updates], proc_status, api_name="admin_start_ppo", **private)
         stop_btn.click(admin.stop, [unlocked], proc_status, api_name="admin_stop", **private)
-        admin_timer.tick(admin.poll, [unlocked], [proc_status, reward_plot, ckpts], show_progress="hidden", api_name="admin_poll", **private)
+        admin_timer.tick(admin.poll, [unlocked, ppo_dataset], [proc_status, reward_plot, ckpts, ppo_dataset], show_progress="hidden", api_name="admin_poll", **private)
         activate_btn.click(admin.activate, [unlocked, ckpt_id], [proc_status, ckpts], api_name="admin_activate", **private)
-        ev_btn.click(admin.evaluate, [unlocked, ev_steps, ev_seeds], [ev_table, ev_plot], api_name="admin_evaluate", **private)
+        ev_btn.click(admin.evaluate, [unlocked, ev_prompts, ev_steps, ev_seeds], [ev_table, ev_plot], api_name="admin_evaluate", **private)
     return demo
 
 

@@ -61,7 +61,7 @@ class ProcessSlot:
             if self.current is not None and self.current.proc.poll() is None:
                 raise gr.Error(f"A {self.current.kind} process is still running (pid {self.current.proc.pid}); "
                                "stop it or wait for it to finish.", title="Busy")
-            log = self.work / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+            log = self.work / f"{kind}-{stamp()}.log"
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             env.pop(ADMIN_PASSWORD_ENV, None)  # the child does not need the password
             with open(log, "wb") as fh:
@@ -146,42 +146,62 @@ class Admin:
     def _model_args(self) -> list[str]:
         return ["--model", self.model] if self.model else []
 
+    def _prompt_file(self, kind: str, text: str | None, field: str) -> tuple[Path, int]:
+        """Prompts typed in the tab, written to a file whose name the app chooses."""
+        prompts = [p.strip() for p in (text or "").splitlines() if p.strip()]
+        if not prompts:
+            raise FieldError(field, "enter at least one prompt (one per line)")
+        if len(prompts) > MAX_TRAIN_PROMPTS or any(len(p) > MAX_PROMPT_CHARS for p in prompts):
+            raise FieldError(field, f"at most {MAX_TRAIN_PROMPTS} prompts of {MAX_PROMPT_CHARS} characters")
+        path = self.work / f"{kind}-prompts-{stamp()}.txt"
+        path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+        return path, len(prompts)
+
     def build_dataset(self, unlocked: bool, prompts_text: str | None, seeds: Any) -> str:
+        """``python -m training.dataset`` on the typed prompts, into a new folder under the work folder."""
         self._check(unlocked)
         try:
-            prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
-            if not prompts:
-                raise FieldError("Training prompts", "enter at least one prompt (one per line)")
-            if len(prompts) > MAX_TRAIN_PROMPTS or any(len(p) > MAX_PROMPT_CHARS for p in prompts):
-                raise FieldError("Training prompts", f"at most {MAX_TRAIN_PROMPTS} prompts of {MAX_PROMPT_CHARS} characters")
             n_seeds = _int(seeds, "Seeds per prompt", 1, 64)
+            prompt_file, n_prompts = self._prompt_file("train", prompts_text, "Training prompts")
         except FieldError as exc:
             raise gr.Error(str(exc), title="Check the input") from None
-        prompt_file = self.work / f"train-prompts-{time.strftime('%Y%m%d-%H%M%S')}.txt"
-        prompt_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
-        argv = [sys.executable, "-m", "training.dataset", "--db", str(self.db), "--prompts", str(prompt_file),
-                "--seeds", f"0-{n_seeds - 1}", *self._model_args()]
+        name = f"admin-{stamp()}"
+        argv = [sys.executable, "-m", "training.dataset", "--prompts", str(prompt_file), "--seeds",
+                f"0-{n_seeds - 1}", "--out", str(self.work / "datasets" / name), "--store", str(self.db),
+                "--name", name, *self._model_args()]
         run = self.slot.start("dataset", argv)
-        return f"Building the dataset (pid {run.proc.pid}) from {len(prompts)} prompts x {n_seeds} seeds…"
+        return f"Building dataset {name} (pid {run.proc.pid}) from {n_prompts} prompts x {n_seeds} seeds…"
 
-    def start_ppo(self, unlocked: bool, updates: Any) -> str:
+    def start_ppo(self, unlocked: bool, dataset_id: Any, updates: Any) -> str:
+        """``python -m training.train`` on a dataset chosen from the store's list (by id, never by path)."""
         self._check(unlocked)
         try:
             n = _int(updates, "Updates", 1, 100_000)
-        except FieldError as exc:
+            if dataset_id in (None, ""):
+                raise FieldError("Dataset", "build a dataset first, then choose it")
+            folder = self.backend.dataset_folder(_int(dataset_id, "Dataset", 1, 2**62))
+        except (FieldError, ValueError) as exc:
             raise gr.Error(str(exc), title="Check the input") from None
-        argv = [sys.executable, "-m", "training.ppo", "--db", str(self.db), "--updates", str(n), *self._model_args()]
+        name = f"admin-ppo-{stamp()}"
+        argv = [sys.executable, "-m", "training.train", "--dataset", str(folder), "--out",
+                str(self.work / "runs" / name), "--store", str(self.db), "--num-updates", str(n), "--name", name,
+                *self._model_args()]
         run = self.slot.start("ppo", argv)
-        return f"PPO run started (pid {run.proc.pid}, {n} updates); the reward plot updates from the store."
+        return f"PPO run {name} started (pid {run.proc.pid}, {n} updates); the reward plot follows the store."
 
     def stop(self, unlocked: bool) -> str:
         self._check(unlocked)
         return self.slot.stop()
 
-    def poll(self, unlocked: bool) -> tuple[Any, Any, Any]:
+    def poll(self, unlocked: bool, dataset_id: Any) -> tuple[Any, Any, Any, Any]:
+        """Process status, reward curve, checkpoints and the dataset list (keeping the current pick)."""
         if unlocked is not True:
-            return gr.skip(), gr.skip(), gr.skip()
-        return self.slot.status(), self.backend.reward_frame(), self.backend.checkpoints_table()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        choices = self.backend.datasets()
+        values = [v for _, v in choices]
+        value = dataset_id if dataset_id in values else (values[0] if values else None)
+        return (self.slot.status(), self.backend.reward_frame(), self.backend.checkpoints_table(),
+                gr.Dropdown(choices=choices, value=value))
 
     def activate(self, unlocked: bool, checkpoint_id: Any) -> tuple[str, Any]:
         self._check(unlocked)
@@ -193,20 +213,22 @@ class Admin:
         self.backend.reload_solver()
         return f"Checkpoint #{cid} ({name}) is now the active ConsistencySolver.", self.backend.checkpoints_table()
 
-    def evaluate(self, unlocked: bool, steps_text: str | None, seeds: Any) -> Iterator[tuple[str, Any]]:
+    def evaluate(self, unlocked: bool, prompts_text: str | None, steps_text: str | None,
+                 seeds: Any) -> Iterator[tuple[str, Any]]:
         """Run ``python -m training.evaluate`` in a child process; stream its log, then show table and plot."""
         self._check(unlocked)
         try:
             steps = parse_steps(steps_text)
             n_seeds = _int(seeds, "Seeds", 1, 64)
+            prompt_file, _ = self._prompt_file("eval", prompts_text, "Held-out prompts")
         except FieldError as exc:
             raise gr.Error(str(exc), title="Check the input") from None
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out_json = self.work / f"evaluate-{stamp}.json"
-        out_plot = self.exports / f"evaluate-{stamp}.png"  # served: the plot is shown in the page
-        argv = [sys.executable, "-m", "training.evaluate", "--seeds", f"0-{n_seeds - 1}",
-                "--steps", ",".join(map(str, steps)), "--json", str(out_json), "--plot", str(out_plot),
-                "--db", str(self.db), *self._model_args()]
+        when = stamp()
+        out_json = self.work / f"evaluate-{when}.json"
+        out_plot = self.exports / f"evaluate-{when}.png"  # served: the plot is shown in the page
+        argv = [sys.executable, "-m", "training.evaluate", "--prompts", str(prompt_file), "--seeds",
+                f"0-{n_seeds - 1}", "--steps", ",".join(map(str, steps)), "--json", str(out_json), "--plot",
+                str(out_plot), "--store", str(self.db), *self._model_args()]
         run = self.slot.start("evaluate", argv)
         while run.proc.poll() is None:
             yield f"Evaluating… (pid {run.proc.pid})\n\n```\n{tail_text(run.log, 800)}\n```", gr.skip()
@@ -215,6 +237,10 @@ class Admin:
             raise gr.Error(f"The evaluation failed (exit {run.proc.returncode}): {tail_text(run.log, 400)}")
         table = results_markdown(json.loads(out_json.read_text(encoding="utf-8")))
         yield table, (str(out_plot) if out_plot.exists() else None)
+
+
+def stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000:06d}"
 
 
 def parse_steps(text: str | None) -> list[int]:

@@ -273,6 +273,23 @@ class EngineBackend:
                          "run": c.training_run_id, "created": c.created_at[:19], **numbers})
         return pd.DataFrame(rows or [{"id": "", "name": "no checkpoints yet"}])
 
+    def datasets(self) -> list[tuple[str, int]]:
+        """(label, id) of the offline datasets in the store, newest first."""
+        rows = sorted(self.store.list_datasets(), key=lambda d: d.id, reverse=True)
+        return [(f"#{d.id} {d.name} ({len(d.shard_paths)} shards, {d.model_id})", d.id) for d in rows]
+
+    def dataset_folder(self, dataset_id: int) -> Path:
+        """The folder of dataset ``dataset_id`` as the store recorded it (never a path typed by a user)."""
+        from store.errors import NotFoundError
+
+        try:
+            d = self.store.get_dataset(dataset_id)
+        except NotFoundError:
+            raise ValueError(f"Dataset: there is no dataset #{dataset_id}") from None
+        if not d.shard_paths:
+            raise ValueError(f"Dataset: #{dataset_id} has no shards yet")
+        return Path(d.shard_paths[0]).parent
+
     def activate_checkpoint(self, checkpoint_id: int) -> str:
         from store.errors import NotFoundError
 

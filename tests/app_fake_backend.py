@@ -140,6 +140,14 @@ class FakeBackend:
 
         return pd.DataFrame([{"id": 1, "active": "", "name": "fake"}])
 
+    def datasets(self):
+        return [("#1 fake", 1)]
+
+    def dataset_folder(self, dataset_id: int) -> Path:
+        if dataset_id != 1:
+            raise ValueError(f"Dataset: there is no dataset #{dataset_id}")
+        return self.exports.parent / "dataset"
+
     def activate_checkpoint(self, checkpoint_id: int) -> str:
         if checkpoint_id != 1:
             raise ValueError(f"Checkpoint id: there is no checkpoint #{checkpoint_id}")

@@ -140,7 +140,7 @@ def test_admin_endpoints_are_private_and_locked(served, tmp_path, monkeypatch):
     monkeypatch.setenv(ADMIN_PASSWORD_ENV, "s3cret")
     admin = Admin(paths.db, paths.work, paths.exports, None, backend)
     with pytest.raises(gr.Error, match="unlock"):
-        admin.start_ppo(False, 10)
+        admin.start_ppo(False, 1, 10)
     with pytest.raises(gr.Error, match="wrong password"):
         admin.unlock("guess")
     assert admin.unlock("s3cret")[0] is True

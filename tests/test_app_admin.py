@@ -1,0 +1,105 @@
+"""The Admin tab's handlers: commands that the training CLIs accept, background processes, bad input."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+import gradio as gr
+import pytest
+
+from app_launch import app_paths  # noqa: I001 (puts the repo root on sys.path)
+from app_fake_backend import FakeBackend
+
+from app_admin import ADMIN_PASSWORD_ENV, Admin  # noqa: E402
+
+
+class Captured(Exception):
+    pass
+
+
+@pytest.fixture()
+def admin(tmp_path, monkeypatch):
+    monkeypatch.setenv(ADMIN_PASSWORD_ENV, "pw")
+    paths = app_paths(tmp_path)
+    a = Admin(paths.db, paths.work, paths.exports, None, FakeBackend(paths.exports))
+    yield a
+    a.close()
+
+
+def _capture_argv(admin: Admin, monkeypatch) -> list[list[str]]:
+    seen: list[list[str]] = []
+
+    def fake_start(kind, argv):
+        seen.append(argv)
+        raise Captured(kind)
+
+    monkeypatch.setattr(admin.slot, "start", fake_start)
+    return seen
+
+
+def _accepted_by_cli(argv: list[str], monkeypatch) -> None:
+    """Run the CLI's own argument parser on argv (stopping right after parsing): no unknown flags."""
+    assert argv[:2] == [sys.executable, "-m"]
+    module = importlib.import_module(argv[2])
+    real = argparse.ArgumentParser.parse_args
+
+    def checked(self, args=None, namespace=None):
+        _ns, unknown = self.parse_known_args(args, namespace)
+        assert unknown == [], f"{argv[2]} does not accept {unknown}"
+        raise Captured("parsed")
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", checked)
+    try:
+        with pytest.raises(Captured):
+            module.main(argv[3:])
+    finally:
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", real)
+
+
+def test_admin_commands_are_accepted_by_the_training_clis(admin, monkeypatch):
+    seen = _capture_argv(admin, monkeypatch)
+    with pytest.raises(Captured):
+        admin.build_dataset(True, "a red circle\na blue square", 2)
+    with pytest.raises(Captured):
+        admin.start_ppo(True, 1, 5)
+    with pytest.raises(Captured):
+        next(admin.evaluate(True, "a green triangle", "3,4", 1))
+    assert [a[2] for a in seen] == ["training.dataset", "training.train", "training.evaluate"]
+    for argv in seen:
+        assert str(admin.db) in argv  # every child writes to the app's store
+        _accepted_by_cli(argv, monkeypatch)
+    prompt_file = seen[0][seen[0].index("--prompts") + 1]
+    assert admin.work in __import__("pathlib").Path(prompt_file).parents  # a name the app chose, in its work folder
+
+
+@pytest.mark.parametrize("call, field", [
+    (lambda a: a.build_dataset(True, "  \n", 2), "Training prompts"),
+    (lambda a: a.build_dataset(True, "x", 0), "Seeds per prompt"),
+    (lambda a: a.start_ppo(True, None, 5), "Dataset"),
+    (lambda a: a.start_ppo(True, 7, 5), "Dataset"),
+    (lambda a: a.start_ppo(True, 1, 0), "Updates"),
+    (lambda a: next(a.evaluate(True, "x", "0,3", 1)), "Steps"),
+    (lambda a: next(a.evaluate(True, "", "3", 1)), "Held-out prompts"),
+    (lambda a: a.activate(True, 2), "Checkpoint id"),
+])
+def test_bad_admin_input_names_the_field_and_starts_nothing(admin, call, field):
+    with pytest.raises(gr.Error, match=field):
+        call(admin)
+    assert admin.slot.current is None
+
+
+def test_background_process_never_blocks_and_stops_on_request(admin):
+    run = admin.slot.start("ppo", [sys.executable, "-c", "import time; print('working', flush=True); time.sleep(60)"])
+    t0 = time.monotonic()
+    with pytest.raises(gr.Error, match="still running"):
+        admin.slot.start("dataset", [sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while "working" not in admin.slot.status() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "running" in admin.slot.status() and "working" in admin.slot.status()
+    assert time.monotonic() - t0 < 10  # start() returned at once: the process runs on its own
+    assert "Stopped the ppo process" in admin.stop(True)
+    assert run.proc.poll() is not None and "finished with exit code" in admin.slot.status()
