@@ -115,7 +115,6 @@ class StableDiffusionDenoiser(Denoiser):
         self.default_size = (h * self.vae_scale_factor, w * self.vae_scale_factor)
         self.scheduler_config = dict(pipe.scheduler.config)
         self.schedule = VPSchedule.from_config(self.scheduler_config)
-        self._vae_upcast = False
 
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -237,7 +236,6 @@ class StableDiffusionDenoiser(Denoiser):
         if not torch.isfinite(images).all() and self.vae.dtype != torch.float32:
             logger.warning("the %s VAE produced NaN/inf for %s; decoding in float32 from now on", self.vae.dtype, self.model_id)
             self.vae.to(torch.float32)
-            self._vae_upcast = True
             images = self._vae_decode(latents)
         return (images / 2 + 0.5).clamp(0, 1).cpu()
 
