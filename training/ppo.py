@@ -144,6 +144,7 @@ class PPOTrainer:
         self.elapsed = 0.0
         self._cond_cache: dict[str, Any] = {}
         self.history: list[dict] = []
+        self.initial_reward: dict[str, float] | None = None  # the deterministic reward before training
         self._stored: tuple[int, int] | None = None  # (update, store checkpoint id) of the last stored policy
 
     # -- data --------------------------------------------------------------------------------
@@ -327,6 +328,7 @@ class PPOTrainer:
         save_file(_optimizer_tensors(self.optimizer), str(tmp / OPTIMIZER_NAME))
         (tmp / TRAINER_STATE_NAME).write_text(json.dumps(
             {"update": self.update, "run_id": self.run_id, "elapsed": self.elapsed, "model_id": self.model.model_id,
+             "initial_reward": self.initial_reward,
              "dataset": self.cfg.dataset, "optimizer": _optimizer_meta(self.optimizer)}, indent=1))
         (tmp / METRICS_NAME).write_text(json.dumps(metrics, indent=1))
         for p in tmp.iterdir():
@@ -347,6 +349,7 @@ class PPOTrainer:
         self.policy.load_state_dict(policy.state_dict())
         _load_optimizer(self.optimizer, load_file(str(folder / OPTIMIZER_NAME)), state["optimizer"])
         self.update, self.run_id, self.elapsed = int(state["update"]), state.get("run_id"), float(state["elapsed"])
+        self.initial_reward = state.get("initial_reward")
 
     def _store_checkpoint(self, run_name: str, metrics: dict, activate: bool = False) -> int | None:
         """Store the current policy once per update (named after the run and update); returns its id."""
@@ -382,6 +385,10 @@ class PPOTrainer:
         eval_rows = torch.arange(min(len(self.ds), 8))
         logged = _logged_updates(self.store, self.run_id) if main else set()
         bar = tqdm(total=cfg.num_updates, initial=self.update, desc="ppo", unit="update", disable=not (self.progress and main))
+        steps_range = range(cfg.min_steps, cfg.max_steps + 1)
+        if self.initial_reward is None:
+            self.initial_reward = self.deterministic_reward(eval_rows, steps_range)
+            logger.info("deterministic reward before training: %s", self.initial_reward)
         start, metrics = time.perf_counter() - self.elapsed, {}
         state = "done"
         try:
@@ -400,7 +407,8 @@ class PPOTrainer:
                     self.on_update(self.update, metrics)
                 timed_out = cfg.max_minutes is not None and self.elapsed > 60 * cfg.max_minutes
                 if self.update % cfg.checkpoint_every == 0 or self.update == cfg.num_updates or timed_out:
-                    metrics["deterministic_reward"] = self.deterministic_reward(eval_rows, range(cfg.min_steps, cfg.max_steps + 1))
+                    metrics["deterministic_reward"] = self.deterministic_reward(eval_rows, steps_range)
+                    metrics["deterministic_reward_initial"] = self.initial_reward
                     if main:
                         self.save(out / f"checkpoint-{self.update:05d}", metrics)
                         self._store_checkpoint(run_name, metrics)

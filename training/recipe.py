@@ -1,0 +1,123 @@
+"""The committed training recipe for the embedded model: one command, at most ``--minutes`` of wall time.
+
+    python -m training.recipe --out runs/embedded-ppo --minutes 20
+
+1. Training prompts: ``--num-prompts`` captions drawn from the embedded model's *training* distribution
+   (scene grammar with the training templates, the held-out (colour, shape, background) combinations
+   excluded), so evaluation on ``models/embedded/heldout_prompts.txt`` stays held out.
+2. Offline dataset: every prompt x every seed with refine's 40-step full-step target (resumable).
+3. PPO (training.ppo) for the rest of the time budget, checkpointing as it goes.
+4. The final policy is written to ``--install`` (default ``training/checkpoints/default``, which the
+   preview engine loads for ``consistency`` when the store has no active checkpoint).
+
+The time grid head is off by default; ``--time-grid`` trains it too (evaluate both, ship the winner).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+INSTALL_DIR = Path(__file__).resolve().parent / "checkpoints" / "default"
+
+
+def training_prompts(n: int, seed: int = 7) -> list[str]:
+    """``n`` distinct captions from the embedded model's training distribution (held-out combos excluded)."""
+    import numpy as np
+
+    from models.embedded.captions import HELDOUT_COMBOS, TRAIN_TEMPLATES, caption
+    from models.embedded.scenes import sample_scene
+
+    rng = np.random.default_rng(seed)
+    out: list[str] = []
+    while len(out) < n:
+        text = caption(sample_scene(rng, exclude=set(HELDOUT_COMBOS)), rng, TRAIN_TEMPLATES)
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.recipe", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/embedded-ppo")
+    parser.add_argument("--minutes", type=float, default=20.0, help="wall-time budget for dataset + training")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--seeds", default="0-1")
+    parser.add_argument("--install", default=str(INSTALL_DIR), help="copy the final policy here ('' = do not)")
+    parser.add_argument("--store", default="", help="store for runs/metrics/checkpoints ('' = none; omit the flag value for none)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--time-grid", action="store_true")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--weights-dir", default=None, help="embedded weights folder (default: the shipped weights)")
+    parser.add_argument("--group-size", type=int, default=6)
+    parser.add_argument("--groups-per-update", type=int, default=4)
+    parser.add_argument("--min-steps", type=int, default=3)
+    parser.add_argument("--max-steps", type=int, default=6)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--num-updates", type=int, default=10_000, help="upper bound; the time budget usually stops first")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from training.config import TrainConfig
+    from training.dataset import build_dataset, parse_int_list, sha256_file
+    from training.train import prepare
+
+    seeds = parse_int_list(args.seeds, "seeds", 0, 2**32 - 1)
+    config = TrainConfig(dataset=str(out / "dataset"), out=str(out / "ppo"), model=args.model, store=args.store,
+                         group_size=args.group_size, groups_per_update=args.groups_per_update,
+                         min_steps=args.min_steps, max_steps=args.max_steps, learning_rate=args.learning_rate,
+                         num_updates=args.num_updates, time_grid=args.time_grid, threads=args.threads,
+                         checkpoint_every=20, seed=0, activate=bool(args.store)).validate()
+    if model is None:
+        if args.weights_dir:
+            from models.embedded.model import load_embedded
+
+            model = load_embedded(weights_dir=args.weights_dir)
+        else:
+            from models.registry import load_model
+
+            model = load_model(args.model)
+    prompts_file = out / "train_prompts.txt"
+    if not prompts_file.exists():
+        prompts_file.write_text("\n".join(training_prompts(args.num_prompts)) + "\n")
+    prompts = [p for p in prompts_file.read_text().splitlines() if p.strip()]
+    build_dataset(model, prompts, seeds, out / "dataset", prompt_file_sha256=sha256_file(prompts_file),
+                  batch_size=32, shard_size=32)
+    t_data = time.perf_counter() - t0
+    config.max_minutes = max(0.5, args.minutes - t_data / 60 - 1.0)  # keep a minute for the final checkpoint
+    store = None
+    if args.store:
+        from store import open_store
+
+        store = open_store(args.store)
+    trainer = prepare(config, model=model, store=store)
+    metrics = trainer.train()
+    final = Path(metrics["final_dir"])
+    if args.install:
+        install = Path(args.install)
+        install.mkdir(parents=True, exist_ok=True)
+        for name in ("policy.safetensors", "policy_config.json", "train_config.json", "metrics.json"):
+            shutil.copy2(final / name, install / name)
+    print(json.dumps({"dataset_seconds": round(t_data, 1), "total_seconds": round(time.perf_counter() - t0, 1),
+                      "updates": trainer.update, "final": str(final), "installed": args.install or None,
+                      "deterministic_reward": metrics.get("deterministic_reward"),
+                      "reward_mean": metrics.get("reward_mean")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
