@@ -175,7 +175,11 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         matches = (self.timesteps.cpu() == t).nonzero()
         if len(matches) == 0:
             raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self.timesteps.tolist()}")
-        self._step_index = int(matches[0])
+        if int(matches[0]) != 0:
+            # Row i of the table expects the history of steps 0..i-1; starting mid-grid (img2img) would
+            # silently drop those terms, so it is refused.
+            raise ValueError(f"timestep {t} is not the first of this run's timesteps; sampling must start at {int(self.timesteps[0])}")
+        self._step_index = 0
 
     def step(
         self,

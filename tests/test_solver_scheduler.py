@@ -163,6 +163,8 @@ def test_step_contract_errors():
     scheduler.set_timesteps(2)
     with pytest.raises(ValueError, match="timestep 500"):
         scheduler.step(x, 500, x)
+    with pytest.raises(ValueError, match="must start at 999"):
+        scheduler.step(x, 499, x)
     x = scheduler.step(x, 999, x, return_dict=False)[0]
     x = scheduler.step(x, 499, x).prev_sample
     with pytest.raises(ValueError, match="num_inference_steps"):
