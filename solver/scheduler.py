@@ -31,14 +31,6 @@ from solver.policy import FEATURES, WEIGHTS_NAME, ConsistencyPolicy, check_order
 from solver.schedules import TimeGrid, VPSchedule
 
 
-def _used(row: list[float]) -> list[float]:
-    """A table row without its trailing zeros (unused history costs nothing in ``step``)."""
-    k = len(row)
-    while k > 1 and row[k - 1] == 0.0:
-        k -= 1
-    return row[:k]
-
-
 class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
     """Linear-multistep sampler with learned (or classic) coefficients in (y, n) coordinates.
 
@@ -106,6 +98,11 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
         """diffusers' ``from_config``; ``policy=`` is accepted too, and sets solver_order/base_rule to match it."""
         policy = kwargs.pop("policy", None)
+        if isinstance(config, dict) and "FlowMatch" in str(config.get("_class_name", "")):
+            raise ValueError(
+                f"config is a flow-matching scheduler config ({config['_class_name']}); this scheduler is for VP "
+                "(DDPM-family) schedules: sample flow models with solver.sampling on a FlowSchedule grid"
+            )
         if policy is not None:
             kwargs.setdefault("solver_order", policy.order)
             kwargs.setdefault("base_rule", policy.base)

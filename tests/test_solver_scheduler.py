@@ -136,6 +136,8 @@ def test_unknown_schedules_are_refused():
         schedule_from_config({"num_train_timesteps": 1000})
     with pytest.raises(ValueError, match="beta_schedule"):
         ConsistencySolverScheduler(beta_schedule="cosine-ish")
+    with pytest.raises(ValueError, match="flow-matching"):
+        ConsistencySolverScheduler.from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
 
 
 def test_nan_in_model_output_is_refused():
