@@ -81,9 +81,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer in 1..{MAX_PREVIEW_STEPS}, got {v!r}")
         if self.min_steps > self.max_steps:
             raise ValueError(f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})")
-        if self.num_minibatches > self.group_size * self.groups_per_update:
-            raise ValueError(f"num_minibatches ({self.num_minibatches}) exceeds the rollouts per update "
-                             f"({self.group_size * self.groups_per_update})")
+        if self.num_minibatches > self.group_size:
+            raise ValueError(f"num_minibatches ({self.num_minibatches}) must not exceed group_size ({self.group_size}), "
+                             f"so every minibatch holds rollouts of every step count")
         for name in ("learning_rate", "clip_coef", "max_grad_norm", "adv_eps"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
