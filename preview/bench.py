@@ -53,11 +53,32 @@ def measure_floor(worker: DeviceWorker, request: PreviewRequest, chunk: int) -> 
     return worker.submit(run).result()
 
 
-def grid_seconds(engine: PreviewEngine, request: PreviewRequest) -> float:
+def embedded_random_weights():
+    """The embedded model's exact architecture and text encoder, UNet weights random (seed 0)."""
+    from models.embedded.config import PATCH, SCHEDULER_CONFIG, UNET_CONFIG
+    from models.embedded.model import EmbeddedDenoiser
+    from models.embedded.network import PatchUNet
+    from models.embedded.text import TextEncoder
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return EmbeddedDenoiser(PatchUNet(UNET_CONFIG, PATCH), TextEncoder(device), SCHEDULER_CONFIG, device)
+
+
+def grid_seconds(engine: PreviewEngine, request: PreviewRequest, parts: list | None = None) -> float:
+    """Wall seconds from the request to the last stored preview; ``parts`` gets (queue wait, device) seconds."""
     t0 = time.perf_counter()
     results = list(engine.run(request))
+    wall = time.perf_counter() - t0
     assert len(results) == len(request.seeds)
-    return time.perf_counter() - t0
+    if parts is not None:
+        t = results[-1].timings_ms
+        parts.append(((t["latency"] - t["device"]) / 1e3, t["device"] / 1e3))
+    return wall
+
+
+def _median(parts: list, k: int) -> float:
+    return round(statistics.median(p[k] for p in parts), 4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refine-steps", type=int, default=200, help="steps of the background refine")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--db", default=None)
+    p.add_argument("--random-weights", action="store_true",
+                   help="the embedded architecture with random weights (same cost; before the weights are trained)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = tempfile.TemporaryDirectory()
     store = open_store(args.db or Path(tmp.name) / "bench.db")
-    worker = DeviceWorker(factory=lambda: load_model(args.model), name="device")
+    factory = embedded_random_weights if args.random_weights else (lambda: load_model(args.model))
+    worker = DeviceWorker(factory=factory, name="device")
     model = worker.wait_ready()
     request = PreviewRequest(prompts=[PROMPT], seeds=list(range(args.seeds)), steps=args.steps, solver=args.solver)
     h, w = model.default_size
@@ -93,14 +117,14 @@ def main(argv: list[str] | None = None) -> int:
 
     grid_seconds(engine, request)  # warm-up: encoder cache, kernels, noise rows
     measure_floor(worker, request, chunk)
-    floors, idle, busy = [], [], []
+    floors, idle, busy, idle_parts, busy_parts = [], [], [], [], []
     for _ in range(args.repeats):
         floors.append(measure_floor(worker, request, chunk) * chunk_floor_calls)
-        idle.append(grid_seconds(engine, request))
+        idle.append(grid_seconds(engine, request, idle_parts))
         job = service.refine_new(PROMPT, 10_000, steps=args.refine_steps)
         while service.progress(job).step < 1:
             time.sleep(0.005)
-        busy.append(grid_seconds(engine, request))
+        busy.append(grid_seconds(engine, request, busy_parts))
         still_running = service.progress(job).state == "running"
         service.cancel(job)
         service.wait(job)
@@ -111,12 +135,14 @@ def main(argv: list[str] | None = None) -> int:
 
     floor, t_idle, t_busy = statistics.median(floors), statistics.median(idle), statistics.median(busy)
     report = {
-        "model": model.model_id, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+        "model": model.model_id + (" (random weights)" if args.random_weights else ""), "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(), "seeds": args.seeds, "steps": args.steps, "solver": args.solver,
         "chunk_size": chunk, "repeats": args.repeats,
         "floor_s": round(floor, 4), "grid_idle_s": round(t_idle, 4), "grid_during_refine_s": round(t_busy, 4),
         "overhead_ratio": round(t_idle / floor, 3), "overhead_target": 1.15,
         "contention_ratio": round(t_busy / t_idle, 3), "contention_target": 1.3,
+        "queue_wait_s": {"idle": _median(idle_parts, 0), "during_refine": _median(busy_parts, 0)},
+        "device_s": {"idle": _median(idle_parts, 1), "during_refine": _median(busy_parts, 1)},
     }
     print(f"grid of {args.seeds} seeds at K={args.steps}: {t_idle:.3f} s, floor (K x one batched guided call) "
           f"{floor:.3f} s -> overhead ratio {t_idle / floor:.3f} (target <= 1.15)")
