@@ -115,14 +115,33 @@ class EngineBackend:
             return self._engines[owner]
 
     def preview(self, settings: ExploreSettings, owner: str) -> Iterator[list[Tile]]:
-        """Previews of the grid, one list per finished chunk (validated before anything is written)."""
+        """Previews of the grid, one list per finished chunk (validated before anything is written).
+
+        Fairness between sessions: the grid is cut into sub-grids of whole prompts worth about one
+        device chunk, and a sub-grid is submitted only when the previous one is back, so the device
+        worker's FIFO interleaves concurrent sessions chunk by chunk instead of finishing one user's
+        whole grid first. Previews are batch-independent (the engine pads every chunk to a fixed
+        size), so the cut changes no pixel.
+        """
+        from dataclasses import replace
+
         from preview.request import PreviewRequest
 
-        request = PreviewRequest(prompts=settings.prompts, seeds=settings.seeds, steps=settings.steps,
-                                 solver=settings.solver, guidance=settings.guidance, height=settings.height,
-                                 width=settings.width, negative_prompt=settings.negative_prompt)
-        results = self._engine(owner).run(request)  # raises ValueError here, before any write
-        return self._tiles_by_chunk(results)
+        engine = self._engine(owner)
+        request = engine.validate(PreviewRequest(
+            prompts=settings.prompts, seeds=settings.seeds, steps=settings.steps, solver=settings.solver,
+            guidance=settings.guidance, height=settings.height, width=settings.width,
+            negative_prompt=settings.negative_prompt))  # one ValueError naming the field, nothing written
+        prompts = list(request.prompts)
+        per = max(1, engine.chunk_size_for(request.height, request.width) // len(request.seeds))
+        first = engine.run(replace(request, prompts=prompts[:per]))  # solver resolved before returning
+
+        def stream() -> Iterator[list[Tile]]:
+            yield from self._tiles_by_chunk(first)
+            for i in range(per, len(prompts), per):
+                yield from self._tiles_by_chunk(engine.run(replace(request, prompts=prompts[i:i + per])))
+
+        return stream()
 
     def _tiles_by_chunk(self, results: Iterator[Any]) -> Iterator[list[Tile]]:
         group: list[Tile] = []

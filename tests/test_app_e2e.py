@@ -131,6 +131,8 @@ def test_browser_preview_and_refine(real_app):
             tiles.nth(4).click()  # "a yellow circle", seed 1
             sync_api.expect(page.locator("#selection")).to_contain_text("#5 a yellow circle · seed 1", timeout=10_000)
             page.screenshot(path=str(ARTIFACTS / "app-explore.png"), full_page=True)
+            if os.environ.get("DIFFUSION_PREVIEW_SCREENSHOT"):  # e.g. docs/screenshot.png for the README
+                page.screenshot(path=os.environ["DIFFUSION_PREVIEW_SCREENSHOT"], full_page=False)
             page.locator("#refine-btn").click()
             status = page.locator("#refine-status")
             sync_api.expect(status).to_contain_text("Queued refine job", timeout=20_000)
@@ -142,8 +144,21 @@ def test_browser_preview_and_refine(real_app):
             sync_api.expect(final).to_be_visible(timeout=10_000)
             sync_api.expect(page.locator("#finals-gallery img").first).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "app-refine.png"), full_page=True)
-            if os.environ.get("DIFFUSION_PREVIEW_SCREENSHOT"):  # docs/screenshot.png for the README
-                page.get_by_role("tab", name="Explore").click()
-                page.screenshot(path=os.environ["DIFFUSION_PREVIEW_SCREENSHOT"], full_page=False)
+
+            page.get_by_role("tab", name="History").click()
+            page.locator("#history-query textarea").fill("yellow")
+            page.locator("#history-search-btn").click()
+            history = page.locator("#history-gallery")
+            sync_api.expect(history).to_contain_text(re.compile(r"final:\d+ · a yellow circle · seed 1"), timeout=20_000)
+            history.locator("img").first.click()
+            item = page.locator("#history-item textarea")
+            sync_api.expect(item).to_have_value(re.compile(r"final:\d+"), timeout=10_000)
+            final_id = item.input_value().split(":")[1]
+            page.locator("#png-btn").click()
+            sync_api.expect(page.locator("#png-file")).to_contain_text(f"final-{final_id}-", timeout=20_000)
+            page.screenshot(path=str(ARTIFACTS / "app-history.png"), full_page=True)
+            page.locator("#send-btn").click()
+            sync_api.expect(page.locator("#prompts textarea")).to_have_value("a yellow circle", timeout=20_000)
+            sync_api.expect(page.locator("#seed-start input")).to_have_value("1")
         finally:
             browser.close()
