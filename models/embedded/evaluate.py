@@ -91,11 +91,19 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     from models.embedded.model import load_embedded
 
-    den = load_embedded(weights_dir=args.weights)
-    if args.ema:
+    if args.ema:  # a training checkpoint's EMA weights with the current configuration
         from safetensors.torch import load_file
 
-        den.network.load_state_dict(load_file(args.ema))
+        from models.embedded.config import DEFAULT_GUIDANCE, SCHEDULER_CONFIG, UNET_CONFIG
+        from models.embedded.model import EmbeddedDenoiser
+        from models.embedded.network import PatchUNet
+        from models.embedded.text import TextEncoder
+
+        net = PatchUNet(UNET_CONFIG)
+        net.load_state_dict(load_file(args.ema))
+        den = EmbeddedDenoiser(net, TextEncoder(), SCHEDULER_CONFIG, default_guidance=DEFAULT_GUIDANCE)
+    else:
+        den = load_embedded(weights_dir=args.weights)
     prompts = load_heldout_prompts()[: args.n]
     results: dict = {"n_prompts": len(prompts), "seed": args.seed, "steps": args.steps}
     for w in args.guidance or [den.default_guidance]:

@@ -12,8 +12,18 @@ from torch import nn
 from models.embedded.config import PATCH, UNET_CONFIG
 
 
+def pooled_context(context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of the token states over real tokens (mask = 1): (B, L, D) -> (B, D)."""
+    if mask is None:
+        return context.mean(dim=1)
+    m = mask.to(context.dtype)[..., None]
+    return (context * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
 class PatchUNet(nn.Module):
     """eps(x, t, context) for 32x32 RGB x: pixel_unshuffle -> UNet -> pixel_shuffle.
+
+    The UNet also gets the pooled context as its ``class_labels`` (projection class embedding).
 
     ``patch`` folds patch x patch pixels into channels (space-to-depth), so the UNet works on a
     (3 * patch^2, H / patch, W / patch) grid; the output is unfolded back to (3, H, W).
@@ -26,5 +36,6 @@ class PatchUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         h = F.pixel_unshuffle(x, self.patch)
-        out = self.unet(h, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
+        pooled = pooled_context(context, mask) if self.unet.config.class_embed_type == "projection" else None
+        out = self.unet(h, t, encoder_hidden_states=context, encoder_attention_mask=mask, class_labels=pooled).sample
         return F.pixel_shuffle(out, self.patch)

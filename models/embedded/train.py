@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--cache-dir", default=None, help="cache the rendered + encoded bank here")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--unet-config", default=None, help="JSON object overriding UNET_CONFIG keys (tests, bigger GPU runs)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         raise SystemExit("--steps and --batch must be positive")
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     from models.embedded.network import PatchUNet
 
     out = args.out or WEIGHTS_DIR
+    unet_config = dict(UNET_CONFIG)
+    if args.unet_config:
+        unet_config.update({k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.unet_config).items()})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     bank = build_bank(args.bank, args.seed, args.cache_dir)
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     states, masks, flip_ok = bank["states"], bank["masks"], bank["flip_ok"]
     empty_states, empty_mask = bank["empty_states"][0].float(), bank["empty_mask"][0]
 
-    model = PatchUNet(UNET_CONFIG, PATCH).to(device).train()
+    model = PatchUNet(unet_config, PATCH).to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("UNet parameters: %.2fM, bank %d scenes, device %s", n_params / 1e6, len(images), device)
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
@@ -217,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(out, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(out, WEIGHTS_FILE))
     config = {
-        "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
+        "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in unet_config.items()},
         "patch": PATCH,
         "native_size": NATIVE_SIZE,
         "max_tokens": MAX_TOKENS,
