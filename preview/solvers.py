@@ -30,6 +30,9 @@ SHIPPED_CHECKPOINT_DIRS = (
 )
 
 
+_POLICY_CACHE: dict[tuple[int, str, str], ConsistencyPolicy] = {}  # (id, weights sha256, config) -> policy
+
+
 @dataclass(frozen=True)
 class ResolvedSolver:
     solver: Solver
@@ -57,11 +60,16 @@ def resolve_policy(store: Any) -> tuple[ConsistencyPolicy, str, int | None]:
     """(policy, description, checkpoint id) for the name ``consistency``."""
     active = None if store is None else store.get_active_checkpoint()
     if active is not None:
-        policy = policy_from_checkpoint(active.config, store.load_checkpoint_weights(active.id))
-        return policy.eval(), f"consistency checkpoint #{active.id} {active.name}", active.id
+        key = (active.id, active.weights_sha256, json.dumps(active.config, sort_keys=True))
+        policy = _POLICY_CACHE.get(key)
+        if policy is None:
+            policy = policy_from_checkpoint(active.config, store.load_checkpoint_weights(active.id)).eval()
+            _POLICY_CACHE.clear()  # keep only the checkpoint in force
+            _POLICY_CACHE[key] = policy
+        return policy, f"consistency checkpoint #{active.id} {active.name}", active.id
     shipped = shipped_checkpoint_dir()
     if shipped is not None:
-        return ConsistencyPolicy.load(shipped).eval(), f"consistency shipped {shipped.relative_to(_REPO)}", None
+        return ConsistencyPolicy.load(shipped).eval(), f"consistency shipped {shipped.relative_to(_REPO) if shipped.is_relative_to(_REPO) else shipped}", None
     policy = ConsistencyPolicy().eval()
     return policy, f"consistency zero-init (= rule:{policy.base})", None
 

@@ -6,7 +6,7 @@ All metrics come from torchmetrics on float images in [0, 1] (data range 1):
 - ``ssim``: structural similarity, Gaussian window 11 (Wang et al. 2004);
 - ``scc``: spatial correlation coefficient of the high-pass (Laplacian) responses, a structural
   measure of whether edges sit in the same places (Zhou et al. 1998); defined at every size
-  (``None`` for an image with no edges at all);
+  (never NaN: ``None`` if torchmetrics ever returns a non-finite value);
 - ``ms_ssim``: multi-scale SSIM (Wang et al. 2003), only when both sides exceed 160 px (five scales
   with an 11 px window need it); ``None`` otherwise, never a value computed on a padded image.
 """

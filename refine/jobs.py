@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 Executor = DeviceWorker | WorkerPool
 FINISHED = ("done", "failed", "cancelled")
+PROGRESS_WRITE_S = 0.2  # how stale a job's stored progress may get
 
 
 @dataclass(frozen=True)
@@ -246,10 +247,19 @@ class RefineService:
         noise = store.get_noise(generation.noise_id).unsqueeze(0)
         cond = model.encode_prompts([generation.prompt], generation.negative_prompt)
         x = None
+        last_write = 0.0
         for record in iterate_full_step(model, cond, noise, generation.guidance, job.steps):
             x = record.x
             step = min(record.i + 1, job.steps)
-            if store.update_job_progress(job.id, step):
+            # Progress is a write (a commit, an fsync): at most every PROGRESS_WRITE_S. The cancel flag is
+            # read after every step, so a cancel still lands within one step.
+            now = time.monotonic()
+            if now - last_write >= PROGRESS_WRITE_S or step == job.steps:
+                cancel = store.update_job_progress(job.id, step)
+                last_write = now
+            else:
+                cancel = store.get_job(job.id).cancel_requested
+            if cancel:
                 store.finish_job(job.id, "cancelled")
                 logger.info("refine job %d cancelled at step %d/%d", job.id, step, job.steps)
                 return None
