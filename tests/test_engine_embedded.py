@@ -1,10 +1,13 @@
-"""Contract 3: a running refine does not block a preview (embedded model architecture, random weights)."""
+"""The engine on the embedded model's architecture (random weights: the same shapes, kernels and text
+encoder as the shipped model): a running refine does not block a preview (contract 3), and
+previews are bit-identical whatever the batch (contract 1) with the real MiniLM encoder."""
 
 from __future__ import annotations
 
 import time
 
 import pytest
+import torch
 
 from engine_models import one_cpu_thread, store  # noqa: F401 - fixtures
 from preview.engine import PreviewEngine
@@ -48,3 +51,15 @@ def test_preview_completes_while_a_refine_is_still_running(embedded_architecture
     assert during.state == "running" and 2 <= during.step < during.steps  # the refine was still under way
     assert end.state == "cancelled"
     print(f"preview grid latency during a refine: {latency:.3f} s, refine at step {during.step}/{during.steps}")
+
+
+def test_bit_identical_across_batches_with_the_real_text_encoder(embedded_architecture, store):
+    with DeviceWorker(embedded_architecture) as worker:
+        engine = PreviewEngine(worker, store, chunk_size=4)
+        settings = dict(steps=2, guidance=4.0, negative_prompt="a black background")
+        alone = list(engine.run(PreviewRequest(prompts=["two small yellow squares at the top"], seeds=[11], **settings)))
+        mixed = list(engine.run(PreviewRequest(
+            prompts=["a crimson disc on a navy field", "two small yellow squares at the top"], seeds=[3, 11, 4], **settings)))
+    (same,) = [r for r in mixed if (r.prompt, r.seed) == ("two small yellow squares at the top", 11)]
+    assert torch.equal(alone[0].pixels, same.pixels)
+    assert not torch.equal(alone[0].pixels, mixed[1].pixels)  # another prompt, same seed: another image
