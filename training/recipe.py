@@ -47,6 +47,27 @@ def training_prompts(n: int, seed: int = 7) -> list[str]:
     return out
 
 
+BASE_CANDIDATES = ("dpm2m", "ab2", "ab3", "ab4")
+
+
+def choose_base(config: Any, model: Any, rows: int = 8) -> tuple[str, dict[str, float]]:
+    """The base rule whose zero-initialised policy (= the rule itself) scores best on ``rows`` training
+    rows over the training step range: PPO then starts from the strongest analytic solver."""
+    from dataclasses import replace
+
+    from training.train import prepare
+
+    scores = {}
+    for base in BASE_CANDIDATES:
+        if int(base[-1:]) > config.order if base.startswith("ab") else False:
+            continue
+        trainer = prepare(replace(config, base=base, init_from=None), model=model, progress=False)
+        per_k = trainer.deterministic_reward(torch.arange(min(rows, len(trainer.ds))),
+                                             range(config.min_steps, config.max_steps + 1))
+        scores[base] = round(sum(per_k.values()) / len(per_k), 4)
+    return max(scores, key=scores.get), scores
+
+
 def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.recipe", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/embedded-ppo")
@@ -57,6 +78,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--store", default="", help="store for runs/metrics/checkpoints ('' = none; omit the flag value for none)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--time-grid", action="store_true")
+    parser.add_argument("--reward", default=None, help="reward spec (default: the model's, h1_psnr for the embedded model)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--weights-dir", default=None, help="embedded weights folder (default: the shipped weights)")
     parser.add_argument("--group-size", type=int, default=6)
@@ -65,6 +87,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--max-steps", type=int, default=6)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--num-updates", type=int, default=10_000, help="upper bound; the time budget usually stops first")
+    parser.add_argument("--base", default="auto", help="base rule of the policy, or 'auto': the best of "
+                        f"{', '.join(BASE_CANDIDATES)} on the training rows before training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -81,7 +105,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
                          group_size=args.group_size, groups_per_update=args.groups_per_update,
                          min_steps=args.min_steps, max_steps=args.max_steps, learning_rate=args.learning_rate,
                          num_updates=args.num_updates, time_grid=args.time_grid, threads=args.threads,
-                         checkpoint_every=20, seed=0, activate=bool(args.store)).validate()
+                         checkpoint_every=20, seed=0, activate=bool(args.store), reward=args.reward).validate()
     if model is None:
         if args.weights_dir:
             from models.embedded.model import load_embedded
@@ -98,12 +122,18 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     build_dataset(model, prompts, seeds, out / "dataset", prompt_file_sha256=sha256_file(prompts_file),
                   batch_size=32, shard_size=32)
     t_data = time.perf_counter() - t0
-    config.max_minutes = max(0.5, args.minutes - t_data / 60 - 1.0)  # keep a minute for the final checkpoint
+    config.max_minutes = max(0.05, args.minutes - t_data / 60 - 1.0)  # keep a minute for the final checkpoint
     store = None
     if args.store:
         from store import open_store
 
         store = open_store(args.store)
+    base_scores = None
+    if args.base == "auto":
+        config.base, base_scores = choose_base(config, model)
+        logger.info("base rule: %s (deterministic reward per candidate: %s)", config.base, base_scores)
+    else:
+        config.base = args.base
     trainer = prepare(config, model=model, store=store)
     metrics = trainer.train()
     final = Path(metrics["final_dir"])
@@ -112,7 +142,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         install.mkdir(parents=True, exist_ok=True)
         for name in ("policy.safetensors", "policy_config.json", "train_config.json", "metrics.json"):
             shutil.copy2(final / name, install / name)
-    print(json.dumps({"dataset_seconds": round(t_data, 1), "total_seconds": round(time.perf_counter() - t0, 1),
+    print(json.dumps({"base": config.base, "base_scores": base_scores, "dataset_seconds": round(t_data, 1), "total_seconds": round(time.perf_counter() - t0, 1),
                       "updates": trainer.update, "final": str(final), "installed": args.install or None,
                       "deterministic_reward": metrics.get("deterministic_reward"),
                       "reward_mean": metrics.get("reward_mean")}))
