@@ -265,6 +265,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Gradio self-request otherwise
     from app_backend import EngineBackend  # heavy imports (torch, the model) after argument parsing
     from store.errors import StoreError
 

@@ -70,6 +70,11 @@ class EngineBackend:
              devices: str | None = None, forbid_under: list[Path] | None = None,
              chunk_size: int | None = None) -> "EngineBackend":
         """Open the store (refusing a served folder), start one device worker per device, resume jobs."""
+        # Import the engine (and through torchmetrics, transformers) on this thread BEFORE the worker
+        # thread starts loading the model: two threads importing transformers' lazy modules at once
+        # fail with "cannot import name 'AutoModel'".
+        import preview.engine  # noqa: F401
+        import refine.jobs  # noqa: F401
         from models.registry import load_model
         from refine.worker import DeviceWorker, WorkerPool
         from store import open_store

@@ -107,6 +107,39 @@ def test_preview_refine_history_download_with_gradio_client(real_app, tmp_path):
     assert list(sent[:4]) == ["a red circle", "", 1, 1] and sent[5] == 2 and sent[10] == 4
 
 
+def test_concurrent_sessions_interleave_on_the_device(real_app):
+    """A one-tile grid submitted while a four-chunk grid runs finishes before that grid does."""
+    import threading
+
+    from app_backend import EngineBackend
+    from app_inputs import ExploreSettings
+
+    _url, shared, _tmp = real_app
+    backend = EngineBackend(shared.store, shared.executor, shared.exports, chunk_size=1)
+    h, w = backend.default_size
+
+    def grid(prompts):
+        return ExploreSettings(prompts=prompts, negative_prompt="", seeds=[3], steps=2, solver="ddim",
+                               guidance=backend.default_guidance, width=w, height=h)
+
+    done_at: dict[str, list[float]] = {"alice": [], "bob": []}
+    first_tile = threading.Event()
+
+    def alice():
+        for _chunk in backend.preview(grid(["one", "two", "three", "four"]), "alice"):
+            done_at["alice"].append(time.monotonic())
+            first_tile.set()
+
+    thread = threading.Thread(target=alice)
+    thread.start()
+    assert first_tile.wait(60)
+    for _chunk in backend.preview(grid(["bob's"]), "bob"):
+        done_at["bob"].append(time.monotonic())
+    thread.join(60)
+    assert len(done_at["alice"]) == 4 and len(done_at["bob"]) == 1
+    assert done_at["bob"][0] < done_at["alice"][-1], done_at
+
+
 @pytest.mark.browser
 def test_browser_preview_and_refine(real_app):
     if not CHROMIUM.exists():
