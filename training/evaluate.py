@@ -282,6 +282,7 @@ def plot(doc: dict[str, Any], path: str | Path) -> None:
 def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", required=True, help="prompt file, one per line (held out from training)")
+    parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts of the file")
     parser.add_argument("--seeds", default="0-3")
     parser.add_argument("--steps", default="3,4,5,6,8", help=f"preview step counts, each in 1..{MAX_PREVIEW_STEPS}")
     parser.add_argument("--solvers", default="consistency,ddim,dpmpp2m,unipc,deis,ipndm")
@@ -303,6 +304,10 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
 
     # bad input: all checked before the model is loaded or anything is sampled
     prompts = read_prompts(args.prompts)
+    if args.max_prompts is not None:
+        if args.max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1, got {args.max_prompts}")
+        prompts = prompts[: args.max_prompts]
     seeds = parse_int_list(args.seeds, "seeds", 0, 2**32 - 1)
     steps = parse_int_list(args.steps, "steps", 1, MAX_PREVIEW_STEPS)
     names = parse_solvers(args.solvers)
@@ -330,6 +335,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     doc = evaluate(model, prompts, seeds, steps, solvers, guidance=args.guidance, reference_steps=args.reference_steps,
                    model_measures=model_measures, judge=load_judge(model), batch_size=args.batch_size)
     doc["prompts"] = str(args.prompts)
+    doc["command"] = "python -m training.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
     Path(args.json_out).write_text(json.dumps(doc, indent=1))
     if args.plot:
         plot(doc, args.plot)
