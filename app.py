@@ -21,12 +21,13 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
 from app_admin import ADMIN_PASSWORD_ENV, Admin
 from app_handlers import Handlers
-from app_inputs import MAX_PROMPTS, MAX_SEEDS, PREVIEW_STEPS, REFINE_STEPS, SEED_MAX
+from app_inputs import MAX_PROMPTS, PREVIEW_STEPS
 from app_views import Backend
 
 logger = logging.getLogger("diffusion_preview.app")
@@ -51,8 +52,8 @@ class AppPaths:
         from store.connection import default_store_path
 
         db_path = Path(db).expanduser().resolve() if db else default_store_path().resolve()
-        cache_root = Path(cache or os.environ.get("DIFFUSION_PREVIEW_CACHE") or Path.home() / ".cache/diffusion-preview")
-        cache_root = cache_root.expanduser().resolve()
+        cache_root = cache or os.environ.get("DIFFUSION_PREVIEW_CACHE") or Path.home() / ".cache/diffusion-preview"
+        cache_root = Path(cache_root).expanduser().resolve()
         return cls(db=db_path, exports=cache_root / "exports", gradio_tmp=cache_root / "gradio",
                    work=db_path.parent / "diffusion-preview-work")
 
@@ -66,169 +67,185 @@ class AppPaths:
         os.environ["GRADIO_TEMP_DIR"] = str(self.gradio_tmp)
 
 
+def explore_tab(backend: Backend) -> SimpleNamespace:
+    """Prompts x seeds settings on the left, the streamed grid and the selection on the right."""
+    height, width = backend.default_size
+    with gr.Tab("Explore", id="explore"):
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                prompts = gr.Textbox(label="Prompts", info=f"one per line, up to {MAX_PROMPTS}", lines=4,
+                                     elem_id="prompts", placeholder="a red circle above a blue square")
+                negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+                with gr.Row():
+                    seed_count = gr.Number(label="Seed count", value=8, elem_id="seed-count")
+                    seed_start = gr.Number(label="Seed start", value=0, elem_id="seed-start")
+                    dice = gr.Button("🎲 Random", scale=0, min_width=96, elem_id="dice-btn")
+                seed_list = gr.Textbox(label="Seed list", info="optional, overrides count/start: 3, 17, 100-103",
+                                       elem_id="seed-list")
+                with gr.Row():
+                    steps = gr.Number(label="Preview steps", value=4, elem_id="steps",
+                                      info=f"{PREVIEW_STEPS[0]}..{PREVIEW_STEPS[1]}")
+                    solver = gr.Dropdown(backend.solvers(), value=backend.default_solver(), label="Solver",
+                                         elem_id="solver", allow_custom_value=True)
+                guidance = gr.Number(label="Guidance", value=backend.default_guidance, elem_id="guidance")
+                with gr.Row():
+                    width_in = gr.Number(label="Width", value=width, step=backend.size_multiple, elem_id="width")
+                    height_in = gr.Number(label="Height", value=height, step=backend.size_multiple, elem_id="height")
+                    refine_steps = gr.Number(label="Refine steps", value=40, elem_id="refine-steps")
+                preview_btn = gr.Button("Preview (Ctrl+Enter)", variant="primary", elem_id="preview-btn")
+            with gr.Column(scale=2):
+                status = gr.Markdown("Enter prompts and press Preview.", elem_id="explore-status")
+                gallery = gr.Gallery(label="Previews", columns=8, allow_preview=False, object_fit="contain",
+                                     height="auto", elem_id="preview-gallery", interactive=False)
+                selection = gr.Dropdown(label="Selected tiles", choices=[], value=[], multiselect=True,
+                                        allow_custom_value=True, elem_id="selection",
+                                        info="click tiles in the grid to add or remove them")
+                with gr.Row():
+                    all_btn = gr.Button("Select all", size="sm", elem_id="select-all-btn")
+                    clear_btn = gr.Button("Clear selection", size="sm", elem_id="clear-btn")
+                    refine_btn = gr.Button("Refine selected", variant="primary", elem_id="refine-btn")
+                refine_status = gr.Markdown(elem_id="refine-status")
+        snapshot = gr.State(None)  # the grid as rendered: run id + preview ids, per session
+    fields = [prompts, negative, seed_count, seed_start, seed_list, steps, solver, guidance, width_in, height_in,
+              refine_steps]
+    return SimpleNamespace(**locals())
+
+
+def refine_tab() -> SimpleNamespace:
+    """Job list with progress bars and ETA (polled from the store), cancel, finals beside previews."""
+    with gr.Tab("Refine", id="refine"):
+        gr.Markdown("Full-step refines from the same noise as their preview. "
+                    "Each final is shown beside its preview with the measured consistency.")
+        jobs_view = gr.HTML(elem_id="jobs")
+        refresh_btn = gr.Button("Refresh", size="sm", elem_id="jobs-refresh-btn")
+        with gr.Row():
+            cancel_id = gr.Number(label="Job id", value=None, elem_id="cancel-id", scale=0)
+            cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="cancel-btn", scale=0)
+            cancel_status = gr.Markdown()
+        finals = gr.Gallery(label="Preview → final", columns=6, allow_preview=True, object_fit="contain",
+                            height="auto", elem_id="finals-gallery", interactive=False)
+        signature = gr.State(None)  # what the job list last showed, so unchanged polls send nothing
+        timer = gr.Timer(JOBS_POLL_S)
+    return SimpleNamespace(**locals())
+
+
+def history_tab() -> SimpleNamespace:
+    """Search by prompt, pick an image, send its settings back to Explore or download its PNG."""
+    with gr.Tab("History", id="history"):
+        with gr.Row():
+            query = gr.Textbox(label="Search prompts", scale=3, elem_id="history-query")
+            search_btn = gr.Button("Search", scale=0, elem_id="history-search-btn")
+        note = gr.Markdown()
+        gallery = gr.Gallery(label="History", columns=8, allow_preview=False, height="auto",
+                             elem_id="history-gallery", interactive=False)
+        refs = gr.State([])  # "final:12" / "preview:3" per tile, as rendered
+        with gr.Row():
+            item = gr.Textbox(label="Item", info="click an image above, or type e.g. final:12",
+                              elem_id="history-item", scale=2)
+            send_btn = gr.Button("Send to Explore", elem_id="send-btn", scale=0)
+            png_btn = gr.Button("Download PNG", elem_id="png-btn", scale=0)
+        png_file = gr.File(label="PNG with its parameters", interactive=False, elem_id="png-file")
+    return SimpleNamespace(**locals())
+
+
+def admin_tab(admin: Admin) -> SimpleNamespace:
+    """Password, dataset, PPO run with its live reward plot, checkpoints, evaluation."""
+    with gr.Tab("Admin", id="admin"):
+        unlocked = gr.State(False)
+        if not admin.enabled:
+            gr.Markdown(f"**Admin is disabled.** Set the environment variable `{ADMIN_PASSWORD_ENV}` "
+                        "and restart the app to enable dataset building, PPO training and checkpoints.")
+        with gr.Row(visible=admin.enabled) as lock_row:
+            password = gr.Textbox(label="Admin password", type="password", elem_id="admin-password")
+            unlock_btn = gr.Button("Unlock", elem_id="unlock-btn", scale=0)
+        lock_note = gr.Markdown()
+        with gr.Column(visible=False) as panel:
+            proc_status = gr.Markdown(elem_id="admin-proc")
+            with gr.Accordion("1. Offline dataset", open=True):
+                ds_prompts = gr.Textbox(label="Training prompts (one per line)", lines=4)
+                with gr.Row():
+                    ds_seeds = gr.Number(label="Seeds per prompt", value=4)
+                    ds_btn = gr.Button("Build dataset", scale=0)
+            with gr.Accordion("2. PPO training", open=True):
+                with gr.Row():
+                    ppo_dataset = gr.Dropdown(label="Dataset", choices=[], value=None)
+                    ppo_updates = gr.Number(label="Updates", value=50)
+                    ppo_btn = gr.Button("Start PPO run", variant="primary", scale=0)
+                    stop_btn = gr.Button("Stop", variant="stop", scale=0)
+                reward_plot = gr.LinePlot(x="update", y="reward", title="Mean reward per update", height=260)
+            with gr.Accordion("3. Checkpoints", open=True):
+                ckpts = gr.Dataframe(label="Checkpoints", interactive=False, wrap=True)
+                with gr.Row():
+                    ckpt_id = gr.Number(label="Checkpoint id")
+                    activate_btn = gr.Button("Activate", scale=0)
+            with gr.Accordion("4. Evaluation", open=True):
+                ev_prompts = gr.Textbox(label="Held-out prompts (one per line, not used in training)", lines=3)
+                with gr.Row():
+                    ev_steps = gr.Textbox(label="Steps", value="3,4,5,6,8")
+                    ev_seeds = gr.Number(label="Seeds", value=4)
+                    ev_btn = gr.Button("Run evaluation", scale=0)
+                ev_table = gr.Markdown()
+                ev_plot = gr.Image(label="Measures against NFE", type="filepath", interactive=False)
+            timer = gr.Timer(ADMIN_POLL_S, active=False)
+    return SimpleNamespace(**locals())
+
+
 def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
     """The four tabs and their wiring. Every listener has an api_name; admin ones are private."""
     h = Handlers(backend)
-    height, width = backend.default_size
-    solvers = backend.solvers()
     with gr.Blocks(title="Diffusion Preview", analytics_enabled=False) as demo:
         gr.Markdown(f"## Diffusion Preview  \nModel: `{backend.model_name}` · previews are few-step estimates "
                     "of the final image from the same noise: same composition, fewer details.")
         with gr.Tabs(selected="explore") as tabs:
-            # --- Explore --------------------------------------------------------------------------
-            with gr.Tab("Explore", id="explore"):
-                with gr.Row():
-                    with gr.Column(scale=1, min_width=320):
-                        prompts = gr.Textbox(label="Prompts", info=f"one per line, up to {MAX_PROMPTS}", lines=4,
-                                             elem_id="prompts", placeholder="a red circle above a blue square")
-                        negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
-                        with gr.Row():
-                            seed_count = gr.Number(label="Seed count", value=8, elem_id="seed-count")
-                            seed_start = gr.Number(label="Seed start", value=0, elem_id="seed-start")
-                            dice = gr.Button("🎲 Random", scale=0, min_width=96, elem_id="dice-btn")
-                        seed_list = gr.Textbox(label="Seed list", info="optional, overrides count/start: 3, 17, 100-103",
-                                               elem_id="seed-list")
-                        with gr.Row():
-                            steps = gr.Number(label="Preview steps", value=4, info=f"{PREVIEW_STEPS[0]}..{PREVIEW_STEPS[1]}",
-                                              elem_id="steps")
-                            solver = gr.Dropdown(solvers, value=backend.default_solver(), label="Solver", elem_id="solver",
-                                                 allow_custom_value=True)
-                        guidance = gr.Number(label="Guidance", value=backend.default_guidance,
-                                             elem_id="guidance")
-                        with gr.Row():
-                            width_in = gr.Number(label="Width", value=width, step=backend.size_multiple,
-                                                 elem_id="width")
-                            height_in = gr.Number(label="Height", value=height, step=backend.size_multiple,
-                                                  elem_id="height")
-                            refine_steps = gr.Number(label="Refine steps", value=40, elem_id="refine-steps")
-                        preview_btn = gr.Button("Preview (Ctrl+Enter)", variant="primary", elem_id="preview-btn")
-                    with gr.Column(scale=2):
-                        status = gr.Markdown("Enter prompts and press Preview.", elem_id="explore-status")
-                        gallery = gr.Gallery(label="Previews", columns=8, allow_preview=False, object_fit="contain",
-                                             height="auto", elem_id="preview-gallery", interactive=False)
-                        selection = gr.Dropdown(label="Selected tiles", choices=[], value=[], multiselect=True,
-                                                allow_custom_value=True, elem_id="selection",
-                                                info="click tiles in the grid to add or remove them")
-                        with gr.Row():
-                            all_btn = gr.Button("Select all", size="sm", elem_id="select-all-btn")
-                            clear_btn = gr.Button("Clear selection", size="sm", elem_id="clear-btn")
-                            refine_btn = gr.Button("Refine selected", variant="primary", elem_id="refine-btn")
-                        refine_status = gr.Markdown(elem_id="refine-status")
-                snapshot = gr.State(None)
-
-            # --- Refine ---------------------------------------------------------------------------
-            with gr.Tab("Refine", id="refine"):
-                gr.Markdown("Full-step refines from the same noise as their preview. "
-                            "Each final is shown beside its preview with the measured consistency.")
-                jobs_view = gr.HTML(elem_id="jobs")
-                refresh_btn = gr.Button("Refresh", size="sm", elem_id="jobs-refresh-btn")
-                with gr.Row():
-                    cancel_id = gr.Number(label="Job id", value=None, elem_id="cancel-id", scale=0)
-                    cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="cancel-btn", scale=0)
-                    cancel_status = gr.Markdown()
-                finals = gr.Gallery(label="Preview → final", columns=6, allow_preview=True, object_fit="contain",
-                                    height="auto", elem_id="finals-gallery", interactive=False)
-                jobs_sig = gr.State(None)
-                jobs_timer = gr.Timer(JOBS_POLL_S)
-
-            # --- History --------------------------------------------------------------------------
-            with gr.Tab("History", id="history"):
-                with gr.Row():
-                    query = gr.Textbox(label="Search prompts", scale=3, elem_id="history-query")
-                    search_btn = gr.Button("Search", scale=0, elem_id="history-search-btn")
-                history_note = gr.Markdown()
-                history = gr.Gallery(label="History", columns=8, allow_preview=False, height="auto",
-                                     elem_id="history-gallery", interactive=False)
-                refs = gr.State([])
-                with gr.Row():
-                    item = gr.Textbox(label="Item", info="click an image above, or type e.g. final:12",
-                                      elem_id="history-item", scale=2)
-                    send_btn = gr.Button("Send to Explore", elem_id="send-btn", scale=0)
-                    png_btn = gr.Button("Download PNG", elem_id="png-btn", scale=0)
-                png_file = gr.File(label="PNG with its parameters", interactive=False, elem_id="png-file")
-
-            # --- Admin ----------------------------------------------------------------------------
-            with gr.Tab("Admin", id="admin"):
-                unlocked = gr.State(False)
-                if not admin.enabled:
-                    gr.Markdown(f"**Admin is disabled.** Set the environment variable `{ADMIN_PASSWORD_ENV}` "
-                                "and restart the app to enable dataset building, PPO training and checkpoints.")
-                with gr.Row(visible=admin.enabled) as lock_row:
-                    password = gr.Textbox(label="Admin password", type="password", elem_id="admin-password")
-                    unlock_btn = gr.Button("Unlock", elem_id="unlock-btn", scale=0)
-                lock_note = gr.Markdown()
-                with gr.Column(visible=False) as admin_panel:
-                    proc_status = gr.Markdown(elem_id="admin-proc")
-                    with gr.Accordion("1. Offline dataset", open=True):
-                        ds_prompts = gr.Textbox(label="Training prompts (one per line)", lines=4)
-                        with gr.Row():
-                            ds_seeds = gr.Number(label="Seeds per prompt", value=4)
-                            ds_btn = gr.Button("Build dataset", scale=0)
-                    with gr.Accordion("2. PPO training", open=True):
-                        with gr.Row():
-                            ppo_dataset = gr.Dropdown(label="Dataset", choices=[], value=None)
-                            ppo_updates = gr.Number(label="Updates", value=50)
-                            ppo_btn = gr.Button("Start PPO run", variant="primary", scale=0)
-                            stop_btn = gr.Button("Stop", variant="stop", scale=0)
-                        reward_plot = gr.LinePlot(x="update", y="reward", title="Mean reward per update", height=260)
-                    with gr.Accordion("3. Checkpoints", open=True):
-                        ckpts = gr.Dataframe(label="Checkpoints", interactive=False, wrap=True)
-                        with gr.Row():
-                            ckpt_id = gr.Number(label="Checkpoint id")
-                            activate_btn = gr.Button("Activate", scale=0)
-                    with gr.Accordion("4. Evaluation", open=True):
-                        ev_prompts = gr.Textbox(label="Held-out prompts (one per line, not used in training)", lines=3)
-                        with gr.Row():
-                            ev_steps = gr.Textbox(label="Steps", value="3,4,5,6,8")
-                            ev_seeds = gr.Number(label="Seeds", value=4)
-                            ev_btn = gr.Button("Run evaluation", scale=0)
-                        ev_table = gr.Markdown()
-                        ev_plot = gr.Image(label="Measures against NFE", type="filepath", interactive=False)
-                    admin_timer = gr.Timer(ADMIN_POLL_S, active=False)
-
-        # --- wiring: Explore --------------------------------------------------------------------
-        explore_fields = [prompts, negative, seed_count, seed_start, seed_list, steps, solver, guidance,
-                          width_in, height_in, refine_steps]
-        dice.click(h.dice, None, [seed_start, seed_list], api_name="dice", queue=False)
-        preview_event = preview_btn.click(
-            h.preview, explore_fields, [gallery, snapshot, selection, status], api_name="preview",
-            concurrency_limit=8, concurrency_id="preview", trigger_mode="once", show_progress="minimal",
-        )
-        gallery.select(h.toggle_tile, [selection, snapshot], selection, api_name="toggle_tile", queue=False)
-        all_btn.click(h.select_all, snapshot, selection, api_name="select_all", queue=False)
-        clear_btn.click(lambda: gr.Dropdown(value=[]), None, selection, api_name="clear_selection", queue=False)
-        refine_btn.click(h.refine, [selection, snapshot, refine_steps], refine_status, api_name="refine",
-                         trigger_mode="once").then(h.jobs, jobs_sig, [jobs_view, finals, jobs_sig], api_name="jobs_after_refine",
-                                                 api_visibility="private")
-
-        # --- wiring: Refine ---------------------------------------------------------------------
-        jobs_timer.tick(h.jobs, jobs_sig, [jobs_view, finals, jobs_sig], api_name="jobs_tick", show_progress="hidden",
-                        concurrency_limit=8, concurrency_id="reads", api_visibility="private")
-        refresh_btn.click(h.jobs_now, None, [jobs_view, finals, jobs_sig], api_name="jobs",
-                          concurrency_limit=8, concurrency_id="reads")
-        demo.load(h.jobs, jobs_sig, [jobs_view, finals, jobs_sig], api_name="jobs_on_load", api_visibility="private")
-        cancel_btn.click(h.cancel, cancel_id, cancel_status, api_name="cancel_job")
-
-        # --- wiring: History --------------------------------------------------------------------
-        gr.on([search_btn.click, query.submit], h.search, query, [history, refs, history_note],
-              api_name="search_history", concurrency_limit=8, concurrency_id="reads")
-        demo.load(h.search, query, [history, refs, history_note], api_name="history_on_load", api_visibility="private")
-        history.select(h.pick, refs, item, api_name="pick_history", queue=False)
-        send_btn.click(h.send_to_explore, item, explore_fields + [tabs], api_name="send_to_explore")
-        png_btn.click(h.png, item, png_file, api_name="history_png")
-        preview_event.then(h.search, query, [history, refs, history_note], api_name="history_after_preview",
-                           api_visibility="private")
-
-        # --- wiring: Admin (private endpoints; every handler re-checks the session's unlock) -----
+            ex, rf, hi, ad = explore_tab(backend), refine_tab(), history_tab(), admin_tab(admin)
+        jobs_out = [rf.jobs_view, rf.finals, rf.signature]
+        history_out = [hi.gallery, hi.refs, hi.note]
+        reads = dict(concurrency_limit=8, concurrency_id="reads")
         private = dict(api_visibility="private")
-        unlock_btn.click(admin.unlock, [password], [unlocked, admin_panel, lock_row, lock_note, admin_timer],
-                         concurrency_limit=1, api_name="admin_unlock", **private)
-        ds_btn.click(admin.build_dataset, [unlocked, ds_prompts, ds_seeds], proc_status, api_name="admin_build_dataset", **private)
-        ppo_btn.click(admin.start_ppo, [unlocked, ppo_dataset, ppo_updates], proc_status, api_name="admin_start_ppo", **private)
-        stop_btn.click(admin.stop, [unlocked], proc_status, api_name="admin_stop", **private)
-        admin_timer.tick(admin.poll, [unlocked, ppo_dataset], [proc_status, reward_plot, ckpts, ppo_dataset], show_progress="hidden", api_name="admin_poll", **private)
-        activate_btn.click(admin.activate, [unlocked, ckpt_id], [proc_status, ckpts], api_name="admin_activate", **private)
-        ev_btn.click(admin.evaluate, [unlocked, ev_prompts, ev_steps, ev_seeds], [ev_table, ev_plot], api_name="admin_evaluate", **private)
+
+        # Explore: the preview streams; tile clicks edit the selection; Refine maps it to preview ids.
+        ex.dice.click(h.dice, None, [ex.seed_start, ex.seed_list], api_name="dice", queue=False)
+        preview = ex.preview_btn.click(
+            h.preview, ex.fields, [ex.gallery, ex.snapshot, ex.selection, ex.status], api_name="preview",
+            concurrency_limit=8, concurrency_id="preview", trigger_mode="once", show_progress="minimal")
+        preview.then(h.search, hi.query, history_out, api_name="history_after_preview", **private)
+        ex.gallery.select(h.toggle_tile, [ex.selection, ex.snapshot], ex.selection, api_name="toggle_tile",
+                          queue=False)
+        ex.all_btn.click(h.select_all, ex.snapshot, ex.selection, api_name="select_all", queue=False)
+        ex.clear_btn.click(lambda: gr.Dropdown(value=[]), None, ex.selection, api_name="clear_selection", queue=False)
+        ex.refine_btn.click(h.refine, [ex.selection, ex.snapshot, ex.refine_steps], ex.refine_status,
+                            api_name="refine", trigger_mode="once"
+                            ).then(h.jobs, rf.signature, jobs_out, api_name="jobs_after_refine", **private)
+
+        # Refine: polled from the store; the Refresh button is the public endpoint.
+        rf.timer.tick(h.jobs, rf.signature, jobs_out, api_name="jobs_tick", show_progress="hidden", **reads,
+                      **private)
+        rf.refresh_btn.click(h.jobs_now, None, jobs_out, api_name="jobs", **reads)
+        demo.load(h.jobs, rf.signature, jobs_out, api_name="jobs_on_load", **private)
+        rf.cancel_btn.click(h.cancel, rf.cancel_id, rf.cancel_status, api_name="cancel_job")
+
+        # History.
+        gr.on([hi.search_btn.click, hi.query.submit], h.search, hi.query, history_out, api_name="search_history",
+              **reads)
+        demo.load(h.search, hi.query, history_out, api_name="history_on_load", **private)
+        hi.gallery.select(h.pick, hi.refs, hi.item, api_name="pick_history", queue=False)
+        hi.send_btn.click(h.send_to_explore, hi.item, ex.fields + [tabs], api_name="send_to_explore")
+        hi.png_btn.click(h.png, hi.item, hi.png_file, api_name="history_png")
+
+        # Admin: private endpoints; every handler re-checks the session's unlock flag.
+        ad.unlock_btn.click(admin.unlock, [ad.password], [ad.unlocked, ad.panel, ad.lock_row, ad.lock_note, ad.timer],
+                            concurrency_limit=1, api_name="admin_unlock", **private)
+        ad.ds_btn.click(admin.build_dataset, [ad.unlocked, ad.ds_prompts, ad.ds_seeds], ad.proc_status,
+                        api_name="admin_build_dataset", **private)
+        ad.ppo_btn.click(admin.start_ppo, [ad.unlocked, ad.ppo_dataset, ad.ppo_updates], ad.proc_status,
+                         api_name="admin_start_ppo", **private)
+        ad.stop_btn.click(admin.stop, [ad.unlocked], ad.proc_status, api_name="admin_stop", **private)
+        ad.timer.tick(admin.poll, [ad.unlocked, ad.ppo_dataset], [ad.proc_status, ad.reward_plot, ad.ckpts,
+                      ad.ppo_dataset], show_progress="hidden", api_name="admin_poll", **private)
+        ad.activate_btn.click(admin.activate, [ad.unlocked, ad.ckpt_id], [ad.proc_status, ad.ckpts],
+                              api_name="admin_activate", **private)
+        ad.ev_btn.click(admin.evaluate, [ad.unlocked, ad.ev_prompts, ad.ev_steps, ad.ev_seeds],
+                        [ad.ev_table, ad.ev_plot], api_name="admin_evaluate", **private)
     return demo
 
 

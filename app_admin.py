@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from app_inputs import MAX_PROMPT_CHARS, FieldError, _int, parse_seed_list
+from app_inputs import MAX_PROMPT_CHARS, FieldError, parse_int, parse_seed_list
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class Admin:
         """``python -m training.dataset`` on the typed prompts, into a new folder under the work folder."""
         self._check(unlocked)
         try:
-            n_seeds = _int(seeds, "Seeds per prompt", 1, 64)
+            n_seeds = parse_int(seeds, "Seeds per prompt", 1, 64)
             prompt_file, n_prompts = self._prompt_file("train", prompts_text, "Training prompts")
         except FieldError as exc:
             raise gr.Error(str(exc), title="Check the input") from None
@@ -176,10 +176,10 @@ class Admin:
         """``python -m training.train`` on a dataset chosen from the store's list (by id, never by path)."""
         self._check(unlocked)
         try:
-            n = _int(updates, "Updates", 1, 100_000)
+            n = parse_int(updates, "Updates", 1, 100_000)
             if dataset_id in (None, ""):
                 raise FieldError("Dataset", "build a dataset first, then choose it")
-            folder = self.backend.dataset_folder(_int(dataset_id, "Dataset", 1, 2**62))
+            folder = self.backend.dataset_folder(parse_int(dataset_id, "Dataset", 1, 2**62))
         except (FieldError, ValueError) as exc:
             raise gr.Error(str(exc), title="Check the input") from None
         name = f"admin-ppo-{stamp()}"
@@ -206,7 +206,7 @@ class Admin:
     def activate(self, unlocked: bool, checkpoint_id: Any) -> tuple[str, Any]:
         self._check(unlocked)
         try:
-            cid = _int(checkpoint_id, "Checkpoint id", 1, 2**62)
+            cid = parse_int(checkpoint_id, "Checkpoint id", 1, 2**62)
             name = self.backend.activate_checkpoint(cid)
         except (FieldError, ValueError, LookupError) as exc:
             raise gr.Error(str(exc), title="Check the input") from None
@@ -219,7 +219,7 @@ class Admin:
         self._check(unlocked)
         try:
             steps = parse_steps(steps_text)
-            n_seeds = _int(seeds, "Seeds", 1, 64)
+            n_seeds = parse_int(seeds, "Seeds", 1, 64)
             prompt_file, _ = self._prompt_file("eval", prompts_text, "Held-out prompts")
         except FieldError as exc:
             raise gr.Error(str(exc), title="Check the input") from None
@@ -266,7 +266,8 @@ def results_markdown(result: dict) -> str:
         return str(v).replace("|", "\\|")
 
     ref = result.get("reference") or {}
-    head = f"Model `{result.get('model', '?')}`, reference {ref.get('solver', '?')} at {ref.get('steps', '?')} steps.\n\n"
+    head = (f"Model `{result.get('model', '?')}`, reference {ref.get('solver', '?')} "
+            f"at {ref.get('steps', '?')} steps.\n\n")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in cols) + " |" for row in rows]
     return head + "\n".join(lines)

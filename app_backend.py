@@ -286,8 +286,9 @@ class EngineBackend:
             return pd.DataFrame({"update": [], "reward": []})
         rows = self.store.training_metrics(runs[0].id)
         key = next((k for k in ("reward_mean", "reward", "mean_reward") if rows and k in rows[-1].metrics), None)
+        nan = float("nan")
         return pd.DataFrame({"update": [m.update_index for m in rows],
-                             "reward": [float(m.metrics.get(key, float("nan"))) if key else float("nan") for m in rows]})
+                             "reward": [float(m.metrics.get(key, nan)) if key else nan for m in rows]})
 
     def checkpoints_table(self) -> pd.DataFrame:
         rows = []

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from app_inputs import FieldError, dice_seed, parse_explore
+from app_inputs import REFINE_STEPS, FieldError, dice_seed, parse_explore, parse_int
 from app_views import Backend, HistoryItem, JobView, Tile
 
 logger = logging.getLogger(__name__)
@@ -101,11 +101,12 @@ class Handlers:
         except ValueError as exc:
             raise _error(exc) from None
         yield self._grid(run, tiles, f"{len(tiles)} previews in {time.monotonic() - t0:.1f} s. "
-                                     "Click tiles (or tick them below) and press Refine.")
+                                     "Click tiles to select them, then press Refine.")
 
     def _grid(self, run: str, tiles: list[Tile], status: str) -> tuple[Any, dict, Any, str]:
         gallery = [(str(t.path), tile_caption(t)) for t in tiles]
-        snapshot = {"run": run, "tiles": [{"preview_id": t.preview_id, "label": tile_label(i, t)} for i, t in enumerate(tiles)]}
+        snapshot = {"run": run,
+                    "tiles": [{"preview_id": t.preview_id, "label": tile_label(i, t)} for i, t in enumerate(tiles)]}
         choices = [(tile["label"], f"{run}:{i}") for i, tile in enumerate(snapshot["tiles"])]
         return gallery, snapshot, gr.Dropdown(choices=choices, value=[]), status
 
@@ -123,12 +124,13 @@ class Handlers:
             return gr.skip()
         return gr.Dropdown(value=[f"{snapshot['run']}:{i}" for i in range(len(snapshot["tiles"]))])
 
-    def refine(self, selected: list[str] | None, snapshot: dict | None, refine_steps: float, request: gr.Request) -> str:
+    def refine(self, selected: list[str] | None, snapshot: dict | None, refine_steps: float,
+               request: gr.Request) -> str:
         """Queue one refine job per selected tile; ids come from the rendered snapshot, re-read by the backend."""
         if not snapshot or not snapshot.get("tiles"):
             raise gr.Error("Selection: preview a grid first, then select tiles to refine.", title="Nothing to refine")
         if not selected:
-            raise gr.Error("Selection: select at least one tile (click it or tick it below the grid).", title="Nothing to refine")
+            raise gr.Error("Selection: select at least one tile (click it in the grid).", title="Nothing to refine")
         preview_ids = []
         for value in selected:
             run, _, index = str(value).partition(":")
@@ -136,9 +138,7 @@ class Handlers:
                 raise gr.Error("Selection: the grid changed since you selected; select the tiles again.")
             preview_ids.append(int(snapshot["tiles"][int(index)]["preview_id"]))
         try:
-            from app_inputs import REFINE_STEPS, _int
-
-            steps = _int(refine_steps, "Refine steps", *REFINE_STEPS)
+            steps = parse_int(refine_steps, "Refine steps", *REFINE_STEPS)
             job_ids = self.backend.refine(preview_ids, steps, owner_of(request))
         except ValueError as exc:
             raise _error(exc) from None
@@ -233,7 +233,8 @@ def jobs_html(views: list[JobView]) -> str:
             f"<tr class='dp-job' data-job='{v.job_id}' data-state='{html.escape(v.state)}'>"
             f"<td>#{v.job_id}</td><td>{html.escape(v.prompt)}</td><td>{v.seed}</td>"
             f"<td><progress max='{v.total}' value='{v.step}'></progress> {v.step}/{v.total} ({pct:.0f}%)</td>"
-            f"<td class='dp-state dp-{html.escape(v.state)}'>{html.escape(v.state)}</td><td>{html.escape(detail)}</td></tr>"
+            f"<td class='dp-state dp-{html.escape(v.state)}'>{html.escape(v.state)}</td>"
+            f"<td>{html.escape(detail)}</td></tr>"
         )
     head = "<tr><th>Job</th><th>Prompt</th><th>Seed</th><th>Progress</th><th>State</th><th>ETA / consistency</th></tr>"
     return f"<table class='dp-jobs'>{head}{''.join(rows)}</table>"

@@ -71,7 +71,7 @@ def parse_negative(text: str | None) -> str:
     return neg
 
 
-def _int(value: object, name: str, lo: int, hi: int) -> int:
+def parse_int(value: object, name: str, lo: int, hi: int) -> int:
     """An integer in lo..hi; a float only when it is whole (Gradio Numbers arrive as floats)."""
     if isinstance(value, bool) or value is None or value == "":
         raise FieldError(name, f"enter a whole number in {lo}..{hi}")
@@ -120,8 +120,8 @@ def parse_seeds(seed_list: str | None, count: object, start: object) -> list[int
     """The explicit list when given, else ``count`` seeds from ``start`` (seed + i, as A1111 does)."""
     if seed_list and seed_list.strip():
         return parse_seed_list(seed_list)
-    n = _int(count, "Seed count", 1, MAX_SEEDS)
-    s = _int(start, "Seed start", 0, SEED_MAX)
+    n = parse_int(count, "Seed count", 1, MAX_SEEDS)
+    s = parse_int(start, "Seed start", 0, SEED_MAX)
     if s + n - 1 > SEED_MAX:
         raise FieldError("Seed start", f"start + count - 1 must stay within {SEED_MAX}")
     return list(range(s, s + n))
@@ -159,12 +159,12 @@ def parse_explore(
         prompts=parse_prompts(prompts),
         negative_prompt=parse_negative(negative),
         seeds=parse_seeds(seed_list, seed_count, seed_start),
-        steps=_int(steps, "Preview steps", *PREVIEW_STEPS),
+        steps=parse_int(steps, "Preview steps", *PREVIEW_STEPS),
         solver=_solver(solver, solvers),
         guidance=parse_guidance(guidance),
-        width=_int(width, "Width", 1, max_size),
-        height=_int(height, "Height", 1, max_size),
-        refine_steps=_int(refine_steps, "Refine steps", *REFINE_STEPS),
+        width=parse_int(width, "Width", 1, max_size),
+        height=parse_int(height, "Height", 1, max_size),
+        refine_steps=parse_int(refine_steps, "Refine steps", *REFINE_STEPS),
     )
     if len(settings.prompts) * len(settings.seeds) > MAX_SEEDS * 4:
         raise FieldError("Prompts", f"prompts x seeds is at most {MAX_SEEDS * 4} tiles")

@@ -64,7 +64,8 @@ def wait_done(client: Client, timeout: float = 10.0) -> str:
 def test_preview_select_refine_history_download(served):
     client, backend, _paths, _url = served
     gallery, selection, status = client.predict(*explore(), api_name="/preview")
-    assert [g["caption"] for g in gallery] == [f"seed {s} · {p}" for p in ("a red circle", "a blue square") for s in (5, 6, 7)]
+    expected = [f"seed {s} · {p}" for p in ("a red circle", "a blue square") for s in (5, 6, 7)]
+    assert [g["caption"] for g in gallery] == expected
     assert "6 previews" in status
     values = [v for _label, v in selection["choices"]]
     # Tile #5 ("a blue square", seed 6): the refine maps it back to its preview id through the snapshot.
