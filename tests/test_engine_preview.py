@@ -138,3 +138,12 @@ def test_failing_chunk_reaches_the_caller_and_worker_survives(store):
             list(engine.run(PreviewRequest(prompts=["x"], seeds=[0], steps=2, solver="ddim")))
         assert row_counts(store)["previews"] == 0
         assert worker.submit(lambda m: "alive").result(5) == "alive"
+
+
+def test_default_chunk_size_is_a_fixed_power_of_two_that_shrinks_with_size(model):
+    from preview.batching import CPU_CHUNK, default_chunk_size
+
+    sizes = [default_chunk_size(model, s, s) for s in (16, 32, 64)]
+    assert all(n >= 1 and n & (n - 1) == 0 and n <= CPU_CHUNK for n in sizes)
+    assert sizes == sorted(sizes, reverse=True)
+    assert default_chunk_size(model, 16, 16) == default_chunk_size(model, 16, 16)  # never from free memory
