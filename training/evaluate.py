@@ -252,6 +252,14 @@ def markdown_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + note
 
 
+def _short(name: str) -> str:
+    """A legend label: ``consistency:/long/path/final`` -> ``consistency:…/path/final``."""
+    if name.startswith("consistency:") and len(name) > 32:
+        head, _, tail = name.partition(":")
+        return f"{head}:…/" + "/".join(Path(tail.split("@")[0]).parts[-2:]) + ("@" + name.split("@")[1] if "@" in name else "")
+    return name
+
+
 def plot(doc: dict[str, Any], path: str | Path) -> None:
     """One panel per measure against NFE, one line per solver."""
     import matplotlib
@@ -266,7 +274,7 @@ def plot(doc: dict[str, Any], path: str | Path) -> None:
         for s in dict.fromkeys(r["solver"] for r in rows):
             pts = sorted((r["nfe"], r[m]) for r in rows if r["solver"] == s)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=2.2 if s.startswith("consistency") else 1.2,
-                    label=s)
+                    label=_short(s))
         if m == "adherence" and "adherence" in doc["reference"]:
             ax.axhline(doc["reference"]["adherence"], color="k", ls="--", lw=0.8, label="reference")
         ax.set_xlabel("NFE")
