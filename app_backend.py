@@ -184,6 +184,9 @@ class EngineBackend:
                 raise ValueError(f"Selection: preview {pid} no longer exists") from None
             if preview.owner != owner:
                 raise ValueError(f"Selection: preview {pid} is not yours")
+            if preview.generation.model_id != self.model_name:
+                raise ValueError(f"Selection: preview {pid} was made with {preview.generation.model_id}, "
+                                 f"not with the model this app runs ({self.model_name})")
         return [self.refine_service.refine_preview(pid, steps) for pid in preview_ids]
 
     # --- Refine -------------------------------------------------------------------------------

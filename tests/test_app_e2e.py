@@ -140,6 +140,34 @@ def test_concurrent_sessions_interleave_on_the_device(real_app):
     assert done_at["bob"][0] < done_at["alice"][-1], done_at
 
 
+def test_admin_views_follow_the_store(real_app):
+    """The reward plot, checkpoint table and activation read and write the app's store."""
+    import torch
+
+    _url, backend, _tmp = real_app
+    store = backend.store
+    run = store.start_training_run({"num_updates": 3}, name="e2e-run")
+    for update, reward in enumerate([0.1, 0.25, 0.4]):
+        store.log_training_metrics(run, update, {"update": update, "reward_mean": reward, "approx_kl": 0.01})
+    frame = backend.reward_frame()
+    assert frame["update"].tolist() == [0, 1, 2] and frame["reward"].tolist() == pytest.approx([0.1, 0.25, 0.4])
+    ours = store.add_checkpoint("e2e-ours", config={"k": 1}, weights={"w": torch.zeros(2)}, metrics={"psnr_k4": 30.5},
+                                model_id=backend.model_name, training_run_id=run)
+    other = store.add_checkpoint("e2e-other", config={"k": 1}, weights={"w": torch.zeros(2)}, model_id="another")
+    table = backend.checkpoints_table()
+    assert table.loc[table["id"] == ours, "psnr_k4"].item() == 30.5
+    with pytest.raises(ValueError, match="Checkpoint id: .* another"):
+        backend.activate_checkpoint(other)
+    with pytest.raises(ValueError, match="Checkpoint id: there is no checkpoint"):
+        backend.activate_checkpoint(10_000)
+    try:
+        assert backend.activate_checkpoint(ours) == "e2e-ours"
+        assert store.get_active_checkpoint().id == ours
+        assert backend.checkpoints_table().loc[lambda t: t["id"] == ours, "active"].item() == "✔"
+    finally:
+        store.set_active_checkpoint(None)  # the fake weights must not serve the other tests' previews
+
+
 @pytest.mark.browser
 def test_browser_preview_and_refine(real_app):
     if not CHROMIUM.exists():
