@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import gradio as gr
 
@@ -271,12 +272,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None,
                    help="hub id, local diffusers folder or single-file checkpoint (default: the embedded model)")
-    p.add_argument("--db", default=None, help="SQLite database path (default: ~/.local/share/diffusion-preview/)")
+    p.add_argument("--db", default=None, help="SQLite database file (default: $DIFFUSION_PREVIEW_HOME/store.sqlite3, else "
+                   "~/.local/share/diffusion-preview/store.sqlite3); never inside a served folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="open a public gradio.live link for 72 h (off by default)")
-    p.add_argument("--device", default=None, help="torch device(s), comma-separated (default: cuda if available)")
+    p.add_argument("--device", default=None, help="torch device(s), comma-separated: one worker each "
+                   "(default: every CUDA device, else cpu)")
+    m = p.add_argument_group("model loading (Stable Diffusion)")
+    m.add_argument("--config", default=None, help="local diffusers folder with the configs of a single-file "
+                   ".safetensors checkpoint (nothing is fetched)")
+    m.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
+                   help="float16 weights (default: on CUDA only)")
+    m.add_argument("--cpu-offload", action="store_true", help="keep each part on the CPU until it runs (CUDA)")
+    m.add_argument("--attention-slicing", action="store_true", help="less memory, a little slower")
+    m.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     return p.parse_args(argv)
+
+
+def load_options(args: argparse.Namespace) -> Any:
+    """The models.sd.LoadOptions the flags ask for."""
+    from models.sd import LoadOptions
+
+    return LoadOptions(fp16=args.fp16, attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
+                       cpu_offload=args.cpu_offload, config=args.config)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -293,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
                        args.host, args.share)
     try:
         backend = EngineBackend.open(model=args.model, db=paths.db, exports=paths.exports, devices=args.device,
-                                     forbid_under=[paths.exports, paths.gradio_tmp])
+                                     forbid_under=[paths.exports, paths.gradio_tmp], options=load_options(args))
     except (ValueError, OSError, StoreError) as exc:
         sys.exit(f"error: {exc}")
     admin = Admin(db=paths.db, work=paths.work, exports=paths.exports, model=args.model, backend=backend)

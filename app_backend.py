@@ -68,7 +68,7 @@ class EngineBackend:
     @classmethod
     def open(cls, model: str | None = None, db: Path | None = None, exports: Path = Path("exports"),
              devices: str | None = None, forbid_under: list[Path] | None = None,
-             chunk_size: int | None = None) -> "EngineBackend":
+             chunk_size: int | None = None, options: Any = None) -> "EngineBackend":
         """Open the store (refusing a served folder), start one device worker per device, resume jobs."""
         # Import the engine (and through torchmetrics, transformers) on this thread BEFORE the worker
         # thread starts loading the model: two threads importing transformers' lazy modules at once
@@ -82,9 +82,10 @@ class EngineBackend:
         store = open_store(db, forbid_under=forbid_under or [exports], app_lock=True)
         names = _devices(devices)
         if len(names) == 1:
-            executor: Any = DeviceWorker(factory=lambda: load_model(model, device=names[0]), name=names[0])
+            executor: Any = DeviceWorker(factory=lambda: load_model(model, device=names[0], options=options),
+                                         name=names[0])
         else:
-            executor = WorkerPool.for_devices(names, lambda d: load_model(model, device=d))
+            executor = WorkerPool.for_devices(names, lambda d: load_model(model, device=d, options=options))
         try:
             backend = cls(store, executor, exports, chunk_size=chunk_size)
         except BaseException:
