@@ -1,5 +1,7 @@
 # Diffusion Preview on a CUDA machine. Build: docker build -t diffusion-preview .
-# Run:   docker run --gpus all -p 7860:7860 -v dp-data:/data diffusion-preview
+# Run:   docker run --gpus all -p 127.0.0.1:7860:7860 -v dp-data:/data diffusion-preview
+#        (the app has no login: publish the port on localhost or behind an authenticating proxy;
+#         add -e DIFFUSION_PREVIEW_ADMIN_PASSWORD=... to enable the Admin tab)
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
