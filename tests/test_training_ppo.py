@@ -60,6 +60,18 @@ def test_batched_rollouts_equal_the_solver_table_by_table():
     for r in range(3):
         one = sample_lmm(lambda x, t: model.guided_eps(x, t, cond.select([r]), 2.0), noise[r : r + 1], grid, tables[r])
         assert torch.allclose(batched[r : r + 1], one, atol=1e-5)
+    # groups sharing x_T: the identical first steps are evaluated once per group, with the same result
+    same = cond.select([0, 0, 0])
+    batch_sizes = []
+
+    def eps_grouped(x, t, index=None):
+        batch_sizes.append(x.shape[0])
+        return model.guided_eps(x, t, same if index is None else same.select(index), 2.0)
+
+    grouped = lmm_rollouts(eps_grouped, noise[:1].repeat(3, 1, 1, 1), grid, tables, group_size=3)
+    assert batch_sizes == [1, 1, 3, 3, 3]  # steps 0 and 1 (no free coefficient yet) once per group
+    ungrouped = lmm_rollouts(lambda x, t: model.guided_eps(x, t, same, 2.0), noise[:1].repeat(3, 1, 1, 1), grid, tables)
+    assert torch.allclose(grouped, ungrouped, atol=1e-6)
     # the per-sample-timestep path (learned time grid) gives the same result on equal grids
     per_sample = lmm_rollouts(lambda x, t: guided_eps_per_sample(model, x, t, cond, 2.0), noise, [grid] * 3, tables)
     assert torch.allclose(per_sample, batched, atol=1e-5)

@@ -193,8 +193,10 @@ class PPOTrainer:
             eps_fn = lambda x, t: guided_eps_per_sample(self.model, x, t, cond, self.guidance)  # noqa: E731
             latents = lmm_rollouts(eps_fn, noise, grids, torch.stack(tables))
         else:
-            eps_fn = lambda x, t: self.model.guided_eps(x, t, cond, self.guidance)  # noqa: E731
-            latents = lmm_rollouts(eps_fn, noise, grids[0], torch.stack(tables))
+            def eps_fn(x: torch.Tensor, t: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+                return self.model.guided_eps(x, t, cond if index is None else cond.select(index), self.guidance)
+
+            latents = lmm_rollouts(eps_fn, noise, grids[0], torch.stack(tables), group_size=G)
         bucket = Bucket(num_steps=num_steps, rows=rows, grids=grids, actions=torch.stack(actions),
                         grid_actions=torch.stack(grid_actions) if grid_actions else None)
         bucket.rewards = self.score(rows, latents)

@@ -33,11 +33,22 @@ def _check_tables(tables: torch.Tensor, num_steps: int) -> None:
             raise ValueError(f"tables row {i} uses more than the {i + 1} epsilons available at step {i}")
 
 
-def lmm_rollouts(eps_fn: EpsFn, x_T: torch.Tensor, grids: TimeGrid | list[TimeGrid], tables: torch.Tensor) -> torch.Tensor:
+def lmm_rollouts(
+    eps_fn: EpsFn,
+    x_T: torch.Tensor,
+    grids: TimeGrid | list[TimeGrid],
+    tables: torch.Tensor,
+    group_size: int | None = None,
+) -> torch.Tensor:
     """Final x of R rollouts from x_T (R, C, h, w) with per-rollout tables (R, K, m).
 
     ``grids``: one TimeGrid shared by all rollouts (eps_fn gets a scalar timestep), or one per rollout
     (eps_fn gets the (R,) timesteps of step i).
+
+    ``group_size`` G: rollouts come in groups of G from the same x_T. While every rollout of a group is
+    still in the same state (the first steps, whose coefficients have no free dims, are identical), the
+    model is called once per group and its eps shared: ``eps_fn(x, t, index=rows)`` then receives the
+    representative rows only (``index`` = their rollout indices). Bit-identical to calling every row.
     """
     shared = isinstance(grids, TimeGrid)
     grid_list = [grids] if shared else list(grids)  # type: ignore[list-item]
@@ -56,7 +67,11 @@ def lmm_rollouts(eps_fn: EpsFn, x_T: torch.Tensor, grids: TimeGrid | list[TimeGr
     for i in range(num_steps):
         t = grid_list[0].timesteps[i] if shared else torch.stack([g.timesteps[i] for g in grid_list])
         x = y * alpha[:, i].view(view).to(y.device)
-        eps = eps_fn(x, t).float()
+        if group_size is not None and group_size > 1 and shared and _groups_identical(x, group_size):
+            rep = torch.arange(0, R, group_size)
+            eps = eps_fn(x[rep], t, index=rep).float().repeat_interleave(group_size, 0)
+        else:
+            eps = eps_fn(x, t).float()
         if torch.isnan(eps).any():
             raise ValueError(f"model_output contains NaN at step {i}")
         history.insert(0, eps)
@@ -65,6 +80,11 @@ def lmm_rollouts(eps_fn: EpsFn, x_T: torch.Tensor, grids: TimeGrid | list[TimeGr
         eps_eff = sum(w[:, i, j].view(view) * history[j] for j in range(k))
         y = y + dn[:, i].view(view).to(y.device) * eps_eff
     return y * alpha[:, num_steps].view(view).to(y.device)
+
+
+def _groups_identical(x: torch.Tensor, group_size: int) -> bool:
+    g = x.reshape(-1, group_size, x[0].numel())
+    return bool((g == g[:, :1]).all())
 
 
 def guided_eps_per_sample(model, x: torch.Tensor, t: torch.Tensor, cond, guidance: float) -> torch.Tensor:
