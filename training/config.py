@@ -79,6 +79,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_PREVIEW_STEPS:
                 raise ValueError(f"{name} must be an integer in 1..{MAX_PREVIEW_STEPS}, got {v!r}")
+        if self.min_steps < 2:
+            raise ValueError(f"min_steps must be >= 2 for training: a 1-step sample has no free coefficient, got {self.min_steps}")
         if self.min_steps > self.max_steps:
             raise ValueError(f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})")
         if self.num_minibatches > self.group_size:

@@ -238,7 +238,7 @@ class PPOTrainer:
             perms = [torch.randperm(b.size, generator=gen) for b in buckets]
             epoch_kl = []
             for mb in range(cfg.num_minibatches):
-                ratios, logratios, advs, ents = [], [], [], []
+                logratios, advs, ents = [], [], []
                 for b, mask, perm in zip(buckets, masks, perms):
                     idx = perm[mb * b.size // cfg.num_minibatches : (mb + 1) * b.size // cfg.num_minibatches]
                     if len(idx) == 0:
