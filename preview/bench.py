@@ -122,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
 
     grid_seconds(engine, request)  # warm-up: encoder cache, kernels, noise rows
     measure_floor(worker, request, chunk)
-    floors, idle, busy, idle_parts, busy_parts = [], [], [], [], []
+    floors: list[float] = []
+    idle: list[float] = []
+    busy: list[float] = []
+    idle_parts: list[tuple[float, float]] = []
+    busy_parts: list[tuple[float, float]] = []
     for _ in range(args.repeats):
         floors.append(measure_floor(worker, request, chunk) * chunk_floor_calls)
         idle.append(grid_seconds(engine, request, idle_parts))

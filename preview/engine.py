@@ -213,6 +213,7 @@ class PreviewEngine:
     def _store_one(self, req: PreviewRequest, solver: ResolvedSolver, prompt: str, seed: int, noise_id: int,
                    pixels: torch.Tensor, timings: dict[str, float], chunk_index: int) -> PreviewResult:
         model = self.model
+        assert req.height is not None and req.width is not None and req.guidance is not None  # validated
         extra = {} if self.owner is None else {"owner": self.owner}
         generation_id = self.store.add_generation(
             model_id=model.model_id, prompt=prompt, negative_prompt=req.negative_prompt, seed=seed,

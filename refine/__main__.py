@@ -89,6 +89,7 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
         if p.state != "done":
             print(f"error: refine job {job_id} ended {p.state}" + (f": {p.error}" if p.error else ""), file=sys.stderr)
             return 1
+        assert p.final_id is not None  # a done job always has its final (same transaction)
         job = store.get_job(job_id)
         generation = store.get_generation(job.generation_id)
         out = Path(args.out)

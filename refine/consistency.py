@@ -57,7 +57,7 @@ def measure_consistency(preview: torch.Tensor, final: torch.Tensor) -> Consisten
         ms_ssim = float(multiscale_structural_similarity_index_measure(p, f, data_range=1.0))
     return Consistency(
         psnr=psnr if math.isfinite(psnr) else float("inf"),
-        ssim=float(structural_similarity_index_measure(p, f, data_range=1.0)),
+        ssim=float(torch.as_tensor(structural_similarity_index_measure(p, f, data_range=1.0))),
         scc=_finite_or_none(float(spatial_correlation_coefficient(p, f))),
         ms_ssim=ms_ssim,
     )

@@ -265,6 +265,7 @@ class RefineService:
                 return None
             yield
         t1 = time.perf_counter()
+        assert x is not None  # steps >= 1
         pixels = model.decode(x)[0].float().cpu()
         image = pixels_to_image(pixels)
         t2 = time.perf_counter()

@@ -16,6 +16,7 @@ stepped tasks (their ``finally`` blocks run, so a refine job can record that it 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
@@ -223,7 +224,7 @@ class WorkerPool:
     @classmethod
     def for_devices(cls, devices: Iterable[str], model_factory: Callable[[str], Model]) -> "WorkerPool":
         """A worker per device name; ``model_factory(device)`` runs on that device's thread."""
-        return cls(DeviceWorker(factory=lambda d=d: model_factory(d), name=d) for d in devices)
+        return cls(DeviceWorker(factory=functools.partial(model_factory, d), name=d) for d in devices)
 
     def pick(self) -> DeviceWorker:
         """The worker with the fewest unfinished tasks (round robin among ties)."""
