@@ -30,6 +30,8 @@ from refine.worker import PREVIEW, DeviceWorker, WorkerPool
 
 logger = logging.getLogger(__name__)
 
+ENCODE_CACHE_SIZE = 256  # (prompt, negative prompt) encodings kept per engine
+
 
 @dataclass(frozen=True)
 class PreviewResult:
@@ -83,6 +85,8 @@ def encode_each(model: Denoiser, prompts: Sequence[str], negative_prompt: str, c
         if row is None:
             row = model.encode_prompts([p], negative_prompt)
             if cache is not None:
+                if len(cache) >= ENCODE_CACHE_SIZE:
+                    cache.clear()  # bounded; prompts of a session are few
                 cache[key] = row
         rows.append(row)
     lengths = {tuple(r.cond.shape[1:]) for r in rows} | {tuple(r.uncond.shape[1:]) for r in rows}
