@@ -145,11 +145,12 @@ class RefineService:
         g = check_guidance(default_guidance(model) if guidance is None else guidance)
         h, w = check_size(model, height, width)
         check_full_steps(steps)
-        noise_id, _ = self.store.get_or_create_noise(seed, model.latent_shape(h, w))
         extra = {} if owner is None else {"owner": owner}
-        generation_id = self.store.add_generation(model_id=model.model_id, prompt=prompt, negative_prompt=negative_prompt,
-                                                  seed=seed, height=h, width=w, guidance=g, noise_id=noise_id, **extra)
-        job_id = self.store.enqueue_job(generation_id, steps=steps, solver=FULL_STEP_SOLVER)
+        with self.store.transaction():  # noise (if new), generation and job: all or nothing
+            noise_id, _ = self.store.get_or_create_noise(seed, model.latent_shape(h, w))
+            generation_id = self.store.add_generation(model_id=model.model_id, prompt=prompt, negative_prompt=negative_prompt,
+                                                      seed=seed, height=h, width=w, guidance=g, noise_id=noise_id, **extra)
+            job_id = self.store.enqueue_job(generation_id, steps=steps, solver=FULL_STEP_SOLVER)
         self.dispatch()
         return job_id
 
