@@ -165,6 +165,8 @@ class Handlers:
             state = self.backend.cancel(int(job_id), owner_of(request))
         except ValueError as exc:
             raise _error(exc) from None
+        if state == "running":
+            return f"Job #{int(job_id)}: cancel requested; it stops after its current model step."
         return f"Job #{int(job_id)}: {state}."
 
     # --- History ------------------------------------------------------------------------------

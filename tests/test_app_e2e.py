@@ -106,6 +106,16 @@ def test_preview_refine_history_download_with_gradio_client(real_app, tmp_path):
     sent = client.predict(ref, api_name="/send_to_explore")
     assert list(sent[:4]) == ["a red circle", "", 1, 1] and sent[5] == 2 and sent[10] == 4
 
+    # A long refine is cancelled from the Refine tab and ends 'cancelled', without a final.
+    message = client.predict([selection["choices"][0][1]], 200, api_name="/refine")
+    long_job = int(re.search(r"#(\d+)", message).group(1))
+    assert "cancel" in client.predict(long_job, api_name="/cancel_job")
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while backend.store.get_job(long_job).state != "cancelled" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job = backend.store.get_job(long_job)
+    assert job.state == "cancelled" and job.progress_step < 200 and backend.store.get_final_for_job(long_job) is None
+
 
 def test_concurrent_sessions_interleave_on_the_device(real_app):
     """A one-tile grid submitted while a four-chunk grid runs finishes before that grid does."""
