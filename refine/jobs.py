@@ -175,6 +175,11 @@ class RefineService:
             self.dispatch()
         return requeued
 
+    def retry(self, job_id: int) -> None:
+        """Queue a failed or cancelled job again (from its noise, step 0) and dispatch it."""
+        self.store.retry_job(job_id)
+        self.dispatch()
+
     # --- watching --------------------------------------------------------------------------------
     def cancel(self, job_id: int) -> str:
         """Cancel a job: queued -> cancelled now; running -> stops within one step. Returns the state."""

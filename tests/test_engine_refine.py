@@ -114,6 +114,9 @@ def test_failing_refine_is_recorded_and_the_worker_survives(store):
         assert p.state == "failed" and "device lost" in p.error and p.step <= 3
         ok = list(PreviewEngine(worker, store, chunk_size=2).run(PreviewRequest(prompts=["x"], seeds=[0], steps=2, solver="ddim")))
         assert len(ok) == 1
+        service.retry(job)  # a failed job can be queued again; it starts from its noise
+        again = service.wait(job, 30)
+    assert again.state == "done" and again.final_id is not None
 
 
 def test_job_survives_a_restart_and_starts_again_from_its_noise(tmp_path):
