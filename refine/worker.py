@@ -157,7 +157,7 @@ class DeviceWorker:
         try:
             self.model = self._factory()
         except BaseException as exc:  # noqa: BLE001 - handed to every submitter below
-            logger.exception("worker %s could not build its model", self.name)
+            logger.debug("worker %s could not build its model", self.name, exc_info=True)  # the caller reports it
             self._startup_error = exc
             self._ready.set()
             self._drain(exc)
