@@ -194,7 +194,8 @@ def admin_tab(admin: Admin) -> SimpleNamespace:
 def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
     """The four tabs and their wiring. Every listener has an api_name; admin ones are private."""
     h = Handlers(backend)
-    with gr.Blocks(title="Diffusion Preview", analytics_enabled=False) as demo:
+    # delete_cache: Gradio's copies of served PNGs older than a day go, hourly (the store keeps the originals).
+    with gr.Blocks(title="Diffusion Preview", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## Diffusion Preview  \nModel: `{backend.model_name}` · previews are few-step estimates "
                     "of the final image from the same noise: same composition, fewer details.")
         with gr.Tabs(selected="explore") as tabs:

@@ -26,7 +26,8 @@ HISTORY_FINALS_SQL = (
     "JOIN generations g ON g.id = j.generation_id JOIN prompts p ON p.id = g.prompt_id "
     "WHERE f.owner = ? AND p.prompt LIKE ? ESCAPE '\\' ORDER BY f.id DESC LIMIT ?"
 )
-NEWEST_JOBS_SQL = "SELECT id FROM refine_jobs WHERE owner = ? ORDER BY id DESC LIMIT ?"
+NEWEST_JOBS_SQL = ("SELECT id, state, progress_step, restarts, updated_at FROM refine_jobs WHERE owner = ? "
+                   "ORDER BY id DESC LIMIT ?")
 
 
 def _devices(spec: str | None) -> list[str]:
@@ -62,7 +63,7 @@ class EngineBackend:
         self.default_guidance = default_guidance(self.model)
         self.refine_service = RefineService(executor, store)
         self._engines: dict[str, Any] = {}
-        self._done_views: dict[int, JobView] = {}  # finished jobs never change again
+        self._views: dict[tuple, JobView] = {}  # by (id, state, step, restarts, updated_at): one query per poll
         self._lock = threading.Lock()
 
     @classmethod
@@ -192,12 +193,22 @@ class EngineBackend:
 
     # --- Refine -------------------------------------------------------------------------------
     def jobs(self, owner: str, limit: int = 50) -> list[JobView]:
-        ids = [r["id"] for r in self.store.query(NEWEST_JOBS_SQL, [owner, limit])]
-        return [self._job_view(job_id) for job_id in ids]
+        """The newest jobs; a job whose row did not change since the last poll costs no further query."""
+        views = []
+        for row in self.store.query(NEWEST_JOBS_SQL, [owner, limit]):
+            key = tuple(row.values())
+            view = self._views.get(key)
+            if view is None:
+                view = self._job_view(row["id"])
+                if view.state != "done" or view.consistency or view.preview_id == 0:  # else: metrics still coming
+                    with self._lock:
+                        if len(self._views) > 10_000:
+                            self._views.clear()
+                        self._views[key] = view
+            views.append(view)
+        return views
 
     def _job_view(self, job_id: int) -> JobView:
-        if job_id in self._done_views:
-            return self._done_views[job_id]
         p = self.refine_service.progress(job_id)
         job = self.store.get_job(job_id)
         gen = self.store.get_generation(job.generation_id)
@@ -215,8 +226,6 @@ class EngineBackend:
         view = JobView(job_id=job_id, state=p.state, step=p.step, total=p.steps, eta_s=p.eta_s, prompt=gen.prompt,
                        seed=gen.seed, preview_id=job.preview_id or 0, preview_path=preview_path,
                        final_path=final_path, consistency=consistency, error=p.error)
-        if p.state == "done" and (consistency or job.preview_id is None):
-            self._done_views[job_id] = view
         return view
 
     def cancel(self, job_id: int, owner: str) -> str:
