@@ -179,3 +179,13 @@ def test_learned_time_grid_rollouts_and_update(dataset_dir, tmp_path):
     stats = trainer.optimise([bucket], update=0)
     assert stats["epochs"] == 4
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.grid_net.parameters()))
+
+
+def test_resume_refuses_a_checkpoint_of_another_order(dataset_dir, tmp_path):
+    _trainer(dataset_dir, tmp_path, num_updates=1, checkpoint_every=1).train()
+    model = GaussianDenoiser()
+    other = PPOTrainer(_config(dataset_dir, tmp_path, num_updates=2, order=3), model, load_dataset(dataset_dir),
+                       get_similarity("psnr"), progress=False)
+    with pytest.raises(ValueError, match="order 3 was asked for"):
+        other.train()
+    assert model.calls == 0
