@@ -194,13 +194,13 @@ class PreviewEngine:
         noise_by_seed = {s: self.store.get_or_create_noise(s, shape) for s in req.seeds}
         pairs = req.pairs
         submitted: list[tuple[Sequence[tuple[str, int]], Future, float]] = []
-        for part in chunks(pairs, size):
-            noise = torch.stack([noise_by_seed[s][1] for _, s in part])
-            prompts = [p for p, _ in part]
-            fn = (lambda m, prompts=prompts, noise=noise: run_chunk(
-                m, solver, prompts, req.negative_prompt, noise, req.guidance, req.steps, size, self._cache))
-            submitted.append((part, self.executor.submit(fn, priority=PREVIEW, label="preview"), time.perf_counter()))
         try:
+            for part in chunks(pairs, size):
+                noise = torch.stack([noise_by_seed[s][1] for _, s in part])
+                prompts = [p for p, _ in part]
+                fn = (lambda m, prompts=prompts, noise=noise: run_chunk(
+                    m, solver, prompts, req.negative_prompt, noise, req.guidance, req.steps, size, self._cache))
+                submitted.append((part, self.executor.submit(fn, priority=PREVIEW, label="preview"), time.perf_counter()))
             for index, (part, future, t_submit) in enumerate(submitted):
                 out = future.result()
                 t_done = time.perf_counter()
