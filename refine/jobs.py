@@ -228,7 +228,7 @@ class RefineService:
         except GeneratorExit:
             # The worker is closing: the job stays 'running' and recover_interrupted() re-queues it
             # at the next start (the store allows running -> interrupted only there).
-            logger.info("refine job %d stopped at shutdown; it resumes after restart", job.id)
+            logger.info("refine job %d stopped at shutdown (if still running, it resumes after restart)", job.id)
             raise
         except BaseException as exc:
             logger.exception("refine job %d failed", job.id)
@@ -252,6 +252,7 @@ class RefineService:
         t0 = time.perf_counter()
         noise = store.get_noise(generation.noise_id).unsqueeze(0)
         cond = model.encode_prompts([generation.prompt], generation.negative_prompt)
+        yield  # setup is one unit of device work, each model step another: a waiting preview goes between
         x = None
         last_write = 0.0
         for record in iterate_full_step(model, cond, noise, generation.guidance, job.steps):
@@ -275,12 +276,14 @@ class RefineService:
         pixels = model.decode(x)[0].float().cpu()
         image = pixels_to_image(pixels)
         t2 = time.perf_counter()
+        yield  # the decode was a unit of its own (a VAE decode costs about a step)
         final_id = store.finish_job(
             job.id, "done", image=image,
-            timings_ms={"sample": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3},
+            timings_ms={"sampling_wall": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3},  # wall: previews ran between steps
             extra_params={"Refine restarts": job.restarts} if job.restarts else None,
         )
         if job.preview_id is not None:
+            yield
             self._record_consistency(job.preview_id, final_id, image)
         return final_id
 
