@@ -235,8 +235,9 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
         hi.png_btn.click(h.png, hi.item, hi.png_file, api_name="history_png")
 
         # Admin: private endpoints; every handler re-checks the session's unlock flag.
-        ad.unlock_btn.click(admin.unlock, [ad.password], [ad.unlocked, ad.panel, ad.lock_row, ad.lock_note, ad.timer],
-                            concurrency_limit=1, api_name="admin_unlock", **private)
+        gr.on([ad.unlock_btn.click, ad.password.submit], admin.unlock, [ad.password],
+              [ad.unlocked, ad.panel, ad.lock_row, ad.lock_note, ad.timer], concurrency_limit=1,
+              api_name="admin_unlock", **private)
         ad.ds_btn.click(admin.build_dataset, [ad.unlocked, ad.ds_prompts, ad.ds_seeds], ad.proc_status,
                         api_name="admin_build_dataset", **private)
         ad.ppo_btn.click(admin.start_ppo, [ad.unlocked, ad.ppo_dataset, ad.ppo_updates], ad.proc_status,

@@ -26,6 +26,7 @@ ARTIFACTS = REPO / "tests" / "artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 JOB_TIMEOUT_S = 90
+ADMIN_PASSWORD = "e2e-admin-password"
 
 
 def _model_source(tmp: Path) -> str | None:
@@ -47,7 +48,7 @@ def real_app(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("app-e2e")
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv(ADMIN_PASSWORD_ENV, raising=False)
+        mp.setenv(ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
         paths = app_paths(tmp)
         model = _model_source(tmp)
         backend = EngineBackend.open(model=model, db=paths.db, exports=paths.exports, devices="cpu",
@@ -232,5 +233,16 @@ def test_browser_preview_and_refine(real_app):
             page.locator("#send-btn").click()
             sync_api.expect(page.locator("#prompts textarea")).to_have_value("a yellow circle", timeout=20_000)
             sync_api.expect(page.locator("#seed-start input")).to_have_value("1")
+
+            page.get_by_role("tab", name="Admin").click()
+            page.locator("#admin-password input").fill("not the password")
+            page.locator("#unlock-btn").click()
+            sync_api.expect(page.get_by_text("wrong password")).to_be_visible(timeout=20_000)
+            sync_api.expect(page.locator("#admin-proc")).to_be_hidden()
+            page.locator("#admin-password input").fill(ADMIN_PASSWORD)
+            page.locator("#admin-password input").press("Enter")
+            sync_api.expect(page.get_by_text("Start PPO run")).to_be_visible(timeout=20_000)
+            sync_api.expect(page.locator("#admin-proc")).to_contain_text("No background process", timeout=20_000)
+            page.screenshot(path=str(ARTIFACTS / "app-admin.png"), full_page=True)
         finally:
             browser.close()
