@@ -87,7 +87,6 @@ class Handlers:
         run = uuid.uuid4().hex[:8]
         total = len(settings.prompts) * len(settings.seeds)
         tiles: list[Tile] = []
-        snapshot: dict = {"run": run, "tiles": []}
         last = 0.0
         t0 = time.monotonic()
         try:
@@ -96,19 +95,22 @@ class Handlers:
                 tiles.extend(chunk)
                 now = time.monotonic()
                 if now - last >= STREAM_MIN_INTERVAL_S and len(tiles) < total:
+                    yield self._grid(run, tiles, f"{len(tiles)} / {total} previews…", first=last == 0.0)
                     last = now
-                    yield self._grid(run, tiles, f"{len(tiles)} / {total} previews…")
         except ValueError as exc:
             raise _error(exc) from None
         yield self._grid(run, tiles, f"{len(tiles)} previews in {time.monotonic() - t0:.1f} s. "
-                                     "Click tiles to select them, then press Refine.")
+                                     "Click tiles to select them, then press Refine.", first=last == 0.0)
 
-    def _grid(self, run: str, tiles: list[Tile], status: str) -> tuple[Any, dict, Any, str]:
+    def _grid(self, run: str, tiles: list[Tile], status: str, first: bool) -> tuple[Any, dict, Any, str]:
+        """The outputs for the tiles so far. Only a run's first update clears the selection: tiles picked
+        while the grid is still streaming stay picked (the choices only grow within a run)."""
         gallery = [(str(t.path), tile_caption(t)) for t in tiles]
         snapshot = {"run": run,
                     "tiles": [{"preview_id": t.preview_id, "label": tile_label(i, t)} for i, t in enumerate(tiles)]}
         choices = [(tile["label"], f"{run}:{i}") for i, tile in enumerate(snapshot["tiles"])]
-        return gallery, snapshot, gr.Dropdown(choices=choices, value=[]), status
+        selection = gr.Dropdown(choices=choices, value=[]) if first else gr.Dropdown(choices=choices)
+        return gallery, snapshot, selection, status
 
     def toggle_tile(self, selected: list[str] | None, snapshot: dict | None, evt: gr.SelectData) -> Any:
         """A click on a tile ticks or unticks it in the selection (the selection is the source of truth)."""

@@ -200,8 +200,14 @@ def test_browser_preview_and_refine(real_app):
             tiles = page.locator("#preview-gallery img")
             sync_api.expect(tiles).to_have_count(6, timeout=60_000)
             sync_api.expect(page.locator("#explore-status")).to_contain_text("6 previews", timeout=30_000)
+            selection = page.locator("#selection")
             tiles.nth(4).click()  # "a yellow circle", seed 1
-            sync_api.expect(page.locator("#selection")).to_contain_text("#5 a yellow circle · seed 1", timeout=10_000)
+            sync_api.expect(selection).to_contain_text("#5 a yellow circle · seed 1", timeout=10_000)
+            tiles.nth(0).click()  # a second tile, then the first again: clicks toggle
+            sync_api.expect(selection).to_contain_text("#1 a green triangle · seed 0", timeout=10_000)
+            tiles.nth(0).click()
+            sync_api.expect(selection).not_to_contain_text("#1 a green triangle", timeout=10_000)
+            sync_api.expect(selection).to_contain_text("#5 a yellow circle · seed 1")
             page.screenshot(path=str(ARTIFACTS / "app-explore.png"), full_page=True)
             if os.environ.get("DIFFUSION_PREVIEW_SCREENSHOT"):  # e.g. docs/screenshot.png for the README
                 page.screenshot(path=os.environ["DIFFUSION_PREVIEW_SCREENSHOT"], full_page=False)
