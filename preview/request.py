@@ -140,8 +140,10 @@ def check_solver(name: Any) -> str:
     from solver.registry import solver_names
 
     names = [DEFAULT_SOLVER] + [n for n in solver_names() if n != DEFAULT_SOLVER]
+    if isinstance(name, str) and name.startswith(DEFAULT_SOLVER + ":") and len(name) > len(DEFAULT_SOLVER) + 1:
+        return name  # consistency:PATH, a saved policy directory (checked when it is loaded, before any write)
     if not isinstance(name, str) or name not in names:
-        raise ValueError(f"solver must be one of {names}, got {name!r}")
+        raise ValueError(f"solver must be one of {names} or 'consistency:PATH', got {name!r}")
     return name
 
 

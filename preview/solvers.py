@@ -80,4 +80,8 @@ def resolve_solver(name: str, model: Any, store: Any) -> ResolvedSolver:
         policy, description, checkpoint_id = resolve_policy(store)
         return ResolvedSolver(get_solver(CONSISTENCY, model.scheduler_config, policy=policy), CONSISTENCY,
                               description, checkpoint_id)
-    return ResolvedSolver(get_solver(name, model.scheduler_config), name, name)
+    try:
+        solver = get_solver(name, model.scheduler_config)
+    except ValueError as exc:  # consistency:PATH with no checkpoint there
+        raise ValueError(f"solver: {exc}") from None
+    return ResolvedSolver(solver, name, name)

@@ -51,3 +51,15 @@ def test_consistency_falls_back_to_shipped_then_zero_init(store, tmp_path, monke
     active = ConsistencyPolicy()
     ckpt = store.add_checkpoint("active", config=active.config_dict(), weights=active.state_dict(), activate=True)
     assert solvers.resolve_solver("consistency", model, store).checkpoint_id == ckpt  # the store's wins
+
+
+def test_consistency_path_names_a_saved_policy(store, tmp_path):
+    import preview.solvers as solvers
+    from solver.policy import ConsistencyPolicy
+
+    model = TinyUNetDenoiser(size=8)
+    ConsistencyPolicy().save(tmp_path / "mine")
+    picked = solvers.resolve_solver(f"consistency:{tmp_path / 'mine'}", model, store)
+    assert picked.label == f"consistency:{tmp_path / 'mine'}"
+    with pytest.raises(ValueError, match="solver"):
+        solvers.resolve_solver(f"consistency:{tmp_path / 'missing'}", model, store)
