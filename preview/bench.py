@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from preview.batching import default_chunk_size, pad_conditioning, pad_rows
 from preview.engine import PreviewEngine, encode_each
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     busy: list[float] = []
     idle_parts: list[tuple[float, float]] = []
     busy_parts: list[tuple[float, float]] = []
-    for _ in range(args.repeats):
+    for _ in tqdm(range(args.repeats), desc="bench rounds", file=sys.stderr):
         floors.append(measure_floor(worker, request, chunk) * chunk_floor_calls)
         idle.append(grid_seconds(engine, request, idle_parts))
         job = service.refine_new(PROMPT, 10_000, steps=args.refine_steps)
