@@ -78,13 +78,15 @@ def test_guided_eps_and_decode(tiny):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     eps = tiny.guided_eps(x, 500, c, 3.0)
     assert eps.shape == (2, 3, 32, 32) and eps.dtype == torch.float32 and torch.isfinite(eps).all()
-    eps_c = tiny.model_output(x, torch.tensor(500), c.cond, c.cond_mask)
-    eps_u = tiny.model_output(x, torch.tensor(500), c.uncond, c.uncond_mask)
+    alpha, sigma = (v.item() for v in tiny.schedule.alpha_sigma(500))
+    assert tiny.schedule.prediction_type == "v_prediction"
+    eps_c = sigma * x + alpha * tiny.model_output(x, torch.tensor(500), c.cond, c.cond_mask)  # eps = sigma x + alpha v
+    eps_u = sigma * x + alpha * tiny.model_output(x, torch.tensor(500), c.uncond, c.uncond_mask)
     torch.testing.assert_close(eps, eps_u + 3.0 * (eps_c - eps_u), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(tiny.guided_eps(x, 500, c, 1.0), eps_c)
     # padding never leaks: the same prompt alone or next to a longer one gives the same output
     alone = tiny.encode_prompts(["a green ring"])
-    torch.testing.assert_close(tiny.model_output(x[1:], torch.tensor(500), alone.cond, alone.cond_mask), eps_c[1:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tiny.guided_eps(x[1:], 500, alone, 1.0), eps_c[1:], rtol=1e-4, atol=1e-4)
     img = tiny.decode(torch.tensor([[[[-1.5, -1.0], [0.0, 1.0]]]]).expand(1, 3, 2, 2))
     assert img.dtype == torch.float32 and img.min() == 0.0 and img.max() == 1.0 and img[0, 0, 1, 0] == 0.5
     with pytest.raises(ValueError, match="x must have shape"):

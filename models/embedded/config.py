@@ -6,7 +6,11 @@
   4x4 patch grids (image cells of 4 and 8 pixels) and in the mid block.
   The masked mean of the token states also enters through the time embedding (``class_embed_type
   ="projection"``), so global facts (background colour) condition every ResNet block.
-- Schedule: DDPM linear betas 1e-4..0.02 over 1000 steps, epsilon prediction (the DDPM/CIFAR setup).
+- Schedule: DDPM linear betas 1e-4..0.02 over 1000 steps, **v prediction** (v = alpha eps - sigma x0).
+  A first run with epsilon prediction had not started to use the prompt after 600 of 1,600 steps:
+  with epsilon as the target, an error d in the image at high noise costs only (alpha/sigma)^2 d^2 in the
+  loss, so the text (which decides the colours) is learned very late; with v the high-noise loss is the
+  image error itself. The Denoiser converts v to epsilon at the edge (solver.outputs.to_epsilon).
   ``set_alpha_to_one=True``: this is a pixel model with no decoder to hide a residual noise level, so
   a DDIM run ends exactly on the data (alpha = 1, sigma = 0), not on alphas_cumprod[0].
 """
@@ -46,7 +50,7 @@ SCHEDULER_CONFIG: dict[str, Any] = dict(
     beta_start=0.0001,
     beta_end=0.02,
     beta_schedule="linear",
-    prediction_type="epsilon",
+    prediction_type="v_prediction",
     clip_sample=False,
     set_alpha_to_one=True,
     steps_offset=0,

@@ -38,7 +38,8 @@ def make_scheduler(kind: str, config: dict):
     if kind == "ddim":
         return DDIMScheduler.from_config(cfg)
     if kind == "dpm40":
-        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver", solver_order=2)
+        # diffusers allows only final_sigmas_type="sigma_min" for the first-order-parameterised "dpmsolver"
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver", solver_order=2, final_sigmas_type="sigma_min")
     if kind == "dpmpp2m":
         return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2)
     raise ValueError(f"kind must be 'ddim', 'dpm40' or 'dpmpp2m', got {kind!r}")

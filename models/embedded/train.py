@@ -2,7 +2,7 @@
 
 Reproduces the shipped weights (models/embedded/weights/) with the defaults: a bank of procedurally
 rendered training scenes with captions (held-out combinations and templates excluded), MiniLM token
-states cached once for the bank, epsilon-prediction DDPM loss with min-SNR-5 weighting, AdamW with
+states cached once for the bank, v-prediction DDPM loss (plain MSE), AdamW with
 warm-up and cosine decay, an EMA of the weights (what is shipped), 12% caption dropout to "" for
 classifier-free guidance. Batches are a pure function of (seed, step), so a run resumed from its
 checkpoint (``--ckpt DIR``, written every ``--ckpt-every`` steps) continues exactly. Runs on CUDA when
@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = DDPMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")})
     abar = sched.alphas_cumprod.to(device, torch.float32)
-    snr = abar / (1 - abar)
-    weight_t = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weighting for epsilon prediction
+    prediction_type = SCHEDULER_CONFIG["prediction_type"]
 
     start = 0
     ckpt_path = os.path.join(args.ckpt, "last.safetensors") if args.ckpt else None
@@ -197,8 +196,9 @@ def main(argv: list[str] | None = None) -> None:
         x_t = a * x0 + s * eps
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr)
+        target = a * eps - s * x0 if prediction_type == "v_prediction" else eps  # v = alpha eps - sigma x0
         pred = model(x_t, t, ctx, msk)
-        loss = (weight_t[t] * ((pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss = ((pred - target) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
