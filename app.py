@@ -26,7 +26,7 @@ from typing import Any
 
 import gradio as gr
 
-from app_admin import ADMIN_PASSWORD_ENV, Admin
+from app_admin import ADMIN_PASSWORD_ENV, MODEL_DEFAULT, Admin, reward_choices
 from app_handlers import Handlers
 from app_inputs import MAX_PROMPTS, PREVIEW_STEPS
 from app_views import Backend
@@ -171,6 +171,8 @@ def admin_tab(admin: Admin) -> SimpleNamespace:
                 with gr.Row():
                     ppo_dataset = gr.Dropdown(label="Dataset", choices=[], value=None)
                     ppo_updates = gr.Number(label="Updates", value=50)
+                    ppo_reward = gr.Dropdown(reward_choices(), value=MODEL_DEFAULT, label="Reward",
+                                             allow_custom_value=True, info="a measure or a sum like psnr+10*gms")
                     ppo_btn = gr.Button("Start PPO run", variant="primary", scale=0)
                     stop_btn = gr.Button("Stop", variant="stop", scale=0)
                 reward_plot = gr.LinePlot(x="update", y="reward", title="Mean reward per update", height=260)
@@ -240,7 +242,7 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
               api_name="admin_unlock", **private)
         ad.ds_btn.click(admin.build_dataset, [ad.unlocked, ad.ds_prompts, ad.ds_seeds], ad.proc_status,
                         api_name="admin_build_dataset", **private)
-        ad.ppo_btn.click(admin.start_ppo, [ad.unlocked, ad.ppo_dataset, ad.ppo_updates], ad.proc_status,
+        ad.ppo_btn.click(admin.start_ppo, [ad.unlocked, ad.ppo_dataset, ad.ppo_updates, ad.ppo_reward], ad.proc_status,
                          api_name="admin_start_ppo", **private)
         ad.stop_btn.click(admin.stop, [ad.unlocked], ad.proc_status, api_name="admin_stop", **private)
         ad.timer.tick(admin.poll, [ad.unlocked, ad.ppo_dataset], [ad.proc_status, ad.reward_plot, ad.ckpts,

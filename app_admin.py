@@ -172,11 +172,12 @@ class Admin:
         run = self.slot.start("dataset", argv)
         return f"Building dataset {name} (pid {run.proc.pid}) from {n_prompts} prompts x {n_seeds} seeds…"
 
-    def start_ppo(self, unlocked: bool, dataset_id: Any, updates: Any) -> str:
+    def start_ppo(self, unlocked: bool, dataset_id: Any, updates: Any, reward: str | None = None) -> str:
         """``python -m training.train`` on a dataset chosen from the store's list (by id, never by path)."""
         self._check(unlocked)
         try:
             n = parse_int(updates, "Updates", 1, 100_000)
+            reward_args = ["--reward", check_reward(reward)] if reward and reward != MODEL_DEFAULT else []
             if dataset_id in (None, ""):
                 raise FieldError("Dataset", "build a dataset first, then choose it")
             folder = self.backend.dataset_folder(parse_int(dataset_id, "Dataset", 1, 2**62))
@@ -185,7 +186,7 @@ class Admin:
         name = f"admin-ppo-{stamp()}"
         argv = [sys.executable, "-m", "training.train", "--dataset", str(folder), "--out",
                 str(self.work / "runs" / name), "--store", str(self.db), "--num-updates", str(n), "--name", name,
-                *self._model_args()]
+                *reward_args, *self._model_args()]
         run = self.slot.start("ppo", argv)
         return f"PPO run {name} started (pid {run.proc.pid}, {n} updates); the reward plot follows the store."
 
@@ -241,6 +242,30 @@ class Admin:
 
 def stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000:06d}"
+
+
+MODEL_DEFAULT = "model default"
+_REWARD_TERM = re.compile(r"\s*(?:\d*\.?\d+\s*\*\s*)?([a-z_0-9]+)\s*")
+
+
+def reward_choices() -> list[str]:
+    from training.rewards import REWARD_NAMES
+
+    return [MODEL_DEFAULT, *REWARD_NAMES]
+
+
+def check_reward(spec: str) -> str:
+    """A reward name or weighted sum (``psnr+10*gms``) of known measures; the trainer checks the rest."""
+    from training.rewards import REWARD_NAMES
+
+    if len(spec) > 200:
+        raise FieldError("Reward", "at most 200 characters")
+    for part in spec.split("+"):
+        m = _REWARD_TERM.fullmatch(part)
+        if m is None or m.group(1) not in REWARD_NAMES:
+            raise FieldError("Reward", f"{part.strip()!r} is not a known measure ({', '.join(REWARD_NAMES)}) "
+                                       "or WEIGHT*NAME")
+    return spec.replace(" ", "")
 
 
 def parse_steps(text: str | None) -> list[int]:

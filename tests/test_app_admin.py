@@ -64,7 +64,7 @@ def test_admin_commands_are_accepted_by_the_training_clis(admin, monkeypatch):
     with pytest.raises(Captured):
         admin.build_dataset(True, "a red circle\na blue square", 2)
     with pytest.raises(Captured):
-        admin.start_ppo(True, 1, 5)
+        admin.start_ppo(True, 1, 5, "psnr + 10*gms")
     with pytest.raises(Captured):
         next(admin.evaluate(True, "a green triangle", "3,4", 1))
     assert [a[2] for a in seen] == ["training.dataset", "training.train", "training.evaluate"]
@@ -81,6 +81,7 @@ def test_admin_commands_are_accepted_by_the_training_clis(admin, monkeypatch):
     (lambda a: a.start_ppo(True, None, 5), "Dataset"),
     (lambda a: a.start_ppo(True, 7, 5), "Dataset"),
     (lambda a: a.start_ppo(True, 1, 0), "Updates"),
+    (lambda a: a.start_ppo(True, 1, 5, "psnr+rm -rf"), "Reward"),
     (lambda a: next(a.evaluate(True, "x", "0,3", 1)), "Steps"),
     (lambda a: next(a.evaluate(True, "", "3", 1)), "Held-out prompts"),
     (lambda a: a.activate(True, 2), "Checkpoint id"),
