@@ -162,11 +162,11 @@ class EngineBackend:
         if group:
             yield group
 
-    def export(self, kind: str, row_id: int) -> Path:
+    def export(self, kind: str, row_id: int, sha: str | None = None) -> Path:
         """The stored PNG as a file in the export folder (named by id and hash, so never stale)."""
-        if kind == "preview":
+        if sha is None and kind == "preview":
             sha = self.store.get_preview(row_id, with_image=False).png_sha256
-        else:
+        elif sha is None:
             sha = self.store.get_final(row_id).png_sha256
         path = self.exports / f"{kind}-{row_id}-{sha[:16]}.png"
         if not path.exists():
@@ -260,7 +260,7 @@ class EngineBackend:
 
     def _preview_item(self, p: Any) -> HistoryItem:
         return HistoryItem("preview", p.id, self._settings(p.generation, p.solver, p.steps),
-                           self.export("preview", p.id), p.created_at)
+                           self.export("preview", p.id, p.png_sha256), p.created_at)
 
     def history_item(self, ref: str, owner: str) -> HistoryItem:
         """``preview:ID`` or ``final:ID`` of ``owner``; ValueError when missing or someone else's."""
@@ -284,7 +284,8 @@ class EngineBackend:
                 settings = self._settings(gen, p.solver, p.steps, job.steps)
             else:
                 settings = self._settings(gen, self.default_solver(), 4, job.steps)
-            return HistoryItem("final", row_id, settings, self.export("final", row_id), final.created_at)
+            return HistoryItem("final", row_id, settings, self.export("final", row_id, final.png_sha256),
+                               final.created_at)
         except NotFoundError:
             raise ValueError(f"there is no {kind} #{row_id}") from None
 
