@@ -9,8 +9,9 @@ Start with :func:`open_store`; everything else is a method of the returned :clas
                            guidance=7.5, noise_id=noise_id)
     pid = s.add_preview(gen, solver="consistency", steps=4, image=pil, timings_ms={"total": 80.0})
     job = s.enqueue_job(gen, steps=50, solver="ddim", preview_id=pid)
-    # worker: s.recover_interrupted() once at start, then claim_next_job / update_job_progress /
-    # finish_job(job_id, "done", image=final_pil) (stores the final in the same transaction)
+    # worker: s.recover_interrupted() once at start, then claim_next_job (or claim_job(job)) /
+    # update_job_progress / finish_job(job_id, "done", image=final_pil) (stores the final in the same
+    # transaction); interrupt_job(job_id) re-queues a running job on a clean shutdown
 
 Modules: ``connection`` (file checks, pragmas, lock, ``transaction()``), ``migrations``, ``noise``,
 ``png`` (A1111 ``parameters``), ``history`` (prompts, generations, previews, finals,

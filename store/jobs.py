@@ -4,12 +4,14 @@ States and the transitions allowed between them (anything else raises :class:`Jo
 
     queued ──claim──> running ──finish──> done | failed | cancelled
       │                  │ └──recover_interrupted (process died)──> interrupted ──> queued (restarts + 1)
-      └──cancel──> cancelled                                                     └──> failed (too many restarts)
+      │                  └──interrupt_job (clean shutdown)───────┘             └──> failed (too many restarts)
+      └──cancel──> cancelled
     failed | cancelled ──retry──> queued
 
 Each transition also appends a row to ``refine_job_events`` (the job's state history), in the
-same transaction. ``claim_next_job`` reads and updates under ``BEGIN IMMEDIATE``, so two workers
-(threads or processes) never claim the same job. A job is never marked ``done`` without its
+same transaction. ``claim_next_job`` (the oldest queued job) and ``claim_job`` (one given job)
+read and update under ``BEGIN IMMEDIATE``, so two workers (threads or processes) never claim the
+same job. A job is never marked ``done`` without its
 final image: :meth:`JobStore.finish_job` writes both in one transaction.
 """
 
@@ -71,6 +73,11 @@ class JobEvent:
     to_state: str
     note: str | None
     at: str
+
+
+def _check_max_restarts(max_restarts: Any) -> None:
+    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+        raise ValueError(f"max_restarts must be a non-negative integer, got {max_restarts!r}")
 
 
 def _job(row: Mapping[str, Any]) -> Job:
@@ -137,6 +144,11 @@ class JobStore(HistoryStore):
             )
         return job_id
 
+    def _claim(self, db: sqlite_utils.Database, job: Mapping[str, Any], device: str) -> None:
+        """queued -> running on ``device``, inside the caller's transaction."""
+        self._move(db, job, "running", f"claimed on {device}", device=device, started_at=utc_now(), progress_step=0,
+                   error=None, finished_at=None)
+
     def claim_next_job(self, device: str) -> Job | None:
         """Atomically move the oldest queued job to ``running`` on ``device``; ``None`` if none is queued."""
         check_text(device, "device", max_len=200)
@@ -146,10 +158,22 @@ class JobStore(HistoryStore):
             if row is None:
                 return None
             job = self._job_row(db, row[0])
-            now = utc_now()
-            self._move(db, job, "running", f"claimed on {device}", device=device, started_at=now, progress_step=0,
-                       error=None, finished_at=None)
+            self._claim(db, job, device)
             job_id = job["id"]
+        return self.get_job(job_id)
+
+    def claim_job(self, job_id: int, device: str) -> Job:
+        """Atomically move the queued job ``job_id`` to ``running`` on ``device`` (older queued jobs stay queued).
+
+        :raises JobStateError: the job is not queued (another worker claimed it, or it was cancelled...);
+            the message names the job and its state. :raises NotFoundError: no such job.
+        """
+        check_text(device, "device", max_len=200)
+        with self.transaction() as db:
+            job = self._job_row(db, job_id)
+            if job["state"] != "queued":
+                raise JobStateError(f"refine job {job_id} is {job['state']}, not queued, so it cannot be claimed")
+            self._claim(db, job, device)
         return self.get_job(job_id)
 
     def update_job_progress(self, job_id: int, step: int) -> bool:
@@ -253,25 +277,60 @@ class JobStore(HistoryStore):
         loop forever). One transaction for all. Call it once, while no worker of this database is
         running (the app lock guarantees that). Returns the ids queued again.
         """
-        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
-            raise ValueError(f"max_restarts must be a non-negative integer, got {max_restarts!r}")
+        _check_max_restarts(max_restarts)
         requeued = []
         with self.transaction() as db:
             ids = [r[0] for r in db.execute("SELECT id FROM refine_jobs WHERE state = 'running' ORDER BY id")]
             for job_id in ids:
                 job = self._job_row(db, job_id)
-                restarts = job["restarts"] + 1
-                self._move(db, job, "interrupted", "the process stopped while it ran", restarts=restarts)
-                job = self._job_row(db, job_id)
-                if job["cancel_requested"]:
-                    self._move(db, job, "cancelled", "cancel was requested before the restart", finished_at=utc_now())
-                elif restarts > max_restarts:
-                    self._move(db, job, "failed", f"interrupted {restarts} times", finished_at=utc_now(),
-                               error=f"interrupted by {restarts} restarts; not retried automatically")
-                else:
-                    self._move(db, job, "queued", "queued again after restart", progress_step=0, device=None)
+                if self._interrupt(db, job, "the process stopped while it ran", max_restarts) == "queued":
                     requeued.append(job_id)
         return requeued
+
+    def interrupt_job(self, job_id: int, *, max_restarts: int | None = None,
+                      note: str = "the worker was shut down while it ran") -> str:
+        """Clean shutdown: the running job ``job_id`` becomes ``interrupted`` and is queued again.
+
+        Exactly what :meth:`recover_interrupted` does to each job a dead process left running, for one
+        job and at once (one transaction): ``restarts`` goes up by one, the history shows ``running ->
+        interrupted -> queued``, progress goes back to 0 (a job restarts from its noise). A job whose
+        cancel was requested ends ``cancelled`` instead. ``max_restarts`` (default: no limit, since a
+        shutdown is not the job's fault) ends it ``failed`` once interrupted more often than that.
+        ``note`` is the interrupt's entry in the history. Returns the job's state afterwards
+        (``queued``, ``cancelled`` or ``failed``).
+
+        :raises JobStateError: the job is not running (the message names the job and its state).
+            :raises NotFoundError: no such job.
+        """
+        if max_restarts is not None:
+            _check_max_restarts(max_restarts)
+        check_text(note, "note", max_len=1000)
+        with self.transaction() as db:
+            job = self._job_row(db, job_id)
+            if job["state"] != "running":
+                raise JobStateError(f"refine job {job_id} is {job['state']}, not running, so it cannot be interrupted")
+            return self._interrupt(db, job, note, max_restarts)
+
+    def _interrupt(
+        self, db: sqlite_utils.Database, job: Mapping[str, Any], note: str, max_restarts: int | None
+    ) -> str:
+        """running -> interrupted (restarts + 1) -> queued | cancelled | failed, in the caller's transaction.
+
+        Returns the state the job ends in.
+        """
+        job_id = job["id"]
+        restarts = job["restarts"] + 1
+        self._move(db, job, "interrupted", note, restarts=restarts)
+        job = self._job_row(db, job_id)
+        if job["cancel_requested"]:
+            self._move(db, job, "cancelled", "cancel was requested before the restart", finished_at=utc_now())
+            return "cancelled"
+        if max_restarts is not None and restarts > max_restarts:
+            self._move(db, job, "failed", f"interrupted {restarts} times", finished_at=utc_now(),
+                       error=f"interrupted by {restarts} restarts; not retried automatically")
+            return "failed"
+        self._move(db, job, "queued", "queued again after restart", progress_step=0, device=None)
+        return "queued"
 
     def get_job(self, job_id: int) -> Job:
         """Refine job ``job_id``. :raises NotFoundError:"""

@@ -116,6 +116,90 @@ def test_recover_interrupted(s: store.Store) -> None:
     assert (job.state, job.restarts) == ("failed", 3) and "3 restarts" in job.error
 
 
+def test_claim_job_takes_that_job_and_leaves_older_ones_queued(s: store.Store) -> None:
+    gen = new_generation(s)
+    older, mine, gone = (s.enqueue_job(gen, steps=2, solver="ddim") for _ in range(3))
+    s.request_cancel(gone)
+    job = s.claim_job(mine, "cuda:1")
+    assert (job.id, job.state, job.device, job.progress_step) == (mine, "running", "cuda:1", 0)
+    assert s.get_job(older).state == "queued"
+    assert states(s, mine) == [(None, "queued"), ("queued", "running")]
+    events = len(s.job_history(mine))
+    for job_id, state in ((mine, "running"), (gone, "cancelled")):
+        with pytest.raises(store.JobStateError, match=f"refine job {job_id} is {state}, not queued"):
+            s.claim_job(job_id, "cpu")
+    assert len(s.job_history(mine)) == events and s.get_job(mine).device == "cuda:1"  # nothing changed
+    with pytest.raises(store.NotFoundError, match="refine_jobs row 99"):
+        s.claim_job(99, "cpu")
+    with pytest.raises(ValueError, match="device"):
+        s.claim_job(older, "")
+    assert s.claim_next_job("cpu").id == older  # the queue order is untouched
+
+
+def test_interrupt_job_requeues_like_recover_interrupted(s: store.Store) -> None:
+    gen = new_generation(s)
+    a = s.enqueue_job(gen, steps=5, solver="ddim")
+    other = s.enqueue_job(gen, steps=5, solver="ddim")
+    s.claim_job(a, "cpu")
+    s.claim_job(other, "cpu")
+    s.update_job_progress(a, 3)
+    assert s.interrupt_job(a) == "queued"
+    job = s.get_job(a)
+    assert (job.state, job.restarts, job.progress_step, job.device) == ("queued", 1, 0, None)
+    assert states(s, a)[-2:] == [("running", "interrupted"), ("interrupted", "queued")]
+    assert s.job_history(a)[-2].note == "the worker was shut down while it ran"
+    assert s.get_job(other).state == "running"  # only that job
+    events = len(s.job_history(a))
+    with pytest.raises(store.JobStateError, match=f"refine job {a} is queued, not running"):
+        s.interrupt_job(a)
+    assert len(s.job_history(a)) == events and s.get_job(a).restarts == 1
+    with pytest.raises(ValueError, match="max_restarts"):
+        s.interrupt_job(other, max_restarts=-1)
+    assert s.get_job(other).state == "running"
+    # The same restart count as a crash: recover_interrupted sees restarts 1 -> 2 > max_restarts 1.
+    s.claim_job(a, "cpu")
+    assert s.recover_interrupted(max_restarts=1) == [other]
+    job = s.get_job(a)
+    assert (job.state, job.restarts) == ("failed", 2) and "2 restarts" in job.error
+    # A requested cancel wins, and interrupt_job has its own optional limit.
+    s.claim_job(other, "cpu")
+    s.request_cancel(other)
+    assert s.interrupt_job(other, note="app closed") == "cancelled"
+    assert s.job_history(other)[-2].note == "app closed" and s.get_job(other).restarts == 2
+    s.retry_job(other)
+    s.claim_job(other, "cpu")
+    assert s.interrupt_job(other, max_restarts=2) == "failed" and s.get_job(other).restarts == 3
+
+
+def _claim_each(path: str, ids: list[int], q) -> None:
+    with store.open_store(path) as st:
+        got = []
+        for job_id in ids:
+            try:
+                got.append(st.claim_job(job_id, "proc").id)
+            except store.JobStateError:
+                pass
+        q.put(got)
+
+
+def test_two_processes_claiming_one_job_by_id_never_both_get_it(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    with store.open_store(path) as s:
+        gen = new_generation(s)
+        ids = [s.enqueue_job(gen, steps=1, solver="ddim") for _ in range(30)]
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_claim_each, args=(str(path), ids, q)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    claims = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert sorted(i for c in claims for i in c) == ids  # every job claimed exactly once
+    with store.open_store(path) as s:
+        assert s.query("SELECT count(*) AS n FROM refine_job_events WHERE to_state = 'running'")[0]["n"] == 30
+
+
 def _claim_all(path: str, q) -> None:
     with store.open_store(path) as st:
         got = []
