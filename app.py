@@ -93,7 +93,9 @@ def explore_tab(backend: Backend) -> SimpleNamespace:
                     width_in = gr.Number(label="Width", value=width, step=backend.size_multiple, elem_id="width")
                     height_in = gr.Number(label="Height", value=height, step=backend.size_multiple, elem_id="height")
                     refine_steps = gr.Number(label="Refine steps", value=40, elem_id="refine-steps")
-                preview_btn = gr.Button("Preview (Ctrl+Enter)", variant="primary", elem_id="preview-btn")
+                with gr.Row():
+                    preview_btn = gr.Button("Preview (Ctrl+Enter)", variant="primary", elem_id="preview-btn", scale=3)
+                    stop_btn = gr.Button("Stop (Esc)", variant="stop", elem_id="stop-btn", scale=1)
             with gr.Column(scale=2):
                 status = gr.Markdown("Enter prompts and press Preview.", elem_id="explore-status")
                 gallery = gr.Gallery(label="Previews", columns=8, allow_preview=False, object_fit="contain",
@@ -213,6 +215,8 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
             h.preview, ex.fields, [ex.gallery, ex.snapshot, ex.selection, ex.status], api_name="preview",
             concurrency_limit=8, concurrency_id="preview", trigger_mode="once", show_progress="minimal")
         preview.then(h.search, hi.query, history_out, api_name="history_after_preview", **private)
+        # Stop ends the stream between chunks; the engine then drops the chunks not yet started.
+        ex.stop_btn.click(None, None, None, cancels=[preview], api_name="stop_preview", **private)
         ex.gallery.select(h.toggle_tile, [ex.selection, ex.snapshot], ex.selection, api_name="toggle_tile",
                           queue=False)
         ex.all_btn.click(h.select_all, ex.snapshot, ex.selection, api_name="select_all", queue=False)
