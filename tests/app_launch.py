@@ -13,6 +13,11 @@ if str(REPO) not in sys.path:  # app.py is a script at the repo root, not an ins
     sys.path.insert(0, str(REPO))
 
 import app  # noqa: E402
+
+# Debian's chromium driven by Playwright (never `playwright install`): the flags keep it offline and quiet.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
 from app_admin import Admin  # noqa: E402
 
 

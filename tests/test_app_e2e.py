@@ -14,17 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from app_launch import REPO, app_paths, launched  # noqa: I001 (puts the repo root on sys.path)
+from app_launch import CHROMIUM, CHROMIUM_ARGS, REPO, app_paths, launched  # noqa: I001 (puts the repo root on sys.path)
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 
 from app_admin import ADMIN_PASSWORD_ENV  # noqa: E402
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "tests" / "artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 JOB_TIMEOUT_S = 90
 ADMIN_PASSWORD = "e2e-admin-password"
 

@@ -169,3 +169,30 @@ def test_cancel_bad_id_and_unknown_history_item(served):
         client.predict("../../etc/passwd", api_name="/history_png")
     with pytest.raises(AppError, match="Item"):
         client.predict("final:999", api_name="/history_png")
+
+
+@pytest.mark.browser
+def test_escape_stops_a_streaming_grid(served):
+    """Esc (the Stop button) ends the preview stream between chunks; later chunks are never made."""
+    from app_launch import CHROMIUM, CHROMIUM_ARGS
+
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is not installed (Debian package 'chromium'; scripts/test.sh installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    _client, backend, _paths, url = served
+    backend.chunk, backend.chunk_s = 1, 0.5
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(url, wait_until="domcontentloaded")
+            page.locator("#prompts textarea").fill("a slow grid")
+            page.locator("#seed-count input").fill("12")
+            page.locator("#preview-btn").click()
+            sync_api.expect(page.locator("#preview-gallery img")).to_have_count(2, timeout=30_000)
+            page.keyboard.press("Escape")
+            made = len(backend.previews)
+            time.sleep(2.5)  # five more chunks' worth
+            assert len(backend.previews) <= made + 1 < 12  # at most the chunk in flight finishes
+        finally:
+            browser.close()
