@@ -6,8 +6,10 @@ Examples::
     python -m refine --preview-id 12 --out finals/
 
 Prints one JSON object (prompt, seed, steps, solver, path, ids, and for a preview its consistency
-with the final). Jobs go through the store's queue like the app's; older queued jobs of the same
-database run first. Without ``--model`` the embedded default model is used, with no network.
+with the final). The job goes through the store's queue like the app's, and this process claims and
+runs its own job only: other queued jobs of the same database stay queued for their own processes.
+Stopped mid-job (Ctrl-C), the job is queued again (``interrupted``, restarts + 1). Without
+``--model`` the embedded default model is used, with no network.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
         with tqdm(total=args.steps, desc=f"refine job {job_id}", unit="step", file=sys.stderr) as bar:
             while (p := service.progress(job_id)).state not in FINISHED:
                 if p.state == "queued" and worker.pending == 0:
-                    service.dispatch()  # an older queued job ran first; take the next one
+                    service.dispatch(job_id)  # another process claimed it, then was shut down: claim it again
                 bar.update(p.step - bar.n)
                 time.sleep(0.05)
             bar.update(p.step - bar.n)

@@ -4,24 +4,28 @@ Life of a job (states are the store's, see ``store.jobs``):
 
 1. :meth:`RefineService.refine_preview` / :meth:`RefineService.refine_new` validate, write the job
    (``queued``) and hand the worker a stepped task.
-2. On the worker the task claims the oldest queued job (``running``; two workers or processes never
-   claim the same one), encodes the prompt, and then advances the full-step sampler by ONE guided
-   model call per ``next()``. After each step it records ``progress_step`` and reads the cancel
-   flag: a cancel takes effect within one step. Between two steps the worker runs any preview
-   that is waiting.
+2. On the worker the task claims ITS job (``running``; two workers or processes never claim the
+   same one; older queued jobs of the database stay queued, and a job no longer queued, e.g.
+   claimed by another process, is left alone), encodes the prompt, and then advances the full-step
+   sampler by ONE guided model call per ``next()``. After each step it records ``progress_step``
+   and reads the cancel flag: a cancel takes effect within one step. Between two steps the worker
+   runs any preview that is waiting.
 3. At the end: decode, store the final PNG (``done``, same transaction), then measure and store the
    preview-vs-final consistency (:mod:`refine.consistency`). An exception ends the job ``failed``
    with its message and reaches whoever waits on the task.
-4. After a crash or restart, :meth:`RefineService.resume` calls ``recover_interrupted``: a job that
-   was ``running`` becomes ``interrupted`` and is queued again with ``restarts + 1``. A resumed
-   job restarts from its stored noise at step 0 (there is no mid-trajectory checkpoint); since the
-   noise and inputs are the same, so is the final image. Its progress says so
-   (:attr:`JobProgress.restarted`).
+4. A clean shutdown (the worker or pool is closed mid-job) calls the store's ``interrupt_job``: the
+   job becomes ``interrupted`` and is queued again with ``restarts + 1``, so it is never left
+   ``running``. After a crash, :meth:`RefineService.resume` at the next start calls
+   ``recover_interrupted``, which does the same to every job a dead process left ``running``, and
+   then dispatches every queued job. A resumed job restarts from its stored noise at step 0 (there
+   is no mid-trajectory checkpoint); since the noise and inputs are the same, so is the final
+   image. Its progress says so (:attr:`JobProgress.restarted`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import logging
 import threading
 import time
@@ -121,7 +125,7 @@ class RefineService:
             raise ValueError(f"preview_id {preview_id} does not exist in the store") from None
         self._check_generation_model(preview.generation)
         job_id = self.store.enqueue_job(preview.generation.id, steps=steps, solver=FULL_STEP_SOLVER, preview_id=preview_id)
-        self.dispatch()
+        self.dispatch(job_id)
         return job_id
 
     def refine_new(
@@ -151,7 +155,7 @@ class RefineService:
             generation_id = self.store.add_generation(model_id=model.model_id, prompt=prompt, negative_prompt=negative_prompt,
                                                       seed=seed, height=h, width=w, guidance=g, noise_id=noise_id, **extra)
             job_id = self.store.enqueue_job(generation_id, steps=steps, solver=FULL_STEP_SOLVER)
-        self.dispatch()
+        self.dispatch(job_id)
         return job_id
 
     def _check_generation_model(self, generation: Any) -> None:
@@ -159,9 +163,17 @@ class RefineService:
             raise ValueError(f"preview_id: it was made with model {generation.model_id!r}, "
                              f"but this worker runs {self.model.model_id!r}")
 
-    def dispatch(self) -> Future:
-        """Give the worker one stepped task that claims and runs the oldest queued job (if any)."""
-        return self.executor.submit_stepped(self._run_next_job, priority=REFINE, label="refine")
+    def dispatch(self, job_id: int | None = None) -> Future:
+        """Give the worker one stepped task that claims and runs job ``job_id``.
+
+        With ``job_id=None`` the task claims the oldest queued job instead. The future's result is the
+        final's id, or ``None`` when there was nothing to run (no queued job; or job ``job_id`` was no
+        longer queued, e.g. another worker or process had claimed it) or the job was cancelled.
+        """
+        if job_id is not None and (isinstance(job_id, bool) or not isinstance(job_id, int)):
+            raise ValueError(f"job_id must be an integer, got {job_id!r}")
+        fn = self._run_next_job if job_id is None else functools.partial(self._run_next_job, job_id=job_id)
+        return self.executor.submit_stepped(fn, priority=REFINE, label="refine" if job_id is None else f"refine {job_id}")
 
     def resume(self, max_restarts: int = 3) -> list[int]:
         """At start-up: re-queue jobs interrupted by a restart, and dispatch every queued job.
@@ -171,14 +183,14 @@ class RefineService:
         requeued = self.store.recover_interrupted(max_restarts=max_restarts)
         for job_id in requeued:
             logger.info("refine job %d was interrupted by a restart; it starts again from its noise", job_id)
-        for _ in self.store.list_jobs(states=["queued"], owner=None, limit=10_000):
-            self.dispatch()
+        for job in self.store.list_jobs(states=["queued"], owner=None, limit=10_000):
+            self.dispatch(job.id)
         return requeued
 
     def retry(self, job_id: int) -> None:
         """Queue a failed or cancelled job again (from its noise, step 0) and dispatch it."""
         self.store.retry_job(job_id)
-        self.dispatch()
+        self.dispatch(job_id)
 
     # --- watching --------------------------------------------------------------------------------
     def cancel(self, job_id: int) -> str:
@@ -214,10 +226,20 @@ class RefineService:
             time.sleep(self.poll_s)
 
     # --- on the worker ---------------------------------------------------------------------------
-    def _run_next_job(self, model: Denoiser) -> Generator[None, None, int | None]:
+    def _run_next_job(self, model: Denoiser, job_id: int | None = None) -> Generator[None, None, int | None]:
+        """Claim job ``job_id`` (``None``: the oldest queued one) and run it, one unit of device work per ``next()``."""
+        from store.errors import JobStateError
+
         workers = self.executor.workers if isinstance(self.executor, WorkerPool) else [self.executor]
         device = next((w.name for w in workers if w.model is model), str(model.device))
-        job = self.store.claim_next_job(device)
+        if job_id is None:
+            job = self.store.claim_next_job(device)
+        else:
+            try:
+                job = self.store.claim_job(job_id, device)
+            except JobStateError as exc:  # claimed by another worker or process, or cancelled meanwhile
+                logger.info("%s; this task leaves it alone", exc)
+                job = None
         if job is None:
             return None
         settled = self._settled.setdefault(job.id, threading.Event())
@@ -226,9 +248,9 @@ class RefineService:
         try:
             final_id = yield from self._run_job(model, job)
         except GeneratorExit:
-            # The worker is closing: the job stays 'running' and recover_interrupted() re-queues it
-            # at the next start (the store allows running -> interrupted only there).
-            logger.info("refine job %d stopped at shutdown (if still running, it resumes after restart)", job.id)
+            # The worker is closing mid-job: interrupted -> queued again, so a clean shutdown never
+            # leaves it 'running'. (If that write fails, recover_interrupted() at the next start does it.)
+            self._interrupt_at_shutdown(job.id)
             raise
         except BaseException as exc:
             logger.exception("refine job %d failed", job.id)
@@ -240,6 +262,18 @@ class RefineService:
         finally:
             settled.set()
         return final_id
+
+    def _interrupt_at_shutdown(self, job_id: int) -> None:
+        """Re-queue job ``job_id`` if it is still running (it may already be done, between its final and
+        its consistency row)."""
+        try:
+            if self.store.get_job(job_id).state != "running":
+                return
+            state = self.store.interrupt_job(job_id)
+        except Exception:  # noqa: BLE001 - e.g. the store was closed first; the next start recovers it
+            logger.exception("refine job %d stopped at shutdown and stays running until the next start", job_id)
+            return
+        logger.info("refine job %d stopped at shutdown; it is %s (it restarts from its noise)", job_id, state)
 
     def _run_job(self, model: Denoiser, job: Any) -> Generator[None, None, int | None]:
         store = self.store

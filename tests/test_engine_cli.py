@@ -69,3 +69,22 @@ def test_refine_cli_unknown_preview(tmp_path, capsys):
     code = refine_main(["--preview-id", "42", "--db", str(tmp_path / "r.db"), "--out", str(tmp_path)],
                        model=TinyUNetDenoiser(size=16))
     assert code == 2 and "preview_id 42 does not exist" in capsys.readouterr().err
+
+
+def test_refine_cli_runs_only_its_own_job(tmp_path, capsys):
+    """An older queued job of another process in the same database is left queued, not run first."""
+    from refine.__main__ import main as refine_main
+
+    db, model = tmp_path / "shared.db", TinyUNetDenoiser(size=16)
+    with open_store(db) as s:  # a job some other process queued earlier, runnable by this very model
+        noise_id, _ = s.get_or_create_noise(5, model.latent_shape(16, 16))
+        gen = s.add_generation(model_id=model.model_id, prompt="older", seed=5, height=16, width=16, guidance=3.0,
+                               noise_id=noise_id)
+        older = s.enqueue_job(gen, steps=2, solver="dpm2m")
+    assert refine_main(["--prompt", "a blue square", "--seed", "1", "--steps", "2", "--db", str(db),
+                        "--out", str(tmp_path / "out")], model=model) == 0
+    (record,) = _lines(capsys)
+    with open_store(db) as s:
+        assert record["job_id"] != older and s.get_job(record["job_id"]).state == "done"
+        assert [(e.from_state, e.to_state) for e in s.job_history(older)] == [(None, "queued")]
+        assert s.get_final_for_job(older) is None and row_counts(s)["finals"] == 1

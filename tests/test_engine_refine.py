@@ -119,21 +119,44 @@ def test_failing_refine_is_recorded_and_the_worker_survives(store):
     assert again.state == "done" and again.final_id is not None
 
 
-def test_job_survives_a_restart_and_starts_again_from_its_noise(tmp_path):
-    """A worker stopped mid-job (process exit) leaves the job running; the next start re-queues it
-    (interrupted -> queued, restarts 1) and it runs from its noise to the same final image."""
+def _refine_until_killed(path: str, conn) -> None:
+    """Runs in a forked child: starts two refines and works on them until the parent kills it."""
+    from store import open_store
+
+    torch.set_num_threads(1)
+    service = RefineService(DeviceWorker(TinyUNetDenoiser(size=16, delay=0.03)), open_store(path))
+    conn.send((service.refine_new("a red circle", 4, steps=30), service.refine_new("a red circle", 4, steps=30)))
+    while True:
+        time.sleep(1)
+
+
+def test_job_survives_a_crash_and_starts_again_from_its_noise(tmp_path):
+    """A process killed mid-job (SIGKILL: no cleanup runs) leaves the job running; the next start
+    re-queues it (interrupted -> queued, restarts 1) and it runs from its noise to the same final image."""
+    import multiprocessing as mp
+    import os
+    import signal
+
     from store import open_store
 
     path = tmp_path / "restart.db"
-    store = open_store(path)
-    model = TinyUNetDenoiser(size=16, delay=0.03)
-    worker = DeviceWorker(model)
-    service = RefineService(worker, store)
-    job = service.refine_new("a red circle", 4, steps=30)
-    reference = service.refine_new("a red circle", 4, steps=30)  # queued behind it
-    while service.progress(job).step < 2:
-        time.sleep(0.01)
-    worker.close()
+    open_store(path).close()  # created and migrated before the child starts
+    ctx = mp.get_context("fork")
+    parent_end, child_end = ctx.Pipe()
+    proc = ctx.Process(target=_refine_until_killed, args=(str(path), child_end))
+    proc.start()
+    try:
+        assert parent_end.poll(60), "the child did not start its refines"
+        job, reference = parent_end.recv()
+        store = open_store(path)
+        deadline = time.monotonic() + 60
+        while store.get_job(job).progress_step < 2:
+            assert time.monotonic() < deadline and proc.is_alive()
+            time.sleep(0.01)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+    assert proc.exitcode == -signal.SIGKILL
     assert store.get_job(job).state == "running" and store.get_job(reference).state == "queued"
     store.close()
 
@@ -145,6 +168,40 @@ def test_job_survives_a_restart_and_starts_again_from_its_noise(tmp_path):
     assert p.state == "done" and p.restarted and p.restarts == 1 and not q.restarted
     history = [(e.from_state, e.to_state) for e in store.job_history(job)]
     assert ("running", "interrupted") in history and ("interrupted", "queued") in history
+    assert np.array_equal(_pixels(store.get_final(p.final_id).png), _pixels(store.get_final(q.final_id).png))
+    store.close()
+
+
+def test_closing_the_worker_mid_job_requeues_it_and_a_new_service_resumes_it(tmp_path):
+    """A clean shutdown never leaves a job running: closing the worker mid-refine records
+    running -> interrupted -> queued (restarts 1) at once; the next start runs it to the same image."""
+    from store import open_store
+
+    path = tmp_path / "shutdown.db"
+    store = open_store(path)
+    worker = DeviceWorker(TinyUNetDenoiser(size=16, delay=0.03))
+    service = RefineService(worker, store)
+    job = service.refine_new("a red circle", 4, steps=30)
+    reference = service.refine_new("a red circle", 4, steps=30)  # queued behind it
+    deadline = time.monotonic() + 60
+    while service.progress(job).step < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    worker.close()
+    j = store.get_job(job)
+    assert (j.state, j.restarts, j.progress_step, j.device) == ("queued", 1, 0, None)
+    assert [(e.from_state, e.to_state) for e in store.job_history(job)] == [
+        (None, "queued"), ("queued", "running"), ("running", "interrupted"), ("interrupted", "queued")]
+    r = store.get_job(reference)
+    assert (r.state, r.restarts) == ("queued", 0)  # never claimed, so not interrupted
+    store.close()
+
+    store = open_store(path)  # "the next start"
+    with DeviceWorker(TinyUNetDenoiser(size=16)) as worker:
+        service = RefineService(worker, store)
+        assert service.resume() == []  # nothing was left running: both are simply queued
+        p, q = service.wait(job, 60), service.wait(reference, 60)
+    assert p.state == q.state == "done" and p.restarted and p.restarts == 1 and not q.restarted
     assert np.array_equal(_pixels(store.get_final(p.final_id).png), _pixels(store.get_final(q.final_id).png))
     store.close()
 
