@@ -28,7 +28,7 @@ import gradio as gr
 
 from app_admin import ADMIN_PASSWORD_ENV, MODEL_DEFAULT, Admin, reward_choices
 from app_handlers import Handlers
-from app_inputs import MAX_PROMPTS, PREVIEW_STEPS
+from app_inputs import DEFAULT_REFINE_STEPS, MAX_PROMPTS, PREVIEW_STEPS
 from app_views import Backend
 
 logger = logging.getLogger("diffusion_preview.app")
@@ -92,7 +92,7 @@ def explore_tab(backend: Backend) -> SimpleNamespace:
                 with gr.Row():
                     width_in = gr.Number(label="Width", value=width, step=backend.size_multiple, elem_id="width")
                     height_in = gr.Number(label="Height", value=height, step=backend.size_multiple, elem_id="height")
-                    refine_steps = gr.Number(label="Refine steps", value=40, elem_id="refine-steps")
+                    refine_steps = gr.Number(label="Refine steps", value=DEFAULT_REFINE_STEPS, elem_id="refine-steps")
                 with gr.Row():
                     preview_btn = gr.Button("Preview (Ctrl+Enter)", variant="primary", elem_id="preview-btn", scale=3)
                     stop_btn = gr.Button("Stop (Esc)", variant="stop", elem_id="stop-btn", scale=1)

@@ -272,7 +272,7 @@ def parse_steps(text: str | None) -> list[int]:
     """``"3,4,5,6,8"`` -> [3, 4, 5, 6, 8] (each in 1..50)."""
     if not text or not re.fullmatch(r"\s*\d+(\s*[,-]\s*\d+)*\s*", text):
         raise FieldError("Steps", "enter step counts such as 3,4,5,6,8")
-    steps = parse_seed_list(text.replace(" ", ""))  # same "a,b,c-d" grammar
+    steps = parse_seed_list(text, "Steps", limit=50)  # the same "a,b,c-d" grammar
     if any(not 1 <= s <= 50 for s in steps):
         raise FieldError("Steps", "each step count must be in 1..50")
     return steps

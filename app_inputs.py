@@ -1,9 +1,9 @@
 """The Explore tab's fields, parsed and checked before anything touches the engine or the store.
 
 The app shows one clear message per bad field (:class:`FieldError` names the field as the UI labels
-it) and writes nothing. Range checks that belong to the model or the engine (allowed sizes, known
-solvers, the maximum grid) are repeated there; the ones here exist so that the message names the
-field the user typed into.
+it) and writes nothing. The limits are the engine's own (``preview.request``, ``refine.full_step``);
+the engine checks them again, with the model's own rules (allowed sizes), before it writes anything.
+Checking here too makes the message name the field the user typed into.
 """
 
 from __future__ import annotations
@@ -11,15 +11,20 @@ from __future__ import annotations
 import math
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-SEED_MAX = 2**32 - 1  # A1111's seed range: 32-bit seeds
-MAX_PROMPTS = 16
-MAX_SEEDS = 64
-MAX_PROMPT_CHARS = 1000
-PREVIEW_STEPS = (1, 50)
-REFINE_STEPS = (1, 200)
-GUIDANCE_MAX = 30.0
+from preview import request as engine_limits
+from refine.full_step import DEFAULT_STEPS as DEFAULT_REFINE_STEPS
+from refine.full_step import MAX_STEPS as MAX_REFINE_STEPS
+
+SEED_MAX = engine_limits.MAX_SEED  # A1111's seed range: 32-bit seeds
+MAX_PROMPTS = engine_limits.MAX_PROMPTS
+MAX_SEEDS = engine_limits.DEFAULT_MAX_SEEDS
+MAX_PROMPT_CHARS = engine_limits.MAX_PROMPT_CHARS
+PREVIEW_STEPS = (1, engine_limits.MAX_STEPS)
+REFINE_STEPS = (1, MAX_REFINE_STEPS)
+GUIDANCE_MAX = engine_limits.MAX_GUIDANCE
+MAX_TILES = 256  # prompts x seeds in one grid: what a browser gallery shows comfortably
 
 
 class FieldError(ValueError):
@@ -42,8 +47,7 @@ class ExploreSettings:
     guidance: float
     width: int
     height: int
-    refine_steps: int = 40
-    extra: dict = field(default_factory=dict)
+    refine_steps: int = DEFAULT_REFINE_STEPS
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -91,28 +95,23 @@ def parse_int(value: object, name: str, lo: int, hi: int) -> int:
     return value
 
 
-def parse_seed_list(text: str) -> list[int]:
-    """``"3, 17, 100-103"`` -> [3, 17, 100, 101, 102, 103] (order kept, duplicates refused)."""
-    seeds: list[int] = []
-    for part in re.split(r"[,\s]+", text.strip()):
-        if not part:
-            continue
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not m:
-            raise FieldError("Seed list", f"{part!r} is not a seed or a range like 100-103")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        if hi < lo:
-            raise FieldError("Seed list", f"range {part!r} runs backwards")
-        if hi > SEED_MAX:
-            raise FieldError("Seed list", f"seeds are in 0..{SEED_MAX}, got {hi}")
-        if hi - lo + 1 + len(seeds) > MAX_SEEDS:
-            raise FieldError("Seed list", f"at most {MAX_SEEDS} seeds")
-        seeds.extend(range(lo, hi + 1))
-    if not seeds:
-        raise FieldError("Seed list", "enter seeds such as 3, 17, 100-103")
+def parse_seed_list(text: str, field: str = "Seed list", limit: int = MAX_SEEDS) -> list[int]:
+    """``"3, 17, 100-103"`` -> [3, 17, 100, 101, 102, 103]: the engine's grammar, order kept, no repeats."""
+    if not re.fullmatch(r"\s*\d+\s*(-\s*\d+\s*)?(,\s*\d+\s*(-\s*\d+\s*)?)*", text):
+        raise FieldError(field, f"enter numbers and ranges separated by commas, like 3, 17, 100-103; got {text!r}")
+    for lo, hi in re.findall(r"(\d+)\s*-\s*(\d+)", text):  # bound each range before expanding it
+        if int(hi) - int(lo) >= limit:
+            raise FieldError(field, f"at most {limit} values, but {lo}-{hi} alone has {int(hi) - int(lo) + 1}")
+    try:
+        seeds = engine_limits.parse_seeds(re.sub(r"\s+", "", text))
+    except ValueError as exc:
+        raise FieldError(field, str(exc)) from None
+    if len(seeds) > limit:
+        raise FieldError(field, f"at most {limit} values, got {len(seeds)}")
+    if max(seeds) > SEED_MAX:
+        raise FieldError(field, f"values are in 0..{SEED_MAX}, got {max(seeds)}")
     if len(set(seeds)) != len(seeds):
-        raise FieldError("Seed list", "a seed appears twice")
+        raise FieldError(field, "a value appears twice")
     return seeds
 
 
@@ -150,7 +149,7 @@ def parse_explore(
     guidance: object,
     width: object,
     height: object,
-    refine_steps: object = 40,
+    refine_steps: object = DEFAULT_REFINE_STEPS,
     solvers: list[str] | None = None,
     max_size: int = 2048,
 ) -> ExploreSettings:
@@ -166,8 +165,9 @@ def parse_explore(
         height=parse_int(height, "Height", 1, max_size),
         refine_steps=parse_int(refine_steps, "Refine steps", *REFINE_STEPS),
     )
-    if len(settings.prompts) * len(settings.seeds) > MAX_SEEDS * 4:
-        raise FieldError("Prompts", f"prompts x seeds is at most {MAX_SEEDS * 4} tiles")
+    if len(settings.prompts) * len(settings.seeds) > MAX_TILES:
+        raise FieldError("Prompts", f"prompts x seeds is at most {MAX_TILES} tiles, got "
+                                    f"{len(settings.prompts)} x {len(settings.seeds)}")
     return settings
 
 

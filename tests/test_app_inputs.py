@@ -1,0 +1,84 @@
+"""Parsing of the Explore fields: what is accepted, and one error naming the field for the rest."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from app_launch import REPO  # noqa: F401 (puts the repo root on sys.path)
+
+from app_inputs import (  # noqa: E402
+    MAX_SEEDS,
+    MAX_TILES,
+    SEED_MAX,
+    FieldError,
+    dice_seed,
+    parse_explore,
+    parse_int,
+    parse_seed_list,
+    parse_seeds,
+)
+
+GOOD = dict(prompts="a\nb", negative="", seed_count=8.0, seed_start=5.0, seed_list="", steps=4.0, solver="ddim",
+            guidance=4.0, width=32.0, height=32.0, refine_steps=40.0)
+
+
+def parse(**changes):
+    return parse_explore(**{**GOOD, **changes}, solvers=["consistency", "ddim"], max_size=64)
+
+
+def test_good_fields_become_typed_settings():
+    s = parse(prompts="  a red circle \n\n a blue square  \n", negative=" blurry ")
+    assert s.prompts == ["a red circle", "a blue square"] and s.negative_prompt == "blurry"
+    assert s.seeds == list(range(5, 13)) and (s.steps, s.width, s.height, s.refine_steps) == (4, 32, 32, 40)
+    assert all(type(v) is int for v in (s.steps, s.width, s.height, s.refine_steps, *s.seeds))
+    assert parse(seed_list="3, 17, 100-103").seeds == [3, 17, 100, 101, 102, 103]  # the list wins over count/start
+    assert parse(seed_start=SEED_MAX, seed_count=1).seeds == [SEED_MAX]
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(prompts=""), "Prompts"),
+    (dict(prompts=None), "Prompts"),
+    (dict(prompts="\n".join("p" * 17)), "Prompts"),
+    (dict(negative="a\nb"), "Negative prompt"),
+    (dict(seed_count=0), "Seed count"),
+    (dict(seed_count=MAX_SEEDS + 1), "Seed count"),
+    (dict(seed_count=2.5), "Seed count"),
+    (dict(seed_count=True), "Seed count"),
+    (dict(seed_start=-1), "Seed start"),
+    (dict(seed_start=SEED_MAX, seed_count=2), "Seed start"),
+    (dict(seed_start=math.nan), "Seed start"),
+    (dict(seed_list="1,1"), "Seed list"),
+    (dict(seed_list="7-2"), "Seed list"),
+    (dict(seed_list="0-99999999999"), "Seed list"),
+    (dict(seed_list="1; 2"), "Seed list"),
+    (dict(steps=0), "Preview steps"),
+    (dict(steps=51), "Preview steps"),
+    (dict(solver="consistency:/etc"), "Solver"),
+    (dict(solver=None), "Solver"),
+    (dict(guidance=math.nan), "Guidance"),
+    (dict(guidance=math.inf), "Guidance"),
+    (dict(guidance=-0.5), "Guidance"),
+    (dict(guidance="lots"), "Guidance"),
+    (dict(width=65), "Width"),
+    (dict(height=None), "Height"),
+    (dict(refine_steps=201), "Refine steps"),
+    (dict(prompts="\n".join(f"p{i}" for i in range(16)), seed_count=64), "Prompts"),  # 1024 tiles > MAX_TILES
+])
+def test_each_bad_field_is_named(changes, field):
+    with pytest.raises(FieldError) as err:
+        parse(**changes)
+    assert err.value.field == field and str(err.value).startswith(field + ":")
+
+
+def test_helpers():
+    assert MAX_TILES >= MAX_SEEDS
+    assert parse_int("12", "X", 1, 20) == 12 and parse_int(3.0, "X", 1, 20) == 3
+    with pytest.raises(FieldError, match="X"):
+        parse_int("1e3", "X", 1, 2000)
+    assert parse_seed_list("3,4", "Steps", limit=50) == [3, 4]
+    with pytest.raises(FieldError, match="^Steps: "):
+        parse_seed_list("3,3", "Steps")
+    assert parse_seeds("", 2, 9) == [9, 10]
+    assert all(0 <= dice_seed() <= SEED_MAX for _ in range(20))
