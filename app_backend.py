@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,6 +27,7 @@ HISTORY_FINALS_SQL = (
     "JOIN generations g ON g.id = j.generation_id JOIN prompts p ON p.id = g.prompt_id "
     "WHERE f.owner = ? AND p.prompt LIKE ? ESCAPE '\\' ORDER BY f.id DESC LIMIT ?"
 )
+EXPORT_MAX_AGE_S = 7 * 86400
 NEWEST_JOBS_SQL = ("SELECT id, state, progress_step, restarts, updated_at FROM refine_jobs WHERE owner = ? "
                    "ORDER BY id DESC LIMIT ?")
 
@@ -93,6 +95,7 @@ class EngineBackend:
             executor.close()
             store.close()
             raise
+        backend.prune_exports()
         requeued = backend.refine_service.resume()
         if requeued:
             logger.info("re-queued refine jobs interrupted by the last shutdown: %s", requeued)
@@ -101,6 +104,20 @@ class EngineBackend:
     def close(self) -> None:
         self.executor.close()
         self.store.close()
+
+    def prune_exports(self, max_age_s: float = EXPORT_MAX_AGE_S) -> int:
+        """Delete export PNGs older than ``max_age_s`` (the store keeps the originals; they are re-exported
+        on demand). Returns how many went."""
+        cutoff = time.time() - max_age_s
+        gone = 0
+        for path in self.exports.glob("*.png"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    gone += 1
+            except FileNotFoundError:
+                pass
+        return gone
 
     # --- Explore ------------------------------------------------------------------------------
     def solvers(self) -> list[str]:

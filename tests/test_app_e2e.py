@@ -101,6 +101,9 @@ def test_preview_refine_history_download_with_gradio_client(real_app, tmp_path):
     assert (params["prompt"], params["seed"], params["steps"]) == ("a red circle", 1, 4)
     assert (params["width"], params["height"]) == (width, height)
 
+    assert backend.prune_exports(max_age_s=0) >= 3  # export copies go; the store re-exports on demand
+    assert Path(client.predict(ref, api_name="/history_png")).read_bytes() == stored
+
     sent = client.predict(ref, api_name="/send_to_explore")
     assert list(sent[:4]) == ["a red circle", "", 1, 1] and sent[5] == 2 and sent[10] == 4
 
