@@ -35,6 +35,7 @@ def make_scheduler(kind: str, config: dict):
 
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     cfg["timestep_spacing"] = "trailing"
+    cfg["prediction_type"] = "epsilon"  # the scheduler is fed the guided epsilon, whatever the network predicts
     if kind == "ddim":
         return DDIMScheduler.from_config(cfg)
     if kind == "dpm40":
