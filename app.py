@@ -73,14 +73,14 @@ def explore_tab(backend: Backend) -> SimpleNamespace:
     height, width = backend.default_size
     with gr.Tab("Explore", id="explore"):
         with gr.Row():
-            with gr.Column(scale=1, min_width=320):
+            with gr.Column(scale=2, min_width=300):
                 prompts = gr.Textbox(label="Prompts", info=f"one per line, up to {MAX_PROMPTS}", lines=4,
                                      elem_id="prompts", placeholder="a red circle above a blue square")
                 negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
-                with gr.Row():
-                    seed_count = gr.Number(label="Seed count", value=8, elem_id="seed-count")
-                    seed_start = gr.Number(label="Seed start", value=0, elem_id="seed-start")
-                    dice = gr.Button("🎲 Random", scale=0, min_width=96, elem_id="dice-btn")
+                with gr.Row(equal_height=True):
+                    seed_count = gr.Number(label="Seed count", value=8, elem_id="seed-count", min_width=90)
+                    seed_start = gr.Number(label="Seed start", value=0, elem_id="seed-start", min_width=90)
+                    dice = gr.Button("Random", size="sm", scale=0, min_width=70, elem_id="dice-btn")
                 seed_list = gr.Textbox(label="Seed list", info="optional, overrides count/start: 3, 17, 100-103",
                                        elem_id="seed-list")
                 with gr.Row():
@@ -96,7 +96,7 @@ def explore_tab(backend: Backend) -> SimpleNamespace:
                 with gr.Row():
                     preview_btn = gr.Button("Preview (Ctrl+Enter)", variant="primary", elem_id="preview-btn", scale=3)
                     stop_btn = gr.Button("Stop (Esc)", variant="stop", elem_id="stop-btn", scale=1)
-            with gr.Column(scale=2):
+            with gr.Column(scale=5):
                 status = gr.Markdown("Enter prompts and press Preview.", elem_id="explore-status")
                 gallery = gr.Gallery(label="Previews", columns=8, allow_preview=False, object_fit="contain",
                                      height="auto", elem_id="preview-gallery", interactive=False)
