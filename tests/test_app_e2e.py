@@ -26,30 +26,28 @@ JOB_TIMEOUT_S = 90
 ADMIN_PASSWORD = "e2e-admin-password"
 
 
-def _model_source(tmp: Path) -> str | None:
-    """``None`` (the embedded model) when it loads, else a tiny SD folder written under ``tmp``."""
-    try:
-        from models.registry import load_model
+def _open_backend(paths, tmp: Path):
+    """The embedded default model; a tiny random SD folder only while the embedded weights are absent."""
+    from app_backend import EngineBackend
+    from models.errors import ModelLoadError
 
-        load_model(None, device="cpu")
-        return None
-    except (ImportError, ValueError, OSError):
+    opts = dict(db=paths.db, exports=paths.exports, devices="cpu", forbid_under=[paths.exports, paths.gradio_tmp])
+    try:
+        return EngineBackend.open(model=None, **opts), None
+    except ModelLoadError:  # EngineBackend.open closed the store and released its lock
         from tiny_sd import save_tiny_sd
 
-        return str(save_tiny_sd(tmp / "tiny-sd"))
+        model = str(save_tiny_sd(tmp / "tiny-sd"))
+        return EngineBackend.open(model=model, **opts), model
 
 
 @pytest.fixture(scope="module")
 def real_app(tmp_path_factory):
-    from app_backend import EngineBackend
-
     tmp = tmp_path_factory.mktemp("app-e2e")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
         paths = app_paths(tmp)
-        model = _model_source(tmp)
-        backend = EngineBackend.open(model=model, db=paths.db, exports=paths.exports, devices="cpu",
-                                     forbid_under=[paths.exports, paths.gradio_tmp])
+        backend, model = _open_backend(paths, tmp)
         try:
             with launched(backend, paths, model=model) as (url, _admin):
                 yield url, backend, tmp
