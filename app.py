@@ -6,8 +6,9 @@ Layout and wiring only: the handlers live in ``app_handlers`` / ``app_admin`` an
 (``preview/``, ``refine/``), the store and ``training/`` through ``app_backend``.
 
 File serving: the only folder Gradio may serve besides its own cache is the export folder, where
-the backend writes PNGs under names it chooses (``preview-12.png``); the database, noise and logs
-live elsewhere and are also listed in ``blocked_paths``.
+the backend writes PNGs under names it chooses (``preview-12-<sha256 prefix>.png``); the database,
+noise and logs live elsewhere and are also listed in ``blocked_paths``. Closing the app stops a
+training process it started (SIGINT: the trainer checkpoints and records the run as interrupted).
 """
 
 from __future__ import annotations
@@ -280,8 +281,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None,
                    help="hub id, local diffusers folder or single-file checkpoint (default: the embedded model)")
-    p.add_argument("--db", default=None, help="SQLite database file (default: $DIFFUSION_PREVIEW_HOME/store.sqlite3, else "
-                   "~/.local/share/diffusion-preview/store.sqlite3); never inside a served folder")
+    p.add_argument("--db", default=None, help="SQLite database file (default: $DIFFUSION_PREVIEW_HOME/"
+                   "store.sqlite3, else ~/.local/share/diffusion-preview/store.sqlite3); never in a served folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="open a public gradio.live link for 72 h (off by default)")
