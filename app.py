@@ -8,7 +8,7 @@ Layout and wiring only: the handlers live in ``app_handlers`` / ``app_admin`` an
 File serving: the only folder Gradio may serve besides its own cache is the export folder, where
 the backend writes PNGs under names it chooses (``preview-12-<sha256 prefix>.png``); the database,
 noise and logs live elsewhere and are also listed in ``blocked_paths``. Closing the app stops a
-training process it started (SIGINT: the trainer checkpoints and records the run as interrupted).
+training process it started (SIGINT: the trainer records the run as interrupted).
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ class ProcessSlot:
             run = self.current
             if run is None or run.proc.poll() is not None:
                 return "Nothing is running."
-            run.proc.send_signal(signal.SIGINT)  # the trainers checkpoint and mark the run on SIGINT
+            run.proc.send_signal(signal.SIGINT)  # the trainer records the run as interrupted
             try:
                 run.proc.wait(STOP_GRACE_S)
             except subprocess.TimeoutExpired:
