@@ -10,7 +10,8 @@
 4. The final policy is written to ``--install`` (default ``training/checkpoints/default``, which the
    preview engine loads for ``consistency`` when the store has no active checkpoint).
 
-The time grid head is off by default; ``--time-grid`` trains it too (evaluate both, ship the winner).
+The learned time grid is on by default (``--no-time-grid`` for coefficients only): measured on held-out
+prompts with an intermediate embedded checkpoint, the learned grid won by several dB at K = 3..6.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--install", default=str(INSTALL_DIR), help="copy the final policy here ('' = do not)")
     parser.add_argument("--store", default="", help="store for runs/metrics/checkpoints ('' = none; omit the flag value for none)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--time-grid", action="store_true")
+    parser.add_argument("--time-grid", action=argparse.BooleanOptionalAction, default=True,
+                        help="also learn the time grid (default: on; on the embedded model it beat the fixed grid "
+                             "by several dB on held-out prompts)")
     parser.add_argument("--reward", default=None, help="reward spec (default: the model's, h1_psnr for the embedded model)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--weights-dir", default=None, help="embedded weights folder (default: the shipped weights)")
