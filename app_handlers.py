@@ -151,7 +151,8 @@ class Handlers:
     def jobs(self, signature: str | None, request: gr.Request) -> tuple[Any, Any, str]:
         """The job list (HTML with progress bars) and the finals beside their previews; skipped if unchanged."""
         views = self.backend.jobs(owner_of(request))
-        sig = repr([(v.job_id, v.state, v.step, v.total, round(v.eta_s or 0)) for v in views])
+        # Consistency is stored just after a job turns done: its arrival must change the signature too.
+        sig = repr([(v.job_id, v.state, v.step, v.total, round(v.eta_s or 0), sorted(v.consistency)) for v in views])
         if sig == signature:
             return gr.skip(), gr.skip(), sig
         return jobs_html(views), finals_gallery(views), sig

@@ -56,16 +56,18 @@ def real_app(tmp_path_factory):
 
 
 def _wait_for_done(client: Client, job_id: int) -> str:
+    """The job list once the job is done and its consistency (stored just after) is shown."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
     html = ""
     while time.monotonic() < deadline:
         html, _finals = client.predict(api_name="/jobs")
-        m = re.search(rf"data-job='{job_id}' data-state='(\w+)'", html)
-        if m and m.group(1) in ("done", "failed", "cancelled"):
-            assert m.group(1) == "done", html
+        m = re.search(rf"data-job='{job_id}' data-state='(\w+)'.*?</tr>", html)
+        if m and m.group(1) in ("failed", "cancelled"):
+            raise AssertionError(html)
+        if m and m.group(1) == "done" and "PSNR" in m.group(0):
             return html
         time.sleep(0.25)
-    raise AssertionError(f"job {job_id} not done after {JOB_TIMEOUT_S} s: {html}")
+    raise AssertionError(f"job {job_id} not done with its consistency after {JOB_TIMEOUT_S} s: {html}")
 
 
 def test_preview_refine_history_download_with_gradio_client(real_app, tmp_path):
@@ -83,8 +85,7 @@ def test_preview_refine_history_download_with_gradio_client(real_app, tmp_path):
 
     message = client.predict([selection["choices"][1][1]], 4, api_name="/refine")
     job_id = int(re.search(r"#(\d+)", message).group(1))
-    html = _wait_for_done(client, job_id)
-    assert "PSNR" in html
+    _wait_for_done(client, job_id)
     _html, finals = client.predict(api_name="/jobs")
     assert [f["caption"].split(" · ")[0] for f in finals[:2]] == ["preview", "final"]
 
