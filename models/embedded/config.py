@@ -24,7 +24,7 @@ NATIVE_SIZE = 32  # the only image size the model supports (height = width = 32)
 PATCH = 2  # pixel-unshuffle factor in front of the UNet
 MAX_TOKENS = 32  # MiniLM tokens kept per prompt (incl. [CLS] and [SEP]); longer prompts are truncated
 CONTEXT_DIM = 384  # MiniLM hidden size
-DEFAULT_GUIDANCE = 4.0
+DEFAULT_GUIDANCE = 3.0  # held-out sweep at 1,600 steps (48 prompts): w=2 10.4%, w=3 8.3%, w=5 6.2% adherence
 
 UNET_CONFIG: dict[str, Any] = dict(
     sample_size=NATIVE_SIZE // PATCH,

@@ -38,7 +38,7 @@ class EmbeddedDenoiser(Denoiser):
 
     def __init__(self, network: PatchUNet, text_encoder: TextEncoder, scheduler_config: dict[str, Any] | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 default_guidance: float = 4.0) -> None:
+                 default_guidance: float = 3.0) -> None:
         self.device = torch.device(device or "cpu")
         self.dtype = dtype
         self.network = network.to(self.device, dtype).eval()
@@ -115,4 +115,4 @@ def load_embedded(device: torch.device | str | None = None, weights_dir: str | N
     network.load_state_dict(state)
     device = torch.device(device or "cpu")
     return EmbeddedDenoiser(network, TextEncoder(device), cfg["scheduler_config"], device, torch.float32,
-                            float(cfg.get("default_guidance", 4.0)))
+                            float(cfg.get("default_guidance", 3.0)))

@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         "default_guidance": DEFAULT_GUIDANCE,
         "weights": "EMA of the training weights",
         "training": {"steps": args.steps, "seed": args.seed, "batch": args.batch, "lr": args.lr, "bank": args.bank,
-                     "cond_drop": args.cond_drop, "command": f"python -m models.embedded.train --steps {args.steps} --seed {args.seed}"},
+                     "cond_drop": args.cond_drop, "command": f"python -m models.embedded.train --steps {args.steps} --seed {args.seed}",
+                     "resumed_from_step": start or None},
     }
     with open(os.path.join(out, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2)
