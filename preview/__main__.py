@@ -45,8 +45,7 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from preview.engine import PreviewEngine
-    from refine.worker import DeviceWorker
-    from store import open_store
+    from refine.worker import start_worker_and_store
 
     try:
         seeds = parse_seeds(args.seeds)
@@ -56,17 +55,9 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
     request = PreviewRequest(prompts=args.prompt, seeds=seeds, steps=args.steps, solver=args.solver,
                              guidance=args.guidance, height=args.height, width=args.width,
                              negative_prompt=args.negative_prompt)
-    if model is None:
-        from models.registry import load_model
-
-        worker = DeviceWorker(factory=lambda: load_model(args.model), name="device")
-    else:
-        worker = DeviceWorker(model)
     try:
-        worker.wait_ready()
-        store = open_store(args.db)
+        worker, store = start_worker_and_store(args.model, args.db, model)
     except Exception as exc:  # noqa: BLE001 - one sentence for the user, not a stack trace
-        worker.close()
         print(f"error: {exc}", file=sys.stderr)
         return 1
     out = Path(args.out)

@@ -52,20 +52,11 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
         parser.error("--seed is required with --prompt")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from refine.jobs import FINISHED, RefineService
-    from refine.worker import DeviceWorker
-    from store import open_store
+    from refine.worker import start_worker_and_store
 
-    if model is None:
-        from models.registry import load_model
-
-        worker = DeviceWorker(factory=lambda: load_model(args.model), name="device")
-    else:
-        worker = DeviceWorker(model)
     try:
-        worker.wait_ready()
-        store = open_store(args.db)
-    except Exception as exc:  # noqa: BLE001 - one sentence for the user
-        worker.close()
+        worker, store = start_worker_and_store(args.model, args.db, model)
+    except Exception as exc:  # noqa: BLE001 - one sentence for the user, not a stack trace
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:

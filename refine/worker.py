@@ -266,3 +266,22 @@ def wait_all(futures: Iterable[Future[T]], timeout: float | None = None) -> list
     for f in futures:
         out.append(f.result(None if deadline is None else max(0.0, deadline - time.monotonic())))
     return out
+
+
+def start_worker_and_store(model_name: str | None, db: str | None, model: Any = None) -> tuple[DeviceWorker, Any]:
+    """The command lines' start-up: a worker that loads ``model_name`` on its own thread (or owns the
+    given ``model``), and the store at ``db``. On any failure the worker is closed and the error raised."""
+    from store import open_store
+
+    if model is None:
+        from models.registry import load_model
+
+        worker = DeviceWorker(factory=lambda: load_model(model_name), name="device")
+    else:
+        worker = DeviceWorker(model)
+    try:
+        worker.wait_ready()
+        return worker, open_store(db)
+    except BaseException:
+        worker.close()
+        raise
