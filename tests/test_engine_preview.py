@@ -103,13 +103,22 @@ def test_results_stream_chunk_by_chunk(store):
     assert calls_at_first < 12  # the first preview arrived before the last chunk's steps ran
 
 
-def test_consistency_solver_resolution(worker, store):
-    """No checkpoint: the zero-init policy, which is exactly its base rule (DPM-Solver-2 in eq. 10 form).
-    An active checkpoint in the store is used and recorded."""
+def test_consistency_solver_resolution(worker, store, monkeypatch):
+    """No checkpoint anywhere: the zero-init policy, which is exactly its base rule (DPM-Solver-2 in
+    eq. 10 form). A checkpoint shipped with the code comes next, and an active checkpoint in the store
+    wins over both and is recorded."""
+    import preview.solvers
     from solver.policy import ConsistencyPolicy
 
     engine = PreviewEngine(worker, store, chunk_size=4)
     base = dict(prompts=["a red circle"], seeds=[0, 1], steps=4, guidance=3.0)
+    shipped = preview.solvers.shipped_checkpoint_dir()
+    assert shipped is not None, "the repository ships a default ConsistencySolver checkpoint"
+    from_shipped = list(engine.run(PreviewRequest(**base)))
+    assert from_shipped[0].checkpoint_id is None
+    assert "shipped" in read_png_parameters(store.get_preview(from_shipped[0].preview_id).png)["Preview solver"]
+
+    monkeypatch.setattr(preview.solvers, "SHIPPED_CHECKPOINT_DIRS", ())
     zero = list(engine.run(PreviewRequest(**base)))
     rule = list(engine.run(PreviewRequest(**base, solver="rule:dpm2m")))
     assert zero[0].solver == "consistency" and zero[0].checkpoint_id is None
