@@ -117,21 +117,33 @@ class Denoiser(ABC):
     def guided_eps(self, x: torch.Tensor, t: torch.Tensor | int | float, cond: Conditioning, guidance: float) -> torch.Tensor:
         """Classifier-free-guided epsilon, eps_u + w (eps_c - eps_u), in one batched model call.
 
-        ``guidance`` <= 1 with 1 meaning "conditional only" skips the unconditional half.
-        Returns float32 on ``x``'s device.
+        ``t`` is one timestep for the whole batch, or one per row (B,) (a learned time grid gives each
+        rollout its own). ``guidance`` <= 1 with 1 meaning "conditional only" skips the unconditional
+        half. Returns float32 on ``x``'s device.
         """
         if len(cond) != x.shape[0]:
             raise ValueError(f"conditioning has {len(cond)} rows but x has batch {x.shape[0]}")
         t = torch.as_tensor(t, dtype=torch.float64)
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != x.shape[0]):
+            raise ValueError(f"t must be one timestep or one per row ({x.shape[0]}), got shape {tuple(t.shape)}")
         alpha, sigma = self.schedule.alpha_sigma(t)
+        if t.ndim == 0:
+            alpha, sigma, t_pair = alpha.item(), sigma.item(), t
+        else:
+            view = (-1,) + (1,) * (x.ndim - 1)
+            alpha = alpha.to(torch.float32).view(view).to(self.device)
+            sigma = sigma.to(torch.float32).view(view).to(self.device)
+            t = t.to(self.device)
+            t_pair = torch.cat([t, t])
         x32 = x.to(self.device, torch.float32)  # the state, full precision, beside the model output
         xin = x32.to(self.dtype)
         if guidance == 1.0:
             out = self.model_output(xin, t, cond.cond, cond.cond_mask)
-            return to_epsilon(out, x32, alpha.item(), sigma.item(), self.schedule.prediction_type).to(x.device)
+            return to_epsilon(out, x32, alpha, sigma, self.schedule.prediction_type).to(x.device)
         context = torch.cat([cond.uncond, cond.cond])
         mask = None if cond.cond_mask is None else torch.cat([cond.uncond_mask, cond.cond_mask])  # type: ignore[list-item]
-        out = self.model_output(torch.cat([xin, xin]), t, context, mask)
-        eps = to_epsilon(out, torch.cat([x32, x32]), alpha.item(), sigma.item(), self.schedule.prediction_type)
+        out = self.model_output(torch.cat([xin, xin]), t_pair, context, mask)
+        pair = (lambda v: v) if t.ndim == 0 else (lambda v: torch.cat([v, v]))  # noqa: E731
+        eps = to_epsilon(out, torch.cat([x32, x32]), pair(alpha), pair(sigma), self.schedule.prediction_type)
         eps_u, eps_c = eps.chunk(2)
         return (eps_u + guidance * (eps_c - eps_u)).to(x.device)

@@ -13,17 +13,11 @@ from training.config import TrainConfig
 from training.dataset import build_dataset, load_dataset
 from training.ppo import PPOTrainer, group_advantages, step_log_probs
 from training.rewards import RewardWeightsMissing, get_similarity
-from training.rollout import guided_eps_per_sample, lmm_rollouts
+from training.rollout import lmm_rollouts
 from training.train import main, prepare
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids spin-waiting on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +67,10 @@ def test_batched_rollouts_equal_the_solver_table_by_table():
     ungrouped = lmm_rollouts(lambda x, t: model.guided_eps(x, t, same, 2.0), noise[:1].repeat(3, 1, 1, 1), grid, tables)
     assert torch.allclose(grouped, ungrouped, atol=1e-6)
     # the per-sample-timestep path (learned time grid) gives the same result on equal grids
-    per_sample = lmm_rollouts(lambda x, t: guided_eps_per_sample(model, x, t, cond, 2.0), noise, [grid] * 3, tables)
+    per_sample = lmm_rollouts(lambda x, t: model.guided_eps(x, t, cond, 2.0), noise, [grid] * 3, tables)
     assert torch.allclose(per_sample, batched, atol=1e-5)
+    with pytest.raises(ValueError, match="one per row"):
+        model.guided_eps(noise, torch.zeros(2), cond, 2.0)  # 2 timesteps for 3 rows
     with pytest.raises(ValueError, match="epsilons available"):
         lmm_rollouts(eps_fn, noise, grid, torch.ones(3, 5, 4, dtype=torch.float64))
 

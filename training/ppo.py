@@ -39,7 +39,7 @@ from solver.schedules import TimeGrid
 from training.config import TrainConfig
 from training.dataset import OfflineDataset
 from training.rewards import Similarity
-from training.rollout import guided_eps_per_sample, lmm_rollouts
+from training.rollout import lmm_rollouts
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class PPOTrainer:
         cond = self._cond([self.ds.prompts[r] for r in rollout_rows.tolist()])
         noise = self.ds.noise[rollout_rows].to(self.model.device)
         if policy.learn_time_grid:
-            eps_fn = lambda x, t: guided_eps_per_sample(self.model, x, t, cond, self.guidance)  # noqa: E731
+            eps_fn = lambda x, t: self.model.guided_eps(x, t, cond, self.guidance)  # noqa: E731
             latents = lmm_rollouts(eps_fn, noise, grids, torch.stack(tables))
         else:
             def eps_fn(x: torch.Tensor, t: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,7 +18,6 @@ from typing import Callable
 
 import torch
 
-from solver.outputs import to_epsilon
 from solver.schedules import TimeGrid
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (R, C, h, w), t scalar or (R,)) -> eps
@@ -85,30 +84,3 @@ def lmm_rollouts(
 def _groups_identical(x: torch.Tensor, group_size: int) -> bool:
     g = x.reshape(-1, group_size, x[0].numel())
     return bool((g == g[:, :1]).all())
-
-
-def guided_eps_per_sample(model, x: torch.Tensor, t: torch.Tensor, cond, guidance: float) -> torch.Tensor:
-    """Classifier-free-guided eps when each row has its own timestep t (R,).
-
-    ``Denoiser.guided_eps`` takes one timestep per call; a learned time grid gives each rollout its own.
-    Same arithmetic: one batched [uncond; cond] call, conversion to eps at the edge, float32.
-    (Wish for models/: a vector ``t`` in ``guided_eps`` itself.)
-    """
-    t = torch.as_tensor(t, dtype=torch.float64)
-    if t.ndim == 0:
-        return model.guided_eps(x, t, cond, guidance)
-    alpha, sigma = model.schedule.alpha_sigma(t)
-    view = (-1,) + (1,) * (x.ndim - 1)
-    x32 = x.to(model.device, torch.float32)
-    xin = x32.to(model.dtype)
-    a = alpha.to(torch.float32).view(view).to(model.device)
-    s = sigma.to(torch.float32).view(view).to(model.device)
-    if guidance == 1.0:
-        out = model.model_output(xin, t.to(model.device), cond.cond, cond.cond_mask)
-        return to_epsilon(out, x32, a, s, model.schedule.prediction_type).to(x.device)
-    context = torch.cat([cond.uncond, cond.cond])
-    mask = None if cond.cond_mask is None else torch.cat([cond.uncond_mask, cond.cond_mask])
-    out = model.model_output(torch.cat([xin, xin]), torch.cat([t, t]).to(model.device), context, mask)
-    eps = to_epsilon(out, torch.cat([x32, x32]), torch.cat([a, a]), torch.cat([s, s]), model.schedule.prediction_type)
-    eps_u, eps_c = eps.chunk(2)
-    return (eps_u + guidance * (eps_c - eps_u)).to(x.device)
