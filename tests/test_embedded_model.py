@@ -19,13 +19,7 @@ from models.embedded.text import TextEncoder
 TINY = dict(UNET_CONFIG, block_out_channels=(32, 32, 32), norm_num_groups=8, attention_head_dim=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The 2-core CI machines are shared: one intra-op thread avoids OpenMP spinning against other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,7 @@ from training.dataset import build_dataset, load_dataset
 from training.distill import DistillConfig, differentiable_guided_eps, distill, main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_differentiable_eps_matches_guided_eps_and_carries_gradient():

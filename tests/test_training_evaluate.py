@@ -11,12 +11,7 @@ from tests.training_fakes import GaussianDenoiser, write_prompts
 from training.evaluate import evaluate, main, resolve_solvers, summarize
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_command_line_json_table_and_plot(tmp_path, capsys):

@@ -10,12 +10,7 @@ from tests.training_fakes import GaussianDenoiser
 from training.recipe import main, training_prompts
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_training_prompts_avoid_the_heldout_combinations():
