@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,6 +112,32 @@ def test_training_resumes_exactly(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     b0 = load_file(str(tmp_path / "b0" / WEIGHTS_FILE))
     assert any(not torch.equal(a[k], b0[k]) for k in a)  # the two extra steps changed the weights
+
+
+def test_bank_does_not_depend_on_worker_count(monkeypatch):
+    import models.embedded.train as train
+
+    monkeypatch.setattr(train, "BANK_CHUNK", 6)  # 14 scenes = chunks of 6, 6, 2
+    one, two = train.build_bank(14, seed=3, workers=1), train.build_bank(14, seed=3, workers=2)
+    for key in ("images", "states", "masks", "flip_ok"):
+        assert torch.equal(one[key], two[key]), key
+    images = np.concatenate([train.render_chunk(3, i, n)[0] for i, n in enumerate((6, 6, 2))])
+    assert torch.equal(one["images"], torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert not torch.equal(one["images"][:6], one["images"][6:12])  # each chunk has its own generator
+
+
+def test_minutes_budget_replaces_steps(tmp_path):
+    import time
+
+    from models.embedded.train import main
+
+    t0 = time.time()
+    main(["--steps", "100000", "--minutes", "0.02", "--bank", "24", "--batch", "2", "--workers", "1",
+          "--out", str(tmp_path / "w"),
+          "--unet-config", json.dumps({"block_out_channels": [32, 32, 32], "norm_num_groups": 8, "attention_head_dim": 2})])
+    steps = json.loads((tmp_path / "w" / "config.json").read_text())["training"]["steps"]
+    assert 1 <= steps < 1000  # the budget (1.2 s of training), not --steps, decided the count
+    assert time.time() - t0 < 120
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(WEIGHTS_DIR, WEIGHTS_FILE)), reason="weights not trained yet")
