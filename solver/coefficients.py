@@ -87,6 +87,30 @@ def dpm_solver_2m_table(grid: TimeGrid, lower_order_final: bool = True) -> torch
     return table
 
 
+IPNDM_WEIGHTS: tuple[tuple[float, ...], ...] = (
+    (1.0,),
+    (3 / 2, -1 / 2),
+    (23 / 12, -16 / 12, 5 / 12),
+    (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+)
+
+
+def ipndm_table(grid: TimeGrid) -> torch.Tensor:
+    """iPNDM (Zhang & Chen 2022, the DEIS paper's "improved PNDM"): the classic fixed-step
+    Adams-Bashforth weights on eps, whatever the step sizes, with lower-order warm-up (step i uses
+    min(i + 1, 4) epsilons). On a uniform n-grid it equals ``adams_bashforth_table(grid, 4)``.
+
+    diffusers has no iPNDM for DDPM-trained models (its ``IPNDMScheduler`` carries its own noise
+    schedule, and ``PNDMScheduler(skip_prk_steps=True)`` is PLMS, with a repeated first timestep).
+    Shape (K, 4).
+    """
+    table = torch.zeros(grid.num_steps, MAX_ADAMS_ORDER, dtype=torch.float64)
+    for i in range(grid.num_steps):
+        row = IPNDM_WEIGHTS[min(i, MAX_ADAMS_ORDER - 1)]
+        table[i, : len(row)] = torch.tensor(row, dtype=torch.float64)
+    return table
+
+
 def _ab(order: int) -> Callable[[TimeGrid], torch.Tensor]:
     def rule(grid: TimeGrid) -> torch.Tensor:
         return adams_bashforth_table(grid, order)
@@ -103,6 +127,7 @@ RULES: dict[str, Callable[[TimeGrid], torch.Tensor]] = {
     "ab3": _ab(3),
     "ab4": _ab(4),
     "dpm2m": dpm_solver_2m_table,
+    "ipndm": ipndm_table,
 }
 
 

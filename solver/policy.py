@@ -40,7 +40,7 @@ FEATURES = ("lam_cur", "lam_next", "lam_prev", "history")
 LAMBDA_SCALE = 4.0
 WEIGHTS_NAME = "policy.safetensors"
 CONFIG_NAME = "policy_config.json"
-_BASE_ORDER = {"ddim": 1, "ab1": 1, "ab2": 2, "ab3": 3, "ab4": 4, "dpm2m": 2}
+_BASE_ORDER = {"ddim": 1, "ab1": 1, "ab2": 2, "ab3": 3, "ab4": 4, "dpm2m": 2, "ipndm": 4}
 
 
 def _squash(lam: torch.Tensor) -> torch.Tensor:

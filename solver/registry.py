@@ -4,11 +4,14 @@ Names:
 - ``consistency``: paper eq. 10 with a :class:`~solver.policy.ConsistencyPolicy` (pass ``policy=``);
   ``consistency:PATH`` loads the policy saved in directory PATH.
 - ``rule:<r>``: eq. 10 with a classic table, r in ``solver.coefficients.RULES``
-  (``rule:ddim``, ``rule:ab1`` .. ``rule:ab4``, ``rule:dpm2m``).
+  (``rule:ddim``, ``rule:ab1`` .. ``rule:ab4``, ``rule:dpm2m``, ``rule:ipndm``).
+- ``ipndm``: iPNDM (Zhang & Chen 2022), the fixed-step Adams-Bashforth weights with lower-order
+  warm-up, as an eq.-10 table (``solver.coefficients.ipndm_table``): diffusers has no iPNDM for
+  DDPM-trained models.
 - diffusers' own schedulers, never reimplemented: ``ddim``, ``dpm2m`` (DPM-Solver-2M, eps form,
   ``final_sigmas_type="sigma_min"`` as diffusers requires for it), ``dpmpp2m`` (DPM-Solver++ 2M),
-  ``unipc``, ``deis``, ``ipndm`` (PNDM with ``skip_prk_steps``: its first step repeats a timestep,
-  so K steps cost K + 1 model evaluations), ``euler``.
+  ``unipc``, ``deis``, ``plms`` (``PNDMScheduler`` with ``skip_prk_steps``: its first step repeats a
+  timestep, so K steps cost K + 1 model evaluations; unstable below about 20 steps), ``euler``.
 
 Every baseline is built from the model's own scheduler config (so betas and final alpha match),
 with ``timestep_spacing="trailing"``, ``prediction_type="epsilon"`` (the samplers pass epsilon) and
@@ -102,19 +105,20 @@ def _baselines() -> dict[str, tuple[type, dict[str, Any], int]]:
         "dpmpp2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}, 0),
         "unipc": (UniPCMultistepScheduler, {}, 0),
         "deis": (DEISMultistepScheduler, {}, 0),
-        "ipndm": (PNDMScheduler, {"skip_prk_steps": True}, 1),
+        "plms": (PNDMScheduler, {"skip_prk_steps": True}, 1),
         "euler": (EulerDiscreteScheduler, {}, 0),
     }
 
 
-BASELINES = ("ddim", "dpm2m", "dpmpp2m", "unipc", "deis", "ipndm", "euler")
+BASELINES = ("ddim", "dpm2m", "dpmpp2m", "unipc", "deis", "plms", "euler")  # diffusers schedulers
+IPNDM = "ipndm"  # the eq.-10 iPNDM table
 RULE_PREFIX = "rule:"
 CONSISTENCY = "consistency"
 
 
 def solver_names() -> list[str]:
     """Every accepted name (``consistency:PATH`` is ``consistency`` with a checkpoint directory)."""
-    return [CONSISTENCY, *(RULE_PREFIX + r for r in RULES), *BASELINES]
+    return [CONSISTENCY, *(RULE_PREFIX + r for r in RULES), IPNDM, *BASELINES]
 
 
 def get_solver(name: str, scheduler_config: Mapping[str, Any], policy: ConsistencyPolicy | None = None) -> Solver:
@@ -137,6 +141,8 @@ def get_solver(name: str, scheduler_config: Mapping[str, Any], policy: Consisten
         )
     if name.startswith(RULE_PREFIX) and name[len(RULE_PREFIX) :] in RULES:
         return LMMSolver(name=name, schedule=schedule_from_config(config), table_fn=RULES[name[len(RULE_PREFIX) :]])
+    if name == IPNDM:
+        return LMMSolver(name=name, schedule=schedule_from_config(config), table_fn=RULES[IPNDM])
     if name in BASELINES:
         schedule = schedule_from_config(config)
         if schedule.kind != "vp":

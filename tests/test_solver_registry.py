@@ -46,8 +46,8 @@ def test_every_solver_runs_and_reports_its_nfe(name):
     assert 0.3 < final.std() < 0.8 and 0.3 < records[-1].denoised.std() < 0.8
 
 
-def test_ipndm_costs_one_extra_evaluation():
-    solver = get_solver("ipndm", SD_CONFIG)
+def test_plms_costs_one_extra_evaluation():
+    solver = get_solver("plms", SD_CONFIG)
     eps_fn, seen = counting(toy_eps)
     solver.sample(eps_fn, torch.randn(1, 4, 8, 8), 4)
     assert solver.nfe(4) == 5 and seen == [999.0, 749.0, 749.0, 499.0, 249.0]
@@ -87,6 +87,21 @@ def test_baselines_use_the_models_betas_and_final_alpha():
         assert scheduler.config.timestep_spacing == "trailing" and scheduler.config.prediction_type == "epsilon"
         assert torch.allclose(scheduler.alphas_cumprod, ABAR.float())
     assert get_solver("ddim", SD_CONFIG).make_scheduler().final_alpha_cumprod == ABAR.float()[0]
+
+
+def test_ipndm_is_the_fixed_step_adams_table():
+    from solver.coefficients import adams_bashforth_table, ipndm_table
+    from solver.schedules import TimeGrid
+
+    solver = get_solver("ipndm", SD_CONFIG)
+    assert solver.nfe(5) == 5  # no repeated timestep, unlike plms
+    grid = solver.schedule.grid(6)
+    table = ipndm_table(grid)
+    assert table[3].tolist() == pytest.approx([55 / 24, -59 / 24, 37 / 24, -9 / 24])
+    assert table[1].tolist() == pytest.approx([1.5, -0.5, 0.0, 0.0]) and table[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(table.sum(dim=1), torch.ones(6, dtype=torch.float64))
+    # on a non-uniform n-grid the fixed weights differ from the variable-step Adams weights
+    assert not torch.allclose(table, adams_bashforth_table(grid, 4))
 
 
 def test_bad_names_are_refused_with_the_valid_list():

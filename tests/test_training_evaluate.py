@@ -18,14 +18,14 @@ def test_command_line_json_table_and_plot(tmp_path, capsys):
     write_prompts(tmp_path / "p.txt", 2)
     ConsistencyPolicy().save(tmp_path / "zero")
     rc = main(["--prompts", str(tmp_path / "p.txt"), "--seeds", "0-1", "--steps", "3,4", "--reference-steps", "12",
-               "--solvers", f"consistency:{tmp_path / 'zero'},rule:dpm2m,ddim,ipndm", "--store", "",
+               "--solvers", f"consistency:{tmp_path / 'zero'},rule:dpm2m,ddim,plms", "--store", "",
                "--json", str(tmp_path / "out.json"), "--plot", str(tmp_path / "out.png")], model=GaussianDenoiser())
     assert rc == 0
     doc = json.loads((tmp_path / "out.json").read_text())
     assert doc["model"] == "fake-gaussian" and doc["reference"] == {"solver": "dpm2m", "steps": 12}
     rows = {(r["solver"], r["steps"]): r for r in doc["results"]}
     assert len(rows) == 8 and {"psnr", "ssim", "gms", "nfe"} <= set(rows[("ddim", 3)])
-    assert rows[("ipndm", 3)]["nfe"] == 4 and rows[("ddim", 3)]["nfe"] == 3  # PNDM repeats one timestep
+    assert rows[("plms", 3)]["nfe"] == 4 and rows[("ddim", 3)]["nfe"] == 3  # PNDM repeats one timestep
     zero = rows[(f"consistency:{tmp_path / 'zero'}", 4)]
     assert zero["psnr"] == pytest.approx(rows[("rule:dpm2m", 4)]["psnr"], abs=1e-4)  # zero-init = base rule
     assert rows[("rule:dpm2m", 4)]["psnr"] > rows[("ddim", 4)]["psnr"]  # a second-order rule beats DDIM here
