@@ -185,3 +185,22 @@ def test_resume_refuses_a_checkpoint_of_another_order(dataset_dir, tmp_path):
     with pytest.raises(ValueError, match="order 3 was asked for"):
         other.train()
     assert model.calls == 0
+
+
+def test_recipe_installs_the_best_scoring_checkpoint_not_the_last(dataset_dir, tmp_path):
+    from training.recipe import select_checkpoint
+
+    trainer = _trainer(dataset_dir, tmp_path, base="dpm2m")
+    out = tmp_path / "out"
+    trainer.save(out / "checkpoint-00010", {})  # zero-init: the dpm2m rule itself
+    with torch.no_grad():  # a wrecked policy: huge coefficient residuals
+        for p in trainer.policy.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 3.0)
+    trainer.save(out / "checkpoint-00020", {})
+    trainer.save(out / "final", {})
+    wrecked = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    best, scores = select_checkpoint(trainer, out, rows=4)
+    assert best == out / "checkpoint-00010" and set(scores) == {"checkpoint-00010", "checkpoint-00020", "final"}
+    assert scores["checkpoint-00010"] > scores["final"] == scores["checkpoint-00020"]
+    for k, v in trainer.policy.state_dict().items():  # the trainer's own policy is left as it was
+        assert torch.equal(v, wrecked[k])

@@ -7,7 +7,8 @@
    excluded), so evaluation on ``models/embedded/heldout_prompts.txt`` stays held out.
 2. Offline dataset: every prompt x every seed with refine's 40-step full-step target (resumable).
 3. PPO (training.ppo) for the rest of the time budget, checkpointing as it goes.
-4. The final policy is written to ``--install`` (default ``training/checkpoints/default``, which the
+4. Every saved checkpoint is scored on training rows (deterministic policy, mean reward over the
+   step range) and the best one is written to ``--install`` (default ``training/checkpoints/default``, which the
    preview engine loads for ``consistency`` when the store has no active checkpoint).
 
 The learned time grid is on by default (``--no-time-grid`` for coefficients only): measured on held-out
@@ -48,10 +49,12 @@ def training_prompts(n: int, seed: int = 7) -> list[str]:
     return out
 
 
-BASE_CANDIDATES = ("dpm2m", "ab2", "ab3", "ab4")
+BASE_CANDIDATES = ("ddim", "dpm2m", "ab2", "ab3", "ab4")
+SELECTION_ROWS = 32  # training rows the saved checkpoints are scored on (deterministic policy, mean over K)
+SELECTION_MINUTES = 2.0  # time kept for that scoring
 
 
-def choose_base(config: Any, model: Any, rows: int = 8) -> tuple[str, dict[str, float]]:
+def choose_base(config: Any, model: Any, rows: int = 16) -> tuple[str, dict[str, float]]:
     """The base rule whose zero-initialised policy (= the rule itself) scores best on ``rows`` training
     rows over the training step range: PPO then starts from the strongest analytic solver."""
     from dataclasses import replace
@@ -67,6 +70,35 @@ def choose_base(config: Any, model: Any, rows: int = 8) -> tuple[str, dict[str, 
                                              range(config.min_steps, config.max_steps + 1))
         scores[base] = round(sum(per_k.values()) / len(per_k), 4)
     return max(scores, key=scores.get), scores
+
+
+def select_checkpoint(trainer: Any, out: Path, rows: int = SELECTION_ROWS) -> tuple[Path, dict[str, float]]:
+    """The saved checkpoint (``checkpoint-NNNNN`` or ``final``) whose deterministic policy scores best on
+    ``rows`` training rows, as the mean reward over the training step range.
+
+    PPO's reward plateaus within a few hundred updates and then wanders by a few tenths of a dB, so the
+    last update is not reliably the best; the choice uses training rows only (never the held-out set).
+    Returns (folder, {folder name: score}); the trainer's policy is left as it was.
+    """
+    from solver.policy import ConsistencyPolicy
+    from training.ppo import CHECKPOINT_RE
+
+    cfg = trainer.cfg
+    folders = sorted(p for p in out.iterdir() if CHECKPOINT_RE.match(p.name)) + [out / "final"]
+    keep = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    eval_rows = torch.arange(min(rows, len(trainer.ds)))
+    steps = range(cfg.min_steps, cfg.max_steps + 1)
+    scores = {}
+    try:
+        for folder in folders:
+            trainer.policy.load_state_dict(ConsistencyPolicy.load(folder, order=cfg.order).state_dict())
+            per_k = trainer.deterministic_reward(eval_rows, steps)
+            scores[folder.name] = round(sum(per_k.values()) / len(per_k), 4)
+    finally:
+        trainer.policy.load_state_dict(keep)
+    best = max(scores, key=scores.get)
+    logger.info("checkpoint scores on %d training rows: %s; best %s", len(eval_rows), scores, best)
+    return out / best, scores
 
 
 def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
@@ -108,7 +140,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
                          group_size=args.group_size, groups_per_update=args.groups_per_update,
                          min_steps=args.min_steps, max_steps=args.max_steps, learning_rate=args.learning_rate,
                          num_updates=args.num_updates, time_grid=args.time_grid, threads=args.threads,
-                         checkpoint_every=20, seed=0, activate=bool(args.store), reward=args.reward).validate()
+                         checkpoint_every=40, seed=0, activate=bool(args.store), reward=args.reward).validate()
     if model is None:
         if args.weights_dir:
             from models.embedded.model import load_embedded
@@ -125,7 +157,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     build_dataset(model, prompts, seeds, out / "dataset", prompt_file_sha256=sha256_file(prompts_file),
                   batch_size=32, shard_size=32)
     t_data = time.perf_counter() - t0
-    config.max_minutes = max(0.05, args.minutes - t_data / 60 - 1.0)  # keep a minute for the final checkpoint
+    # keep a minute for the final checkpoint and SELECTION_MINUTES for choosing among the checkpoints
+    config.max_minutes = max(0.05, args.minutes - t_data / 60 - 1.0 - SELECTION_MINUTES)
     store = None
     if args.store:
         from store import open_store
@@ -139,14 +172,15 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         config.base = args.base
     trainer = prepare(config, model=model, store=store)
     metrics = trainer.train()
-    final = Path(metrics["final_dir"])
+    final, scores = select_checkpoint(trainer, Path(config.out))
     if args.install:
         install = Path(args.install)
         install.mkdir(parents=True, exist_ok=True)
         for name in ("policy.safetensors", "policy_config.json", "train_config.json", "metrics.json"):
             shutil.copy2(final / name, install / name)
     print(json.dumps({"base": config.base, "base_scores": base_scores, "dataset_seconds": round(t_data, 1), "total_seconds": round(time.perf_counter() - t0, 1),
-                      "updates": trainer.update, "final": str(final), "installed": args.install or None,
+                      "updates": trainer.update, "chosen": str(final), "checkpoint_scores": scores,
+                      "installed": args.install or None,
                       "deterministic_reward": metrics.get("deterministic_reward"),
                       "reward_mean": metrics.get("reward_mean")}))
     return 0
