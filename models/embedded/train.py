@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.ckpt:
         os.makedirs(args.ckpt, exist_ok=True)
 
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     float_keys = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point]
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", mininterval=10)
     t0, running = time.time(), None
