@@ -5,10 +5,10 @@ procedurally rendered training scenes with captions (held-out combinations and t
 MiniLM token states cached once for the bank, v-prediction DDPM loss (plain MSE), batch 512, AdamW with
 warm-up and cosine decay, an EMA of the weights (what is shipped), 12% caption dropout to "" for
 classifier-free guidance, 7,515 steps. The shipped run took 7 min 50 s on one H100 (bf16 autocast);
-on a 2-core CPU the same recipe takes days, so ``--minutes 85 --batch 32`` is the CPU budget run (a
-weaker model: see models/embedded/README.md). Batches are a pure function of (seed, step) drawn on the
-training device, so a run resumed from its checkpoint (``--ckpt DIR``, written every ``--ckpt-every``
-steps) continues exactly. Writes ``<out>/embedded_unet.safetensors`` (EMA weights, fp32) and
+on a 2-core CPU the same recipe would take more than a day (batch 16 takes about 0.45 s a step there),
+so ``--minutes 85 --batch 32`` is the CPU budget run (a weaker model: see models/embedded/README.md).
+Batches are a pure function of (seed, step) drawn on the training device, so a run resumed from its
+checkpoint (``--ckpt DIR``, written every ``--ckpt-every`` steps) continues exactly. Writes ``<out>/embedded_unet.safetensors`` (EMA weights, fp32) and
 ``<out>/config.json``.
 """
 
