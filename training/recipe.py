@@ -54,6 +54,14 @@ SELECTION_ROWS = 32  # training rows the saved checkpoints are scored on (determ
 SELECTION_MINUTES = 2.0  # time kept for that scoring
 
 
+def mean_reward(trainer: Any, rows: int) -> float:
+    """The trainer's deterministic policy on its first ``rows`` training rows: mean reward over the
+    training step range (min_steps..max_steps), rounded to 4 decimals."""
+    per_k = trainer.deterministic_reward(torch.arange(min(rows, len(trainer.ds))),
+                                         range(trainer.cfg.min_steps, trainer.cfg.max_steps + 1))
+    return round(sum(per_k.values()) / len(per_k), 4)
+
+
 def choose_base(config: Any, model: Any, rows: int = 16) -> tuple[str, dict[str, float]]:
     """The base rule whose zero-initialised policy (= the rule itself) scores best on ``rows`` training
     rows over the training step range: PPO then starts from the strongest analytic solver."""
@@ -66,9 +74,7 @@ def choose_base(config: Any, model: Any, rows: int = 16) -> tuple[str, dict[str,
         if int(base[-1:]) > config.order if base.startswith("ab") else False:
             continue
         trainer = prepare(replace(config, base=base, init_from=None), model=model, progress=False)
-        per_k = trainer.deterministic_reward(torch.arange(min(rows, len(trainer.ds))),
-                                             range(config.min_steps, config.max_steps + 1))
-        scores[base] = round(sum(per_k.values()) / len(per_k), 4)
+        scores[base] = mean_reward(trainer, rows)
     return max(scores, key=scores.get), scores
 
 
@@ -86,18 +92,15 @@ def select_checkpoint(trainer: Any, out: Path, rows: int = SELECTION_ROWS) -> tu
     cfg = trainer.cfg
     folders = sorted(p for p in out.iterdir() if CHECKPOINT_RE.match(p.name)) + [out / "final"]
     keep = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
-    eval_rows = torch.arange(min(rows, len(trainer.ds)))
-    steps = range(cfg.min_steps, cfg.max_steps + 1)
     scores = {}
     try:
         for folder in folders:
             trainer.policy.load_state_dict(ConsistencyPolicy.load(folder, order=cfg.order).state_dict())
-            per_k = trainer.deterministic_reward(eval_rows, steps)
-            scores[folder.name] = round(sum(per_k.values()) / len(per_k), 4)
+            scores[folder.name] = mean_reward(trainer, rows)
     finally:
         trainer.policy.load_state_dict(keep)
     best = max(scores, key=scores.get)
-    logger.info("checkpoint scores on %d training rows: %s; best %s", len(eval_rows), scores, best)
+    logger.info("checkpoint scores on %d training rows: %s; best %s", min(rows, len(trainer.ds)), scores, best)
     return out / best, scores
 
 
