@@ -222,7 +222,8 @@ class ConsistencyPolicy(nn.Module):
 
     # Learned time grid (optional head) -----------------------------------------------------
 
-    def _grid_mean(self, default: TimeGrid) -> torch.Tensor:
+    def grid_mean(self, default: TimeGrid) -> torch.Tensor:
+        """The grid head's deterministic log-weights g (K,) of the K increments of ``default``."""
         assert self.grid_net is not None
         u = _squash(default.lam)
         x = torch.stack([u[:-1], u[1:]], dim=1).to(torch.float32).to(self.log_std.device)
@@ -234,8 +235,18 @@ class ConsistencyPolicy(nn.Module):
         if self.grid_net is None:
             return default
         with torch.no_grad():
-            g = self._grid_mean(default).cpu().to(torch.float64)
-        return _reweight_grid(schedule, default, g)
+            g = self.grid_mean(default).cpu().to(torch.float64)
+        return reweight_grid(schedule, default, g)
+
+    def relaxed_time_grid(self, schedule: Schedule, num_steps: int) -> TimeGrid:
+        """The deterministic grid with real-valued timesteps, differentiable in the grid head's
+        parameters (see :func:`reweight_grid`); :meth:`time_grid` is this grid rounded. Without the
+        head: the default grid."""
+        default = schedule.grid(num_steps)
+        if self.grid_net is None:
+            return default
+        g = self.grid_mean(default).cpu().to(torch.float64)
+        return reweight_grid(schedule, default, g, relaxed=True)
 
     def sample_time_grid(
         self, schedule: Schedule, num_steps: int, generator: torch.Generator | None = None
@@ -244,18 +255,18 @@ class ConsistencyPolicy(nn.Module):
         if self.grid_net is None:
             raise ValueError("time_grid: this policy was built without the time-grid head (time_grid=False)")
         default = schedule.grid(num_steps)
-        mean = self._grid_mean(default)
+        mean = self.grid_mean(default)
         std = self.grid_log_std.exp()
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
         actions = (mean + std * noise).detach()
         log_prob = torch.distributions.Normal(mean, std).log_prob(actions).sum()
-        return _reweight_grid(schedule, default, actions.cpu().to(torch.float64)), actions, log_prob
+        return reweight_grid(schedule, default, actions.cpu().to(torch.float64)), actions, log_prob
 
     def time_grid_log_prob(self, schedule: Schedule, num_steps: int, actions: torch.Tensor) -> torch.Tensor:
         """Re-score stored grid ``actions`` (K,) under the current head (scalar)."""
         if self.grid_net is None:
             raise ValueError("time_grid: this policy was built without the time-grid head (time_grid=False)")
-        mean = self._grid_mean(schedule.grid(num_steps))
+        mean = self.grid_mean(schedule.grid(num_steps))
         return torch.distributions.Normal(mean, self.grid_log_std.exp()).log_prob(actions.to(mean)).sum()
 
     # Checkpoints ---------------------------------------------------------------------------
@@ -314,14 +325,18 @@ class ConsistencyPolicy(nn.Module):
         return policy
 
 
-def _reweight_grid(schedule: Schedule, default: TimeGrid, g: torch.Tensor) -> TimeGrid:
+def reweight_grid(schedule: Schedule, default: TimeGrid, g: torch.Tensor, relaxed: bool = False) -> TimeGrid:
     """Move the interior points of ``default`` by scaling its K increments by exp(g) (renormalized).
 
     The first timestep and the end point stay. On a VP schedule timesteps stay integers: every
     increment keeps at least one train step, so the grid stays strictly decreasing. g = 0 returns
     ``default`` exactly.
+
+    ``relaxed``: keep the timesteps real (no rounding) and take alpha, sigma from the schedule's
+    continuous interpolation, so the grid is differentiable in ``g`` (distillation); rounding that
+    grid gives the sampling grid.
     """
-    if not bool(g.any()):
+    if not relaxed and not bool(g.any()):
         return default
     ts = default.timesteps.to(torch.float64)
     if getattr(schedule, "kind", "vp") == "vp":
@@ -329,15 +344,16 @@ def _reweight_grid(schedule: Schedule, default: TimeGrid, g: torch.Tensor) -> Ti
         spare = ends[0] - ends[-1] - default.num_steps
         d = ends[:-1] - ends[1:] - 1.0  # spare train steps per increment
         q = d * torch.exp(g)
-        q = q / q.sum() if float(q.sum()) > 0 else d
+        q = q / q.sum() if float(q.sum().detach()) > 0 else d
         positions = ends[0] - torch.cumsum(1.0 + spare * q, 0)[:-1]
-        new_ts = torch.cat([ts[:1], torch.round(positions)]).to(torch.long)
+        new_ts = torch.cat([ts[:1], positions if relaxed else torch.round(positions).detach()])
+        new_ts = new_ts if relaxed else new_ts.to(torch.long)
     else:
         ends = torch.cat([ts, ts.new_tensor([0.0])])
         d = ends[:-1] - ends[1:]
         q = d * torch.exp(g)
         new_ts = torch.cat([ts[:1], ends[0] - torch.cumsum(ends[0] * q / q.sum(), 0)[:-1]])
-    alpha, sigma = schedule.alpha_sigma(new_ts)
+    alpha, sigma = schedule.alpha_sigma_continuous(new_ts) if relaxed else schedule.alpha_sigma(new_ts)
     return TimeGrid(
         timesteps=new_ts,
         alpha=torch.cat([alpha.to(torch.float64), default.alpha[-1:]]),

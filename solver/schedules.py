@@ -92,6 +92,22 @@ class VPSchedule:
         abar = self.alphas_cumprod[torch.as_tensor(t, dtype=torch.long)]
         return abar.sqrt(), (1.0 - abar).sqrt()
 
+    def alpha_sigma_continuous(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha_t, sigma_t at real t in [0, T - 1], differentiable in t: log(abar) is interpolated
+        linearly between the integer timesteps, so integer t gives exactly :meth:`alpha_sigma`.
+
+        Used only where a training loss is differentiated through the time grid (training.distill);
+        sampling always stands on integer timesteps.
+        """
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if bool((t.detach() < 0).any()) or bool((t.detach() > self.num_train_timesteps - 1).any()):
+            raise ValueError(f"t must lie in [0, {self.num_train_timesteps - 1}], got {t.detach().tolist()}")
+        log_abar = torch.log(self.alphas_cumprod)
+        lo = t.detach().floor().clamp(max=self.num_train_timesteps - 2).long()
+        frac = t - lo.to(torch.float64)
+        abar = torch.exp(log_abar[lo] * (1.0 - frac) + log_abar[lo + 1] * frac)
+        return abar.sqrt(), (1.0 - abar).sqrt()
+
     def timesteps(self, num_steps: int) -> torch.Tensor:
         """The K model timesteps, with diffusers' own spacing rule (trailing by default)."""
         from diffusers import DDIMScheduler
@@ -155,6 +171,10 @@ class FlowSchedule:
     def alpha_sigma(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         sigma = torch.as_tensor(t, dtype=torch.float64) / self.num_train_timesteps
         return 1.0 - sigma, sigma
+
+    def alpha_sigma_continuous(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow timesteps are already real-valued: the same as :meth:`alpha_sigma`, differentiable in t."""
+        return self.alpha_sigma(t)
 
     def timesteps(self, num_steps: int) -> torch.Tensor:
         _check_num_steps(num_steps, self.num_train_timesteps)

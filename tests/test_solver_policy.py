@@ -178,3 +178,33 @@ def test_time_grid_head_zero_init_is_the_default_grid_and_stays_valid(schedule):
     assert bool((fgrid.timesteps[1:] < fgrid.timesteps[:-1]).all()) and fgrid.timesteps[0] == flow.timesteps(5)[0]
     with pytest.raises(ValueError, match="time_grid"):
         ConsistencyPolicy().sample_time_grid(schedule, 4)
+
+
+def test_relaxed_time_grid_is_differentiable_and_rounds_to_the_sampling_grid(schedule):
+    policy = ConsistencyPolicy(time_grid=True)
+    relaxed, default = policy.relaxed_time_grid(schedule, 5), schedule.grid(5)
+    assert relaxed.timesteps.is_floating_point()
+    assert torch.equal(relaxed.timesteps, default.timesteps.to(torch.float64))
+    assert torch.allclose(relaxed.alpha, default.alpha, rtol=1e-12) and torch.allclose(relaxed.sigma, default.sigma, rtol=1e-12)
+    with torch.no_grad():
+        torch.nn.init.normal_(policy.grid_net[-1].weight, std=1.0, generator=torch.Generator().manual_seed(2))
+    relaxed = policy.relaxed_time_grid(schedule, 5)
+    assert not torch.equal(relaxed.timesteps, torch.round(relaxed.timesteps))  # real-valued, not rounded
+    assert torch.equal(torch.round(relaxed.timesteps).long(), policy.time_grid(schedule, 5).timesteps)
+    # the loss reaches the grid head through n (alpha, sigma) of the real-valued timesteps
+    (relaxed.n[1:-1].sum() + policy.mean_table(relaxed).sum()).backward()
+    assert policy.grid_net[-1].weight.grad is not None and policy.grid_net[-1].weight.grad.abs().sum() > 0
+    assert torch.equal(ConsistencyPolicy().relaxed_time_grid(schedule, 4).timesteps, schedule.grid(4).timesteps)
+
+
+def test_continuous_alpha_sigma_interpolates_log_abar_and_refuses_t_outside_the_schedule(schedule):
+    t = torch.tensor([0.0, 17.0, 999.0], dtype=torch.float64)
+    a, s = schedule.alpha_sigma_continuous(t)
+    a0, s0 = schedule.alpha_sigma(t.long())
+    assert torch.allclose(a, a0, rtol=1e-12) and torch.allclose(s, s0, rtol=1e-12)
+    mid, _ = schedule.alpha_sigma_continuous(torch.tensor(17.25, dtype=torch.float64))
+    lo, hi = schedule.alphas_cumprod[17].log(), schedule.alphas_cumprod[18].log()
+    assert torch.allclose(mid**2, torch.exp(0.75 * lo + 0.25 * hi), rtol=1e-12)
+    for bad in (-0.5, 999.5):
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 999\]"):
+            schedule.alpha_sigma_continuous(torch.tensor(bad, dtype=torch.float64))

@@ -26,11 +26,43 @@ def test_distillation_improves_the_preview(tmp_path):
     build_dataset(model, [f"s{i}" for i in range(4)], [0, 1], tmp_path / "ds", prompt_file_sha256="0" * 64,
                   reference_steps=20, progress=False)
     ds = load_dataset(tmp_path / "ds")
-    policy, log = distill(DistillConfig(dataset=str(tmp_path / "ds"), num_updates=30, min_steps=3, max_steps=3,
-                                        learning_rate=3e-3), model, ds, progress=False)
+    policy, log, fit = distill(DistillConfig(dataset=str(tmp_path / "ds"), num_updates=30, min_steps=3, max_steps=3,
+                                             learning_rate=3e-3, method="policy"), model, ds, progress=False)
+    assert fit is None
     first, last = log[0]["psnr_latent"], sum(r["psnr_latent"] for r in log[-5:]) / 5
     assert last > first + 1.0, (first, last)
     with pytest.raises(ValueError, match="max_steps"):
         DistillConfig(dataset="x", max_steps=51).validate()
     rc = main(["--dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "out"), "--num-updates", "1"], model=model)
     assert rc == 0 and (tmp_path / "out" / "final" / "policy.safetensors").is_file()
+
+
+def test_distillation_learns_the_time_grid_through_real_valued_timesteps(tmp_path):
+    """Method 'tables': per-K coefficients and grid weights, then the policy's heads regressed onto them."""
+    from training.rollout import lmm_rollouts
+
+    model = GaussianDenoiser()
+    build_dataset(model, [f"s{i}" for i in range(4)], [0, 1], tmp_path / "ds", prompt_file_sha256="0" * 64,
+                  reference_steps=20, progress=False)
+    ds = load_dataset(tmp_path / "ds")
+    cfg = DistillConfig(dataset=str(tmp_path / "ds"), num_updates=40, min_steps=3, max_steps=4, learning_rate=3e-3,
+                        base="ddim", time_grid=True, fit_iterations=1500)
+    policy, log, fit = distill(cfg, model, ds, progress=False)
+    assert [r["steps"] for r in log[:4]] == [3, 4, 3, 4]  # round robin over K
+    assert fit["coef_max_error"] < 0.05 and fit["grid_max_error"] < 0.05, fit
+    cond = model.encode_prompts(ds.prompts)
+
+    def preview_psnr(p, k):
+        grid = p.time_grid(model.schedule, k)
+        table = p.coefficient_table(grid).to(torch.float32).unsqueeze(0).expand(len(ds), -1, -1)
+        x = lmm_rollouts(lambda x, t: model.guided_eps(x, t, cond, ds.index.guidance), ds.noise, grid, table)
+        return float(-10 * torch.log10((x - ds.target).pow(2).flatten(1).mean(1)).mean())
+
+    from solver.policy import ConsistencyPolicy
+
+    for k in (3, 4):
+        grid = policy.time_grid(model.schedule, k)
+        assert not torch.equal(grid.timesteps, model.schedule.grid(k).timesteps)  # the grid moved
+        assert grid.timesteps.dtype == torch.long and bool((grid.timesteps[1:] < grid.timesteps[:-1]).all())
+        base = ConsistencyPolicy(base="ddim", time_grid=True)  # zero heads: DDIM on the default grid
+        assert preview_psnr(policy, k) > preview_psnr(base, k) + 1.0

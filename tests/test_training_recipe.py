@@ -29,8 +29,20 @@ def test_training_prompts_avoid_the_heldout_combinations():
 def test_recipe_runs_end_to_end_and_installs_the_policy(tmp_path, capsys):
     rc = main(["--out", str(tmp_path / "run"), "--num-prompts", "3", "--seeds", "0", "--num-updates", "2",
                "--group-size", "2", "--groups-per-update", "2", "--min-steps", "3", "--max-steps", "3",
-               "--install", str(tmp_path / "installed"), "--threads", "1", "--reward", "psnr"], model=GaussianDenoiser())
+               "--install", str(tmp_path / "installed"), "--threads", "1", "--reward", "psnr",
+               "--distill-updates", "3", "--distill-batch-size", "2"], model=GaussianDenoiser())
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and out["updates"] == 2 and out["base"] in out["base_scores"]
+    assert json.loads((tmp_path / "installed" / "recipe.json").read_text()) == out
+    # PPO started from the distilled policy, and the distilled policy itself was a candidate
+    assert out["distilled"] == str(tmp_path / "run" / "distill" / "final")
+    assert set(out["checkpoint_scores"]) == {"distill/final", "checkpoint-00002", "final"} or \
+        set(out["checkpoint_scores"]) == {"distill/final", "final"}
+    distilled = json.loads((tmp_path / "run" / "distill" / "final" / "train_config.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "distill" / "final" / "metrics.json").read_text())
+    assert len(metrics["updates"]) == 3 and set(metrics["fit"]) == {"coef_max_error", "grid_max_error", "tables"}
+    assert distilled["values"]["base"] == out["base"] and distilled["values"]["time_grid"] is True
+    ppo = json.loads((tmp_path / "installed" / "train_config.json").read_text())
+    assert ppo["values"]["init_from"] == out["distilled"] or out["chosen"] == out["distilled"]
     policy = ConsistencyPolicy.load(tmp_path / "installed")
     assert policy.base == out["base"]
