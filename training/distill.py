@@ -121,7 +121,7 @@ def differentiable_guided_eps(model: Any, x: torch.Tensor, t: torch.Tensor, cond
 
 
 def distill(config: DistillConfig, model: Any, dataset: Any,
-            progress: bool = True) -> tuple[ConsistencyPolicy, list[dict], dict[str, float] | None]:
+            progress: bool = True) -> tuple[ConsistencyPolicy, list[dict], dict[str, Any] | None]:
     """Fit the policy's mean coefficients (and, with ``time_grid``, its time grid) by gradient descent
     through the sampler; returns (policy, per-update log, fit) where fit (method 'tables'; else None) holds
     the fitted per-K tables and the regression's largest errors.
@@ -151,9 +151,8 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
         # raw coefficients and log-weights are O(1): a larger step than the MLP's
         optimizers = {k: torch.optim.Adam(ps, lr=cfg.learning_rate * TABLE_LR_SCALE) for k, ps in params.items()}
     else:
-        heads = list(policy.net.parameters()) + (list(policy.grid_net.parameters()) if policy.grid_net is not None else [])
-        optimizers = {None: torch.optim.Adam(heads, lr=cfg.learning_rate)}
-        params = {None: heads}
+        params = {None: mean_heads(policy)}
+        optimizers = {None: torch.optim.Adam(params[None], lr=cfg.learning_rate)}
 
     def grid_and_table(k: int) -> tuple[Any, torch.Tensor]:
         if cfg.method == "policy":
@@ -169,8 +168,10 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
         digest = hashlib.sha256(f"{cfg.seed}:{update}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         rows = torch.randint(len(dataset), (cfg.batch_size,), generator=gen)
-        k = int(torch.randint(cfg.min_steps, cfg.max_steps + 1, (1,), generator=gen))
-        k = steps[update % len(steps)] if cfg.method == "tables" else k
+        if cfg.method == "tables":
+            k = steps[update % len(steps)]
+        else:
+            k = int(torch.randint(cfg.min_steps, cfg.max_steps + 1, (1,), generator=gen))
         prompts = [dataset.prompts[r] for r in rows.tolist()]
         for p in set(prompts) - set(cache):
             cache[p] = model.encode_prompts([p], dataset.index.negative_prompt)
@@ -222,8 +223,7 @@ def fit_policy(policy: ConsistencyPolicy, schedule: Any, fitted: dict[int, tuple
             grid_inputs.append(default)
             grid_targets.append(g.to(torch.float32))
     x, y, mask = torch.cat(inputs), torch.cat(targets), torch.cat(masks)
-    heads = list(policy.net.parameters()) + (list(policy.grid_net.parameters()) if grid_targets else [])
-    optimizer = torch.optim.Adam(heads, lr=lr)
+    optimizer = torch.optim.Adam(mean_heads(policy), lr=lr)
     schedule_lr = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
     for _ in range(iterations):
         loss = ((policy.net(x) * mask - y) ** 2).sum() / mask.sum().clamp_min(1.0)
@@ -240,13 +240,19 @@ def fit_policy(policy: ConsistencyPolicy, schedule: Any, fitted: dict[int, tuple
     return {"coef_max_error": round(coef_error, 6), "grid_max_error": round(grid_error, 6)}
 
 
+def mean_heads(policy: ConsistencyPolicy) -> list[torch.nn.Parameter]:
+    """The parameters of the policy's deterministic outputs (coefficient head, grid head if any); not the
+    Gaussian's log-stds, which distillation leaves alone."""
+    return list(policy.net.parameters()) + (list(policy.grid_net.parameters()) if policy.grid_net is not None else [])
+
+
 def _centred(v: torch.Tensor) -> torch.Tensor:
     """g up to its mean: the grid's increments are exp(g) renormalised, so g and g + c give the same grid."""
     return v - v.mean()
 
 
 def save_distilled(policy: ConsistencyPolicy, config: DistillConfig, log: list[dict], folder: Path,
-                   fit: dict[str, float] | None = None) -> None:
+                   fit: dict[str, Any] | None = None) -> None:
     """The policy plus ``train_config.json`` (values and field docs) and ``metrics.json`` (the update log
     and the regression's errors)."""
     policy.save(folder)
