@@ -346,8 +346,7 @@ def reweight_grid(schedule: Schedule, default: TimeGrid, g: torch.Tensor, relaxe
         q = d * torch.exp(g)
         q = q / q.sum() if float(q.sum().detach()) > 0 else d
         positions = ends[0] - torch.cumsum(1.0 + spare * q, 0)[:-1]
-        new_ts = torch.cat([ts[:1], positions if relaxed else torch.round(positions).detach()])
-        new_ts = new_ts if relaxed else new_ts.to(torch.long)
+        new_ts = torch.cat([ts[:1], positions]) if relaxed else torch.cat([ts[:1], torch.round(positions)]).to(torch.long)
     else:
         ends = torch.cat([ts, ts.new_tensor([0.0])])
         d = ends[:-1] - ends[1:]

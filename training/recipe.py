@@ -202,8 +202,6 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     build_dataset(model, prompts, seeds, out / "dataset", prompt_file_sha256=sha256_file(prompts_file),
                   batch_size=32, shard_size=32)
     t_data = time.perf_counter() - t0
-    # keep a minute for the final checkpoint and SELECTION_MINUTES for choosing among the checkpoints
-    config.max_minutes = max(0.05, args.minutes - t_data / 60 - 1.0 - SELECTION_MINUTES)
     store = None
     if args.store:
         from store import open_store
@@ -222,6 +220,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
                                out=out / "distill")
         config.init_from = str(distilled)
         extra.append(distilled)
+    # PPO gets what is left, less a minute for the final checkpoint and SELECTION_MINUTES for choosing
     config.max_minutes = max(0.05, args.minutes - (time.perf_counter() - t0) / 60 - 1.0 - SELECTION_MINUTES)
     trainer = prepare(config, model=model, store=store)
     metrics = trainer.train()
