@@ -98,3 +98,23 @@ def test_command_line(tmp_path, capsys):
                "--reference-steps", "5", "--store", ""], model=GaussianDenoiser())
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and out["pairs"] == 4 and out["complete"] and out["reference"] == "dpm2m:5"
+
+
+def test_zip_pairing_gives_each_prompt_its_own_seed_and_noise(tmp_path):
+    model = GaussianDenoiser()
+    prompts = read_prompts(write_prompts(tmp_path / "p.txt", 5))
+    index = build_dataset(model, prompts, [10, 11, 12, 13, 14], tmp_path / "ds", prompt_file_sha256="0" * 64,
+                          shard_size=2, reference_steps=5, progress=False, pairing="zip")
+    assert index.num_pairs == 5 and len(index.shards) == 3
+    ds = load_dataset(tmp_path / "ds")
+    assert ds.prompts == prompts and ds.seeds == [10, 11, 12, 13, 14]
+    assert torch.equal(ds.noise[4], make_noise(14, (3, 12, 12)))
+    assert not torch.equal(ds.noise[0], ds.noise[1])  # a distinct noise per row
+    model.calls = 0
+    with pytest.raises(ValueError, match="seeds: pairing 'zip'.*5 prompts.*2 seeds"):
+        build_dataset(model, prompts, [0, 1], tmp_path / "d2", prompt_file_sha256="0" * 64, pairing="zip")
+    with pytest.raises(ValueError, match="pairing"):
+        build_dataset(model, prompts, [0], tmp_path / "d3", prompt_file_sha256="0" * 64, pairing="outer")
+    assert model.calls == 0 and not (tmp_path / "d2").exists() and not (tmp_path / "d3").exists()
+    with pytest.raises(ValueError, match="seeds: pairing 'zip'"):  # before the model is loaded
+        main(["--prompts", str(tmp_path / "p.txt"), "--seeds", "0-1", "--pairing", "zip", "--out", str(tmp_path / "d4")])

@@ -6,7 +6,9 @@ Layout of a dataset folder::
                                the (prompt, seed) list and the shards
     shard-00000.safetensors    noise (N, C, h, w) and target (N, C, h, w) float32; metadata: its rows
 
-Pairs are every prompt x every seed, in that order, cut into shards of ``shard_size`` rows. A shard is
+Pairs are every prompt x every seed, in that order (``pairing="product"``), or prompt i with seed i
+(``pairing="zip"``: as many distinct noises as rows, which a solver trained on few seeds would otherwise
+overfit to), cut into shards of ``shard_size`` rows. A shard is
 written to a temporary name and renamed when complete, so an interrupted build resumes by skipping the
 shards that exist (their rows are checked against the index). With ``accelerate launch`` every process
 builds the shards ``i % num_processes == process_index``; the main process writes the index and the
@@ -15,7 +17,7 @@ seed), the target from ``refine.full_step.sample_full_step``: the very sampler r
 
 Command line::
 
-    python -m training.dataset --prompts FILE --seeds 0-63 --out DIR [--model NAME] [--guidance W]
+    python -m training.dataset --prompts FILE --seeds 0-63 --out DIR [--model NAME] [--guidance W] [--pairing zip]
 """
 
 from __future__ import annotations
@@ -108,18 +110,21 @@ class DatasetIndex:
     shards: list[str] = field(default_factory=list)
     complete: bool = False
     schema_version: int = SCHEMA_VERSION
+    pairing: str = "product"  # "product": every prompt x every seed; "zip": prompt i with seed i
 
     @property
     def num_pairs(self) -> int:
-        return len(self.prompts) * len(self.seeds)
+        return len(self.prompts) if self.pairing == "zip" else len(self.prompts) * len(self.seeds)
 
     @property
     def num_shards(self) -> int:
         return -(-self.num_pairs // self.shard_size)
 
     def pairs(self, shard: int) -> list[tuple[str, int]]:
-        """The (prompt, seed) rows of shard ``shard``: prompt-major over prompts x seeds."""
+        """The (prompt, seed) rows of shard ``shard``: prompt-major over prompts x seeds, or zipped."""
         lo, hi = shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_pairs)
+        if self.pairing == "zip":
+            return list(zip(self.prompts[lo:hi], self.seeds[lo:hi]))
         return [(self.prompts[k // len(self.seeds)], self.seeds[k % len(self.seeds)]) for k in range(lo, hi)]
 
     def write(self, folder: Path) -> None:
@@ -149,6 +154,15 @@ class DatasetIndex:
             raise DatasetMismatch(f"dataset targets use {self.reference_steps} reference steps, expected {reference_steps}")
         if not self.complete:
             raise ValueError("dataset is incomplete (its build was interrupted); rerun the same build command to finish it")
+
+
+def check_pairing(prompts: Sequence[str], seeds: Sequence[int], pairing: str) -> None:
+    """A ValueError unless ``pairing`` is known and, for 'zip', there is one seed per prompt."""
+    if pairing not in ("product", "zip"):
+        raise ValueError(f"pairing must be 'product' or 'zip', got {pairing!r}")
+    if pairing == "zip" and len(seeds) != len(prompts):
+        raise ValueError(f"seeds: pairing 'zip' gives prompt i seed i, so it needs one seed per prompt "
+                         f"({len(prompts)} prompts), got {len(seeds)} seeds")
 
 
 def shard_name(i: int) -> str:
@@ -186,6 +200,7 @@ def build_dataset(
     num_processes: int = 1,
     wait: Any = None,
     progress: bool = True,
+    pairing: str = "product",
 ) -> DatasetIndex:
     """Build (or finish) the dataset in ``out``; returns its index. See the module docstring.
 
@@ -204,6 +219,7 @@ def build_dataset(
         raise ValueError("prompts: no prompt given")
     for s in seeds:
         check_seed(s)
+    check_pairing(prompts, seeds, pairing)
     if guidance is None:
         guidance = float(getattr(model, "default_guidance", 5.0))
     if not (isinstance(guidance, (int, float)) and 0 <= guidance < float("inf")):
@@ -217,6 +233,7 @@ def build_dataset(
         model_id=model.model_id, reference_solver=FULL_STEP_SOLVER, reference_steps=reference_steps,
         guidance=float(guidance), height=height, width=width, negative_prompt=negative_prompt, latent_shape=shape,
         prompt_file_sha256=prompt_file_sha256, prompts=list(prompts), seeds=[int(s) for s in seeds], shard_size=shard_size,
+        pairing=pairing,
     )
     if (folder / INDEX_NAME).exists():
         old = DatasetIndex.read(folder)
@@ -325,6 +342,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.dataset", description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", required=True, help="prompt file, one prompt per line")
     parser.add_argument("--seeds", default="0-3", help="seeds, e.g. 0-63 or 0,5,9 (every prompt gets every seed)")
+    parser.add_argument("--pairing", choices=("product", "zip"), default="product",
+                        help="product: every prompt x every seed; zip: prompt i with seed i (one seed per prompt)")
     parser.add_argument("--out", required=True, help="dataset folder (resumed if it exists)")
     parser.add_argument("--model", default=None, help="model name or path; default: the embedded model")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
@@ -339,6 +358,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
 
     prompts = read_prompts(args.prompts)  # bad input fails before any model is loaded
     seeds = parse_int_list(args.seeds, "seeds", 0, 2**32 - 1)
+    check_pairing(prompts, seeds, args.pairing)
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -352,7 +372,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         reference_steps=args.reference_steps, negative_prompt=args.negative_prompt, shard_size=args.shard_size,
         batch_size=args.batch_size, store=store, name=args.name, process_index=accelerator.process_index,
         num_processes=accelerator.num_processes, wait=accelerator.wait_for_everyone,
-        progress=accelerator.is_local_main_process,
+        progress=accelerator.is_local_main_process, pairing=args.pairing,
     )
     if accelerator.is_main_process:
         print(json.dumps({"out": str(args.out), "pairs": index.num_pairs, "shards": len(index.shards),
