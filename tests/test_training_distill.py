@@ -66,3 +66,17 @@ def test_distillation_learns_the_time_grid_through_real_valued_timesteps(tmp_pat
         assert grid.timesteps.dtype == torch.long and bool((grid.timesteps[1:] < grid.timesteps[:-1]).all())
         base = ConsistencyPolicy(base="ddim", time_grid=True)  # zero heads: DDIM on the default grid
         assert preview_psnr(policy, k) > preview_psnr(base, k) + 1.0
+
+
+def test_round_robin_repeats_the_named_step_counts(tmp_path):
+    model = GaussianDenoiser()
+    build_dataset(model, ["s0", "s1"], [0], tmp_path / "ds", prompt_file_sha256="0" * 64, reference_steps=10,
+                  progress=False)
+    cfg = DistillConfig(dataset=str(tmp_path / "ds"), num_updates=6, min_steps=3, max_steps=4, repeat_steps="4",
+                        batch_size=2, fit_iterations=10)
+    _, log, _ = distill(cfg, model, load_dataset(tmp_path / "ds"), progress=False)
+    assert [r["steps"] for r in log] == [3, 4, 4, 3, 4, 4]
+    for bad in ("5", "4,x"):
+        with pytest.raises(ValueError, match="repeat_steps"):
+            DistillConfig(dataset="x", min_steps=3, max_steps=4, repeat_steps=bad).validate()
+

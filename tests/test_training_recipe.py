@@ -27,10 +27,11 @@ def test_training_prompts_avoid_the_heldout_combinations():
 
 
 def test_recipe_runs_end_to_end_and_installs_the_policy(tmp_path, capsys):
-    rc = main(["--out", str(tmp_path / "run"), "--num-prompts", "3", "--seeds", "0", "--num-updates", "2",
-               "--group-size", "2", "--groups-per-update", "2", "--min-steps", "3", "--max-steps", "3",
+    rc = main(["--out", str(tmp_path / "run"), "--num-prompts", "3", "--num-updates", "2",
+               "--group-size", "2", "--groups-per-update", "2", "--min-steps", "3", "--max-steps", "4",
                "--install", str(tmp_path / "installed"), "--threads", "1", "--reward", "psnr",
-               "--distill-updates", "3", "--distill-batch-size", "2"], model=GaussianDenoiser())
+               "--distill-updates", "3", "--distill-batch-size", "2", "--distill-repeat-steps", "4"],
+              model=GaussianDenoiser())
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and out["updates"] == 2 and out["base"] in out["base_scores"]
     assert json.loads((tmp_path / "installed" / "recipe.json").read_text()) == out
@@ -41,6 +42,10 @@ def test_recipe_runs_end_to_end_and_installs_the_policy(tmp_path, capsys):
     distilled = json.loads((tmp_path / "run" / "distill" / "final" / "train_config.json").read_text())
     metrics = json.loads((tmp_path / "run" / "distill" / "final" / "metrics.json").read_text())
     assert len(metrics["updates"]) == 3 and set(metrics["fit"]) == {"coef_max_error", "grid_max_error", "tables"}
+    assert [r["steps"] for r in metrics["updates"]] == [3, 4, 4]  # K = 4 visited twice per round
+    from training.dataset import load_dataset
+
+    assert load_dataset(tmp_path / "run" / "dataset").seeds == [1000, 1001, 1002]  # one noise per row, unseen seeds
     assert distilled["values"]["base"] == out["base"] and distilled["values"]["time_grid"] is True
     ppo = json.loads((tmp_path / "installed" / "train_config.json").read_text())
     assert ppo["values"]["init_from"] == out["distilled"] or out["chosen"] == out["distilled"]

@@ -15,8 +15,9 @@ sizes (n_{i+1} - n_i) and the model's epsilon. The sampling grid is that grid ro
 Two ways to descend (``--method``):
 
 - ``tables`` (default): free residuals a_K and grid log-weights g_K for every K of the step range, one
-  Adam each, updates round robin over K; the policy's heads are then regressed onto them
-  (:func:`fit_policy`, no model calls). Each K gets its own exact gradient, none traded against another.
+  Adam each, updates round robin over K (``repeat_steps`` get a second turn in each round); the policy's
+  heads are then regressed onto them (:func:`fit_policy`, no model calls). Each K gets its own exact
+  gradient, none traded against another.
 - ``policy``: descend on the policy's MLP parameters directly, one random K per update.
 
 The model is never updated; only the policy's parameters get gradients. ``Denoiser.model_output`` is
@@ -73,6 +74,8 @@ class DistillConfig:
     max_steps: int = doc("largest K drawn per update", 6)
     num_updates: int = doc("optimiser steps", 100)
     learning_rate: float = doc("Adam learning rate", 1e-3)
+    repeat_steps: str = doc("method 'tables': step counts that get a second turn in each round of the round robin "
+                            "(comma-separated, within min_steps..max_steps; '' = none)", "")
     max_grad_norm: float = doc("gradient-norm clip", 1.0)
     seed: int = doc("seed of rows and K draws", 0)
     max_minutes: float | None = doc("stop after this many minutes", None)
@@ -89,11 +92,25 @@ class DistillConfig:
                 raise ValueError(f"{name} must be an integer in 1..{MAX_PREVIEW_STEPS}, got {v!r}")
         if self.min_steps > self.max_steps:
             raise ValueError(f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})")
+        repeat = self.repeat_step_counts()
+        if any(not self.min_steps <= k <= self.max_steps for k in repeat):
+            raise ValueError(f"repeat_steps must lie within min_steps..max_steps ({self.min_steps}..{self.max_steps}), "
+                             f"got {self.repeat_steps!r}")
         if self.method not in ("tables", "policy"):
             raise ValueError(f"method must be 'tables' or 'policy', got {self.method!r}")
         if not self.dataset:
             raise ValueError("dataset must name a dataset folder built by `python -m training.dataset`")
         return self
+
+    def repeat_step_counts(self) -> list[int]:
+        try:
+            return [int(v) for v in self.repeat_steps.split(",") if v.strip()]
+        except (AttributeError, ValueError):
+            raise ValueError(f"repeat_steps must be comma-separated integers, got {self.repeat_steps!r}") from None
+
+    def round_robin(self) -> list[int]:
+        """One round of method 'tables': every K of the step range once, then the repeated ones again."""
+        return list(range(self.min_steps, self.max_steps + 1)) + self.repeat_step_counts()
 
 
 def differentiable_guided_eps(model: Any, x: torch.Tensor, t: torch.Tensor, cond: Any, guidance: float) -> torch.Tensor:
@@ -143,7 +160,7 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
     torch.manual_seed(cfg.seed)
     policy = ConsistencyPolicy(order=cfg.order, base=cfg.base, hidden=cfg.hidden, time_grid=cfg.time_grid)
     guidance, schedule, log = float(dataset.index.guidance), model.schedule, []
-    steps = list(range(cfg.min_steps, cfg.max_steps + 1))
+    steps, rounds = list(range(cfg.min_steps, cfg.max_steps + 1)), cfg.round_robin()
     if cfg.method == "tables":
         free = {k: (torch.zeros(k, cfg.order - 1, dtype=torch.float64, requires_grad=True),
                     torch.zeros(k, dtype=torch.float64, requires_grad=True) if cfg.time_grid else None) for k in steps}
@@ -169,7 +186,7 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         rows = torch.randint(len(dataset), (cfg.batch_size,), generator=gen)
         if cfg.method == "tables":
-            k = steps[update % len(steps)]
+            k = rounds[update % len(rounds)]
         else:
             k = int(torch.randint(cfg.min_steps, cfg.max_steps + 1, (1,), generator=gen))
         prompts = [dataset.prompts[r] for r in rows.tolist()]
