@@ -26,7 +26,10 @@
    ``training/checkpoints/default``, which the preview engine loads for ``consistency`` when the store has
    no active checkpoint); ``recipe.json`` there records the scores.
 
-The learned time grid is on by default (``--no-time-grid`` for coefficients only).
+The learned time grid is on by default (``--no-time-grid`` for coefficients only): on the held-out set
+(seeds 0-1, unseen) the shipped policy's learned grid beat the same coefficients on the fixed grid at
+K = 3..6 (K = 4: 23.59 vs 22.78 dB, K = 6: 28.13 vs 27.32) and lost at K = 8 (30.00 vs 30.09), which
+lies outside the trained range.
 """
 
 from __future__ import annotations
