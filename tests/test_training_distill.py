@@ -79,4 +79,3 @@ def test_round_robin_repeats_the_named_step_counts(tmp_path):
     for bad in ("5", "4,x"):
         with pytest.raises(ValueError, match="repeat_steps"):
             DistillConfig(dataset="x", min_steps=3, max_steps=4, repeat_steps=bad).validate()
-

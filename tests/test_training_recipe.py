@@ -7,6 +7,7 @@ import torch
 
 from solver.policy import ConsistencyPolicy
 from tests.training_fakes import GaussianDenoiser
+from training.dataset import load_dataset
 from training.recipe import main, training_prompts
 
 
@@ -43,8 +44,6 @@ def test_recipe_runs_end_to_end_and_installs_the_policy(tmp_path, capsys):
     metrics = json.loads((tmp_path / "run" / "distill" / "final" / "metrics.json").read_text())
     assert len(metrics["updates"]) == 3 and set(metrics["fit"]) == {"coef_max_error", "grid_max_error", "tables"}
     assert [r["steps"] for r in metrics["updates"]] == [3, 4, 4]  # K = 4 visited twice per round
-    from training.dataset import load_dataset
-
     assert load_dataset(tmp_path / "run" / "dataset").seeds == [1000, 1001, 1002]  # one noise per row, unseen seeds
     assert distilled["values"]["base"] == out["base"] and distilled["values"]["time_grid"] is True
     ppo = json.loads((tmp_path / "installed" / "train_config.json").read_text())

@@ -14,8 +14,9 @@
    gradient descent through the unrolled few-step sampler, coefficients and time grid together, per K
    (K = 4, the app's default preview, and K = 5, where the baselines come closest, get two turns per
    round), then the policy regressed onto the fitted tables. Gradients are exact where PPO only
-   estimates them from a few rollouts: on the 2-core CPU, 12 minutes of it scored 23.44 dB at K = 4 on
-   the held-out set, where 15 minutes of PPO from the base rule had scored 22.84 (DDIM: 23.11).
+   estimates them from a few rollouts: in the earlier recipe (both trained on seeds 0-1), 12 minutes of
+   it scored 23.44 dB at K = 4 on the held-out prompts, where 15 minutes of PPO from the base rule had
+   scored 22.84 (DDIM: 23.11).
 4. PPO (training.ppo) from the distilled policy for the rest of the time budget, on the reward, at a
    fine-tuning learning rate (3e-4, target KL 0.05), checkpointing as it goes. At 3e-3 its first update
    had approx KL 58 and lowered the reward; at 3e-4, 67 updates (3 minutes) scored within 0.16 of the
