@@ -50,3 +50,10 @@ def test_recipe_runs_end_to_end_and_installs_the_policy(tmp_path, capsys):
     assert ppo["values"]["init_from"] == out["distilled"] or out["chosen"] == out["distilled"]
     policy = ConsistencyPolicy.load(tmp_path / "installed")
     assert policy.base == out["base"]
+
+
+def test_recipe_refuses_repeated_step_counts_outside_the_range_before_any_compute(tmp_path):
+    model = GaussianDenoiser()
+    with pytest.raises(ValueError, match="repeat_steps"):  # the default 4,5 with --max-steps 3
+        main(["--out", str(tmp_path / "run"), "--num-prompts", "2", "--min-steps", "3", "--max-steps", "3"], model=model)
+    assert model.calls == 0 and not (tmp_path / "run" / "dataset").exists()

@@ -204,6 +204,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
 
     from training.config import TrainConfig
     from training.dataset import build_dataset, parse_int_list, sha256_file
+    from training.distill import DistillConfig
     from training.train import prepare
 
     if args.seeds is None:
@@ -216,6 +217,9 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
                          target_kl=args.target_kl,
                          num_updates=args.num_updates, time_grid=args.time_grid, threads=args.threads,
                          checkpoint_every=40, seed=0, activate=bool(args.store), reward=args.reward).validate()
+    if args.distill_minutes > 0:  # the warm start's own settings are refused here, before the dataset is built
+        DistillConfig(dataset=config.dataset, min_steps=config.min_steps, max_steps=config.max_steps,
+                      repeat_steps=args.distill_repeat_steps).validate()
     if model is None:
         if args.weights_dir:
             from models.embedded.model import load_embedded
