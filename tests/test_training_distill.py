@@ -76,6 +76,10 @@ def test_round_robin_repeats_the_named_step_counts(tmp_path):
                         batch_size=2, fit_iterations=10)
     _, log, _ = distill(cfg, model, load_dataset(tmp_path / "ds"), progress=False)
     assert [r["steps"] for r in log] == [3, 4, 4, 3, 4, 4]
+    for name in ("learning_rate", "fit_learning_rate"):
+        for bad in (0.0, float("nan"), True):
+            with pytest.raises(ValueError, match=name):
+                DistillConfig(dataset="x", **{name: bad}).validate()
     for bad in ("5", "4,x"):
         with pytest.raises(ValueError, match="repeat_steps"):
             DistillConfig(dataset="x", min_steps=3, max_steps=4, repeat_steps=bad).validate()
