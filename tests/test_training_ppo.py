@@ -139,7 +139,8 @@ def test_checkpoints_resume_bit_exactly_and_log_to_the_store(dataset_dir, tmp_pa
 
 def test_bad_input_is_refused_before_any_model_call(dataset_dir, tmp_path):
     for kw, field in [(dict(min_steps=0), "min_steps"), (dict(min_steps=1), "no free coefficient"), (dict(max_steps=51), "max_steps"),
-                      (dict(update_epochs=1), "update_epochs"), (dict(group_size=1), "group_size")]:
+                      (dict(update_epochs=1), "update_epochs"), (dict(group_size=1), "group_size"),
+                      (dict(learning_rate=float("inf")), "learning_rate"), (dict(clip_coef=True), "clip_coef")]:
         with pytest.raises(ValueError, match=field):
             _config(dataset_dir, tmp_path, **kw).validate()
     model = GaussianDenoiser(model_id="another-model")

@@ -87,9 +87,7 @@ class TrainConfig:
             raise ValueError(f"num_minibatches ({self.num_minibatches}) must not exceed group_size ({self.group_size}), "
                              f"so every minibatch holds rollouts of every step count")
         for name in ("learning_rate", "clip_coef", "max_grad_norm", "adv_eps"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+            check_positive_number(name, getattr(self, name))
         if not math.isfinite(self.ent_coef) or self.ent_coef < 0:
             raise ValueError(f"ent_coef must be a non-negative finite number, got {self.ent_coef!r}")
         if not math.isfinite(self.init_log_std):
@@ -118,6 +116,12 @@ class TrainConfig:
     def field_docs(cls) -> dict[str, str]:
         """Field name -> documentation (saved beside the values in each checkpoint)."""
         return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
+
+
+def check_positive_number(name: str, value: Any) -> None:
+    """Refuse ``value`` for field ``name`` unless it is a finite number > 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def _parse_mapping(text: str) -> dict[str, str]:

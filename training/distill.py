@@ -34,7 +34,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -45,7 +44,7 @@ import torch
 
 from solver.outputs import to_epsilon
 from solver.policy import ConsistencyPolicy
-from training.config import MAX_PREVIEW_STEPS, add_dataclass_arguments, doc
+from training.config import MAX_PREVIEW_STEPS, add_dataclass_arguments, check_positive_number, doc
 from training.rollout import lmm_rollouts
 
 logger = logging.getLogger(__name__)
@@ -89,9 +88,7 @@ class DistillConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name in ("learning_rate", "fit_learning_rate"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
+            check_positive_number(name, getattr(self, name))
         for name in ("min_steps", "max_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_PREVIEW_STEPS:
