@@ -45,6 +45,7 @@ import torch
 from solver.outputs import to_epsilon
 from solver.policy import ConsistencyPolicy
 from training.config import MAX_PREVIEW_STEPS, add_dataclass_arguments, check_positive_number, doc
+from training.dataset import parse_int_list
 from training.rollout import lmm_rollouts
 
 logger = logging.getLogger(__name__)
@@ -95,10 +96,7 @@ class DistillConfig:
                 raise ValueError(f"{name} must be an integer in 1..{MAX_PREVIEW_STEPS}, got {v!r}")
         if self.min_steps > self.max_steps:
             raise ValueError(f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})")
-        repeat = self.repeat_step_counts()
-        if any(not self.min_steps <= k <= self.max_steps for k in repeat):
-            raise ValueError(f"repeat_steps must lie within min_steps..max_steps ({self.min_steps}..{self.max_steps}), "
-                             f"got {self.repeat_steps!r}")
+        self.repeat_step_counts()
         if self.method not in ("tables", "policy"):
             raise ValueError(f"method must be 'tables' or 'policy', got {self.method!r}")
         if not self.dataset:
@@ -106,10 +104,10 @@ class DistillConfig:
         return self
 
     def repeat_step_counts(self) -> list[int]:
-        try:
-            return [int(v) for v in self.repeat_steps.split(",") if v.strip()]
-        except (AttributeError, ValueError):
-            raise ValueError(f"repeat_steps must be comma-separated integers, got {self.repeat_steps!r}") from None
+        """``repeat_steps`` as a list ('' = none); each must lie within min_steps..max_steps."""
+        if isinstance(self.repeat_steps, str) and not self.repeat_steps.strip():
+            return []
+        return parse_int_list(self.repeat_steps, "repeat_steps", self.min_steps, self.max_steps)
 
     def round_robin(self) -> list[int]:
         """One round of method 'tables': every K of the step range once, then the repeated ones again."""
