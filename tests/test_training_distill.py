@@ -83,3 +83,34 @@ def test_round_robin_repeats_the_named_step_counts(tmp_path):
     for bad in ("5", "4,x"):
         with pytest.raises(ValueError, match="repeat_steps"):
             DistillConfig(dataset="x", min_steps=3, max_steps=4, repeat_steps=bad).validate()
+
+
+def test_structure_term_is_the_ssim_of_the_latents_read_as_images_and_changes_the_fit(tmp_path):
+    from training.distill import latent_ssim
+    from training.rewards import ssim
+
+    target = torch.rand(3, 3, 16, 16) * 2 - 1
+    x = (target + 0.3 * torch.randn_like(target)).requires_grad_(True)
+    value = latent_ssim(target, x)
+    torch.testing.assert_close(value, ssim((target + 1) / 2, (x.detach() + 1) / 2))
+    torch.testing.assert_close(latent_ssim(target, target), torch.ones(3))
+    assert bool((value < 0.99).all())
+    value.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+    model = GaussianDenoiser()
+    build_dataset(model, ["s0", "s1"], [0], tmp_path / "ds", prompt_file_sha256="0" * 64, reference_steps=10,
+                  progress=False)
+    ds = load_dataset(tmp_path / "ds")
+    runs = {}
+    for weight in (0.0, 2.0):
+        cfg = DistillConfig(dataset=str(tmp_path / "ds"), num_updates=3, min_steps=3, max_steps=3, batch_size=2,
+                            fit_iterations=10, ssim_weight=weight)
+        runs[weight] = distill(cfg, model, ds, progress=False)
+    (_, plain, plain_fit), (_, structured, structured_fit) = runs[0.0], runs[2.0]
+    assert "ssim" not in plain[0] and 0 < structured[0]["ssim"] < 1  # logged when the term is on
+    assert plain[0]["psnr_latent"] == structured[0]["psnr_latent"]  # same rows and start
+    assert plain_fit["tables"]["3"]["residual"] != structured_fit["tables"]["3"]["residual"]  # different gradient
+    for bad in (-1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="ssim_weight"):
+            DistillConfig(dataset="x", ssim_weight=bad).validate()

@@ -5,7 +5,10 @@ w = f_theta(step) are used in eq. 10, the K-step preview x_K(w) is compared with
 and the loss gradient flows through every step, including through the model's epsilon at the states
 the coefficients produced (the chain rule through the denoiser, which is frozen but differentiated).
 
-    loss = mean_rows log MSE(x_K(w), x_target)      (log: a PSNR-like relative error per row)
+    loss = mean_rows [ log MSE(x_K(w), x_target) + lambda log(1 - SSIM(x_K(w), x_target)) ]
+
+The log makes each term a relative error per row (PSNR-like); ``ssim_weight`` lambda (default 0) adds the
+structure term, SSIM of the two latents read as images in [-1, 1] (the embedded model's latent is its image).
 
 With ``time_grid`` the grid is learned too: during training its timesteps stay real-valued
 (``ConsistencyPolicy.relaxed_time_grid``), alpha_t and sigma_t come from the schedule's continuous
@@ -71,6 +74,8 @@ class DistillConfig:
     fit_iterations: int = doc("Adam iterations of the regression of the policy's heads onto the fitted tables "
                               "(method 'tables'; no model calls)", 3000)
     fit_learning_rate: float = doc("Adam learning rate of that regression", 3e-3)
+    ssim_weight: float = doc("lambda of the structure term: loss = log MSE + lambda log(1 - SSIM) per row, SSIM of "
+                             "the latents read as images in [-1, 1]; 0 = log MSE alone", 0.0)
     batch_size: int = doc("rows per update (all share one step count K, so each step is one model call)", 8)
     min_steps: int = doc("smallest K drawn per update", 3)
     max_steps: int = doc("largest K drawn per update", 6)
@@ -90,6 +95,8 @@ class DistillConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name in ("learning_rate", "fit_learning_rate"):
             check_positive_number(name, getattr(self, name))
+        if isinstance(self.ssim_weight, bool) or self.ssim_weight != 0:  # 0 = off; else positive
+            check_positive_number("ssim_weight", self.ssim_weight)
         for name in ("min_steps", "max_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_PREVIEW_STEPS:
@@ -136,6 +143,15 @@ def differentiable_guided_eps(model: Any, x: torch.Tensor, t: torch.Tensor, cond
     eps = to_epsilon(out, torch.cat([x32, x32]), alpha, sigma, model.schedule.prediction_type)
     eps_u, eps_c = eps.chunk(2)
     return eps_u + guidance * (eps_c - eps_u)
+
+
+def latent_ssim(target: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-row SSIM of two latent batches read as images in [-1, 1], i.e. of (x + 1) / 2 at data range 1
+    (``training.rewards.ssim``, torchmetrics); differentiable in ``x``, and not clamped, so the gradient
+    also reaches values the decoder would clip."""
+    from training.rewards import ssim
+
+    return ssim((target + 1.0) / 2.0, (x + 1.0) / 2.0)
 
 
 def distill(config: DistillConfig, model: Any, dataset: Any,
@@ -198,15 +214,21 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
         x = lmm_rollouts(lambda x, t: differentiable_guided_eps(model, x, t, cond, guidance),
                          dataset.noise[rows].to(model.device), grid,
                          table.to(torch.float32).unsqueeze(0).expand(len(rows), -1, -1))
-        mse = (x - dataset.target[rows].to(x.device)).pow(2).flatten(1).mean(1)
+        target = dataset.target[rows].to(x.device)
+        mse = (x - target).pow(2).flatten(1).mean(1)
         loss = torch.log(mse + 1e-10).mean()
+        entry = {}
+        if cfg.ssim_weight:
+            structure = latent_ssim(target, x)
+            loss = loss + cfg.ssim_weight * torch.log(1.0 - structure + 1e-6).mean()
+            entry["ssim"] = float(structure.detach().mean())
         key = k if cfg.method == "tables" else None
         optimizers[key].zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params[key], cfg.max_grad_norm)
         optimizers[key].step()
         log.append({"update": update, "steps": k, "psnr_latent": float(-10 * torch.log10(mse.detach()).mean()),
-                    "grad_norm": float(grad_norm)})
+                    "grad_norm": float(grad_norm), **entry})
         if cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes:
             break
     error = None
