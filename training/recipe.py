@@ -20,9 +20,10 @@
    (``--distill-ssim-weight``), and the step range is 3..8, the previews the app offers: in a screen of
    distillation runs on this recipe's dataset (same update counts as on the CPU, evaluated on the
    held-out set, each run's tables regressed two ways), training on 3..6 left K = 8 to extrapolation:
-   3 of 22 policies beat DEIS there on PSNR and SSIM, none of the 14 with the structure term. On 3..8
-   all 8 did, and all 8 won SSIM at K = 6 (17 of 22 on 3..6). None of these settings wins verdict
-   agreement at K = 5 reliably: 7 of 30 policies reached DDIM's 92.5%.
+   3 of 20 policies beat DEIS there on PSNR and SSIM, none of the 14 with the structure term. On 3..8
+   all 8 did, and all 8 won SSIM at K = 6 (15 of 20 on 3..6). Verdict agreement at K = 5 is the cost:
+   on 3..8, K = 5 gets 75 updates instead of 121, and 1 of 8 policies reached DDIM's 92.5% there
+   (on 3..6 with the structure term at lambda 2, 5 of 6 did, but they lost SSIM at K = 5).
 4. PPO (training.ppo) from the distilled policy for the rest of the time budget, on the reward, at a
    fine-tuning learning rate (3e-4, target KL 0.05), checkpointing as it goes. At 3e-3 its first update
    had approx KL 58 and lowered the reward; at 3e-4, 67 updates (3 minutes) scored within 0.16 of the
