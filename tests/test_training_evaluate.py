@@ -58,6 +58,38 @@ def test_judge_gives_adherence_and_verdict_agreement():
     doc = evaluate(model, ["a", "b"], [0, 1], [2], solvers, reference_steps=8, judge=judge, progress=False)
     r = doc["results"][0]
     assert 0 <= r["adherence"] <= 100 and 0 <= r["verdict_agreement"] <= 100 and "adherence" in doc["reference"]
+    flips = r["verdict_flips"]
+    assert set(flips) == {"lost", "gained"}  # a judge without readings: no per-field counts
+    assert flips["lost"] + flips["gained"] == round(4 * (100 - r["verdict_agreement"]) / 100)
+
+
+def test_verdict_flips_count_each_way_and_the_fields_that_changed():
+    from training.evaluate import verdict_flips
+
+    ref_ok, ok = torch.tensor([True, True, False, False, True]), torch.tensor([True, False, True, False, False])
+    read = lambda c, s, b: {"main_colour": c, "main_shape": s, "background": b}  # noqa: E731
+    ref = [read("red", "star", "blue"), read("red", "star", "blue"), read("red", "disc", "blue"),
+           read("red", "star", "blue"), read("green", "square", "white")]
+    prev = [read("red", "circle", "blue"),  # not flipped: its shape change is not counted
+            read("red", "circle", "blue"),  # lost: shape
+            read("red", "star", "blue"),  # gained: shape
+            read("blue", "star", "blue"),  # not flipped
+            read("red", "square", "black")]  # lost: colour and background
+    assert verdict_flips(ref_ok, ok, ref, prev) == {"lost": 2, "gained": 1, "main_colour": 1, "main_shape": 2,
+                                                    "background": 1}
+    assert verdict_flips(ref_ok, ok, None, None) == {"lost": 2, "gained": 1}
+
+
+def test_the_analyzer_judge_reports_what_it_read():
+    from models.embedded import analyzer
+    from models.embedded.scenes import Scene, SceneObject, render
+    from training.evaluate import analyzer_judge
+
+    img = torch.tensor(render(Scene("blue", (SceneObject("star", "red", 0.62, 0.5, 0.5),)))).permute(2, 0, 1) / 255.0
+    ok, readings = analyzer_judge(analyzer)(torch.stack([img, img]), ["a red star on a blue background",
+                                                                     "a red circle on a blue background"])
+    assert ok.tolist() == [True, False]
+    assert readings == [{"main_colour": "red", "main_shape": "star", "background": "blue"}] * 2
 
 
 def test_bad_input_before_any_model_call(tmp_path):

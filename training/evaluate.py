@@ -6,7 +6,10 @@
 For each solver and step count K: PSNR, SSIM and the structure measure (GMS) to the reference, the
 model-based measures whose weights were given (``--reward-weights depth=DIR,...``), and the NFE the
 solver actually used. On the embedded model also the scene analyzer's prompt adherence and the verdict
-agreement (the fraction of (prompt, seed) pairs whose preview verdict equals the final's verdict).
+agreement (the fraction of (prompt, seed) pairs whose preview verdict equals the final's verdict), with
+``verdict_flips``: how many pairs flipped each way (``lost``: the final is right and the preview wrong;
+``gained``: the reverse) and, among them, how often each field the analyzer reads (main colour, main
+shape, background) differed between preview and final.
 The reference is refine's full-step sampler (``refine.full_step``). ``consistency`` is the solver the
 engine would use (the store's active checkpoint, else the shipped one, else the zero-initialised
 policy); ``consistency:PATH`` a given checkpoint. A policy with a learned time grid is also evaluated
@@ -93,8 +96,13 @@ def resolve_solvers(names: Sequence[str], model: Any, store: Any = None) -> list
     return out
 
 
-def load_judge(model: Any) -> Callable[[torch.Tensor, Sequence[str]], torch.Tensor] | None:
-    """The embedded model's scene analyzer as judge(images (B,3,H,W) in [0,1], prompts) -> (B,) bool.
+Judge = Callable[[torch.Tensor, Sequence[str]], Any]  # -> (B,) bool, or ((B,) bool, B readings {field: value})
+VERDICT_FIELDS = ("main_colour", "main_shape", "background")  # what the scene analyzer reads
+
+
+def load_judge(model: Any) -> Judge | None:
+    """The embedded model's scene analyzer as judge(images (B,3,H,W) in [0,1], prompts) -> ((B,) bool,
+    readings): ``ok`` per image and, per image, what it read ({field: value} for :data:`VERDICT_FIELDS`).
 
     None for other models (the analyzer only understands the embedded model's scenes).
     """
@@ -105,9 +113,32 @@ def load_judge(model: Any) -> Callable[[torch.Tensor, Sequence[str]], torch.Tens
     return analyzer_judge(analyzer)
 
 
-def analyzer_judge(analyzer: Any) -> Callable[[torch.Tensor, Sequence[str]], torch.Tensor]:
-    """Batch wrapper of ``analyzer.judge(image, prompt) -> Verdict`` (``.ok`` = right for its prompt)."""
-    return lambda images, prompts: torch.tensor([bool(analyzer.judge(img, p).ok) for img, p in zip(images, prompts)])
+def analyzer_judge(analyzer: Any) -> Judge:
+    """Batch wrapper of ``analyzer.judge(image, prompt) -> Verdict`` (``.ok`` = right for its prompt,
+    ``.found`` = what it read)."""
+    def judge(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        verdicts = [analyzer.judge(img, p) for img, p in zip(images, prompts)]
+        return (torch.tensor([bool(v.ok) for v in verdicts]),
+                [{f: getattr(v.found, f) for f in VERDICT_FIELDS} for v in verdicts])
+
+    return judge
+
+
+def _verdicts(out: Any) -> tuple[torch.Tensor, list[dict[str, Any]] | None]:
+    """A judge's answer as (ok (B,) bool, readings or None)."""
+    return (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+
+
+def verdict_flips(ref_ok: torch.Tensor, ok: torch.Tensor, ref_readings: list[dict[str, Any]] | None,
+                  readings: list[dict[str, Any]] | None) -> dict[str, int]:
+    """Pairs whose preview verdict differs from the final's: ``lost`` (final right, preview wrong),
+    ``gained`` (the reverse) and, with readings, per field how many of those pairs read it differently."""
+    flipped = ref_ok != ok
+    out = {"lost": int((flipped & ref_ok).sum()), "gained": int((flipped & ~ref_ok).sum())}
+    if ref_readings is not None and readings is not None:
+        for f in VERDICT_FIELDS:
+            out[f] = sum(1 for i in torch.nonzero(flipped).flatten().tolist() if ref_readings[i][f] != readings[i][f])
+    return out
 
 
 def _batched(items: list, size: int) -> list[list]:
@@ -125,7 +156,7 @@ def evaluate(
     guidance: float | None = None,
     reference_steps: int | None = None,
     model_measures: dict[str, Any] | None = None,
-    judge: Callable[[torch.Tensor, Sequence[str]], torch.Tensor] | None = None,
+    judge: Judge | None = None,
     batch_size: int = 32,
     negative_prompt: str = "",
     progress: bool = True,
@@ -160,7 +191,7 @@ def evaluate(
     reference = run(lambda cond, noise, n: sample_full_step(model, cond, noise, guidance, n), reference_steps)
     ref_features = {name: sim.features(reference) for name, sim in model_measures.items()}
     all_prompts = [p for p, _ in pairs]
-    ref_verdicts = judge(reference, all_prompts) if judge is not None else None
+    ref_verdicts, ref_readings = _verdicts(judge(reference, all_prompts)) if judge is not None else (None, None)
     results = []
     for named in solvers:
         for k in steps:
@@ -178,9 +209,10 @@ def evaluate(
             for name, sim in model_measures.items():
                 row[name] = float(sim.compare(ref_features[name], sim.features(previews)).mean())
             if judge is not None:
-                verdicts = judge(previews, all_prompts)
+                verdicts, readings = _verdicts(judge(previews, all_prompts))
                 row["adherence"] = 100.0 * float(verdicts.float().mean())
                 row["verdict_agreement"] = 100.0 * float((verdicts == ref_verdicts).float().mean())
+                row["verdict_flips"] = verdict_flips(ref_verdicts, verdicts, ref_readings, readings)
             results.append(row)
     bar.close()
     doc: dict[str, Any] = {
