@@ -136,8 +136,9 @@ def verdict_flips(ref_ok: torch.Tensor, ok: torch.Tensor, ref_readings: list[dic
     flipped = ref_ok != ok
     out = {"lost": int((flipped & ref_ok).sum()), "gained": int((flipped & ~ref_ok).sum())}
     if ref_readings is not None and readings is not None:
+        pairs = torch.nonzero(flipped).flatten().tolist()
         for f in VERDICT_FIELDS:
-            out[f] = sum(1 for i in torch.nonzero(flipped).flatten().tolist() if ref_readings[i][f] != readings[i][f])
+            out[f] = sum(ref_readings[i][f] != readings[i][f] for i in pairs)
     return out
 
 
