@@ -136,24 +136,24 @@ def select_checkpoint(trainer: Any, out: Path, rows: int = SELECTION_ROWS,
     return names[best], scores
 
 
-def warm_start(config: Any, model: Any, *, minutes: float, updates: int, batch_size: int, learning_rate: float,
-               repeat_steps: str, ssim_weight: float, out: Path) -> Path:
-    """Distil the policy (training.distill) with the PPO run's base, order, width, step range and time-grid
-    setting; returns the folder of the distilled policy (``out/final``), which PPO then starts from.
-    A folder that already holds it (an interrupted recipe run) is reused."""
+def warm_start(config: Any, model: Any, settings: Any) -> Path:
+    """Distil the policy (training.distill) with ``settings`` (a validated DistillConfig: its own budget,
+    batch, learning rate, structure term and output folder) and the PPO run's base, order, width, step range,
+    time-grid setting, seed and threads; returns the folder of the distilled policy (``out/final``), which
+    PPO then starts from. A folder that already holds it (an interrupted recipe run) is reused."""
+    from dataclasses import replace
+
     from refine.full_step import FULL_STEP_SOLVER
     from training.dataset import load_dataset
-    from training.distill import DistillConfig, distill, save_distilled
+    from training.distill import distill, save_distilled
 
-    final = out / "final"
+    final = Path(settings.out) / "final"
     if (final / "policy.safetensors").is_file():
         logger.info("distilled policy found in %s: reused", final)
         return final
-    dcfg = DistillConfig(dataset=config.dataset, model=config.model, out=str(out), order=config.order,
-                         base=config.base, hidden=config.hidden, time_grid=config.time_grid, batch_size=batch_size,
-                         min_steps=config.min_steps, max_steps=config.max_steps, num_updates=updates,
-                         learning_rate=learning_rate, repeat_steps=repeat_steps, ssim_weight=ssim_weight, seed=config.seed,
-                         max_minutes=minutes, threads=config.threads)
+    dcfg = replace(settings, dataset=config.dataset, model=config.model, order=config.order, base=config.base,
+                   hidden=config.hidden, time_grid=config.time_grid, min_steps=config.min_steps,
+                   max_steps=config.max_steps, seed=config.seed, threads=config.threads).validate()
     dataset = load_dataset(config.dataset, model_id=model.model_id, reference_solver=FULL_STEP_SOLVER)
     policy, log, fit = distill(dcfg, model, dataset)
     save_distilled(policy, dcfg, log, final, fit)
@@ -228,9 +228,13 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
                          target_kl=args.target_kl,
                          num_updates=args.num_updates, time_grid=args.time_grid, threads=args.threads,
                          checkpoint_every=40, seed=0, activate=bool(args.store), reward=args.reward).validate()
+    distill_settings = None
     if args.distill_minutes > 0:  # the warm start's own settings are refused here, before the dataset is built
-        DistillConfig(dataset=config.dataset, min_steps=config.min_steps, max_steps=config.max_steps,
-                      repeat_steps=args.distill_repeat_steps, ssim_weight=args.distill_ssim_weight).validate()
+        distill_settings = DistillConfig(
+            dataset=config.dataset, out=str(out / "distill"), min_steps=config.min_steps, max_steps=config.max_steps,
+            batch_size=args.distill_batch_size, num_updates=args.distill_updates,
+            learning_rate=args.distill_learning_rate, repeat_steps=args.distill_repeat_steps,
+            ssim_weight=args.distill_ssim_weight, max_minutes=args.distill_minutes).validate()
     if model is None:
         if args.weights_dir:
             from models.embedded.model import load_embedded
@@ -259,11 +263,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     else:
         config.base = args.base
     extra: list[Path] = []
-    if args.distill_minutes > 0:
-        distilled = warm_start(config, model, minutes=args.distill_minutes, updates=args.distill_updates,
-                               batch_size=args.distill_batch_size, learning_rate=args.distill_learning_rate,
-                               repeat_steps=args.distill_repeat_steps, ssim_weight=args.distill_ssim_weight,
-                               out=out / "distill")
+    if distill_settings is not None:
+        distilled = warm_start(config, model, distill_settings)
         config.init_from = str(distilled)
         extra.append(distilled)
     # PPO gets what is left, less a minute for the final checkpoint and SELECTION_MINUTES for choosing
