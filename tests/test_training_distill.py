@@ -114,3 +114,53 @@ def test_structure_term_is_the_ssim_of_the_latents_read_as_images_and_changes_th
     for bad in (-1.0, float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="ssim_weight"):
             DistillConfig(dataset="x", ssim_weight=bad).validate()
+
+
+def test_colour_term_is_the_log_mse_of_block_means_and_changes_the_fit(tmp_path):
+    from training.distill import COLOUR_POOL, pooled
+
+    x = torch.randn(2, 3, 16, 16)
+    block = x[:, :, :COLOUR_POOL, :COLOUR_POOL].mean((-2, -1))
+    torch.testing.assert_close(pooled(x)[:, :, 0, 0], block)
+    assert pooled(x).shape == (2, 3, 16 // COLOUR_POOL, 16 // COLOUR_POOL)
+    model = GaussianDenoiser()
+    build_dataset(model, ["s0", "s1"], [0], tmp_path / "ds", prompt_file_sha256="0" * 64, reference_steps=10,
+                  progress=False)
+    ds = load_dataset(tmp_path / "ds")
+    runs = {}
+    for weight in (0.0, 1.0):
+        cfg = DistillConfig(dataset=str(tmp_path / "ds"), num_updates=3, min_steps=3, max_steps=3, batch_size=2,
+                            fit_iterations=10, colour_weight=weight)
+        runs[weight] = distill(cfg, model, ds, progress=False)
+    (_, plain, plain_fit), (_, coloured, coloured_fit) = runs[0.0], runs[1.0]
+    assert "psnr_colour" not in plain[0] and coloured[0]["psnr_colour"] > coloured[0]["psnr_latent"]  # block means err less
+    assert plain[0]["psnr_latent"] == coloured[0]["psnr_latent"]
+    assert plain_fit["tables"]["3"]["residual"] != coloured_fit["tables"]["3"]["residual"]
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="colour_weight"):
+            DistillConfig(dataset="x", colour_weight=bad).validate()
+
+
+def test_fit_weights_pull_the_regression_toward_the_heavier_step_count():
+    from solver.policy import ConsistencyPolicy, free_mask, step_features
+    from training.distill import fit_policy
+
+    schedule = GaussianDenoiser().schedule
+    gen = torch.Generator().manual_seed(0)
+    fitted = {k: (0.5 * torch.randn(k, 3, generator=gen, dtype=torch.float64), None) for k in (3, 6)}
+
+    def errors(weights):
+        torch.manual_seed(0)
+        policy = ConsistencyPolicy(order=4, base="ddim", hidden=8)
+        fit_policy(policy, schedule, fitted, iterations=150, lr=3e-3, weights=weights)
+        with torch.no_grad():
+            return {k: float(((policy.net(step_features(schedule.grid(k), 4)) - a.float()) * free_mask(k, 4)).abs().mean())
+                    for k, (a, _) in fitted.items()}
+
+    favour3, favour6 = errors({3: 1.0, 6: 0.05}), errors({3: 0.05, 6: 1.0})
+    assert favour3[3] < favour6[3] and favour6[6] < favour3[6]
+    assert DistillConfig(dataset="x", min_steps=3, max_steps=8, fit_weights="7:0.2, 8:0.05").validate().fit_weight_map() \
+        == {7: 0.2, 8: 0.05}
+    for bad in ("9:1", "7", "7:x", "7:0", "7:1,7:2", "7:nan"):
+        with pytest.raises(ValueError, match="fit_weights"):
+            DistillConfig(dataset="x", min_steps=3, max_steps=8, fit_weights=bad).validate()
