@@ -27,6 +27,15 @@ def test_training_prompts_avoid_the_heldout_combinations():
         assert (q.main_colour, q.main_shape, q.background) not in HELDOUT_COMBOS
 
 
+def test_validation_prompts_are_the_committed_file_and_leave_training_and_heldout_alone():
+    from training.recipe import VALIDATION_PROMPTS, validation_prompts
+
+    prompts = validation_prompts()
+    assert prompts == VALIDATION_PROMPTS.read_text().splitlines() and len(set(prompts)) == 300
+    heldout = set(open("models/embedded/heldout_prompts.txt").read().splitlines())
+    assert not set(prompts) & (heldout | set(training_prompts(160)))
+
+
 def test_recipe_runs_end_to_end_and_installs_the_policy(tmp_path, capsys):
     rc = main(["--out", str(tmp_path / "run"), "--num-prompts", "3", "--num-updates", "2",
                "--group-size", "2", "--groups-per-update", "2", "--min-steps", "3", "--max-steps", "4",
@@ -46,6 +55,7 @@ def test_recipe_runs_end_to_end_and_installs_the_policy(tmp_path, capsys):
     assert [r["steps"] for r in metrics["updates"]] == [3, 4, 4]  # K = 4 visited twice per round
     assert load_dataset(tmp_path / "run" / "dataset").seeds == [1000, 1001, 1002]  # one noise per row, unseen seeds
     assert distilled["values"]["base"] == out["base"] and distilled["values"]["time_grid"] is True
+    assert distilled["values"]["fit_weights"] == ""  # nothing above K = 6 in 3..4
     ppo = json.loads((tmp_path / "installed" / "train_config.json").read_text())
     assert ppo["values"]["init_from"] == out["distilled"] or out["chosen"] == out["distilled"]
     policy = ConsistencyPolicy.load(tmp_path / "installed")
@@ -56,4 +66,16 @@ def test_recipe_refuses_repeated_step_counts_outside_the_range_before_any_comput
     model = GaussianDenoiser()
     with pytest.raises(ValueError, match="repeat_steps"):  # the default 4,5 with --max-steps 3
         main(["--out", str(tmp_path / "run"), "--num-prompts", "2", "--min-steps", "3", "--max-steps", "3"], model=model)
+    assert model.calls == 0 and not (tmp_path / "run" / "dataset").exists()
+
+
+def test_recipe_weighs_long_previews_less_in_the_regression_and_refuses_bad_weights_before_any_compute(tmp_path):
+    from training.recipe import default_fit_weights
+
+    assert default_fit_weights(8) == "7:0.05,8:0.05" and default_fit_weights(7) == "7:0.05"
+    assert default_fit_weights(6) == ""
+    model = GaussianDenoiser()
+    for bad in ("9:1", "4:-1"):
+        with pytest.raises(ValueError, match="fit_weights"):
+            main(["--out", str(tmp_path / "run"), "--num-prompts", "2", "--distill-fit-weights", bad], model=model)
     assert model.calls == 0 and not (tmp_path / "run" / "dataset").exists()
