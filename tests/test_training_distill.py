@@ -85,6 +85,16 @@ def test_round_robin_repeats_the_named_step_counts(tmp_path):
             DistillConfig(dataset="x", min_steps=3, max_steps=4, repeat_steps=bad).validate()
 
 
+def _without_and_with(tmp_path, term: str, weight: float) -> list:
+    """Two 3-update distillations on the same rows and start, the loss term ``term`` at 0 and at ``weight``."""
+    model = GaussianDenoiser()
+    build_dataset(model, ["s0", "s1"], [0], tmp_path / "ds", prompt_file_sha256="0" * 64, reference_steps=10,
+                  progress=False)
+    ds = load_dataset(tmp_path / "ds")
+    return [distill(DistillConfig(dataset=str(tmp_path / "ds"), num_updates=3, min_steps=3, max_steps=3, batch_size=2,
+                                  fit_iterations=10, **{term: w}), model, ds, progress=False) for w in (0.0, weight)]
+
+
 def test_structure_term_is_the_ssim_of_the_latents_read_as_images_and_changes_the_fit(tmp_path):
     from training.distill import latent_ssim
     from training.rewards import ssim
@@ -98,16 +108,7 @@ def test_structure_term_is_the_ssim_of_the_latents_read_as_images_and_changes_th
     value.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
-    model = GaussianDenoiser()
-    build_dataset(model, ["s0", "s1"], [0], tmp_path / "ds", prompt_file_sha256="0" * 64, reference_steps=10,
-                  progress=False)
-    ds = load_dataset(tmp_path / "ds")
-    runs = {}
-    for weight in (0.0, 2.0):
-        cfg = DistillConfig(dataset=str(tmp_path / "ds"), num_updates=3, min_steps=3, max_steps=3, batch_size=2,
-                            fit_iterations=10, ssim_weight=weight)
-        runs[weight] = distill(cfg, model, ds, progress=False)
-    (_, plain, plain_fit), (_, structured, structured_fit) = runs[0.0], runs[2.0]
+    (_, plain, plain_fit), (_, structured, structured_fit) = _without_and_with(tmp_path, "ssim_weight", 2.0)
     assert "ssim" not in plain[0] and 0 < structured[0]["ssim"] < 1  # logged when the term is on
     assert plain[0]["psnr_latent"] == structured[0]["psnr_latent"]  # same rows and start
     assert plain_fit["tables"]["3"]["residual"] != structured_fit["tables"]["3"]["residual"]  # different gradient
@@ -123,16 +124,7 @@ def test_colour_term_is_the_log_mse_of_block_means_and_changes_the_fit(tmp_path)
     block = x[:, :, :COLOUR_POOL, :COLOUR_POOL].mean((-2, -1))
     torch.testing.assert_close(pooled(x)[:, :, 0, 0], block)
     assert pooled(x).shape == (2, 3, 16 // COLOUR_POOL, 16 // COLOUR_POOL)
-    model = GaussianDenoiser()
-    build_dataset(model, ["s0", "s1"], [0], tmp_path / "ds", prompt_file_sha256="0" * 64, reference_steps=10,
-                  progress=False)
-    ds = load_dataset(tmp_path / "ds")
-    runs = {}
-    for weight in (0.0, 1.0):
-        cfg = DistillConfig(dataset=str(tmp_path / "ds"), num_updates=3, min_steps=3, max_steps=3, batch_size=2,
-                            fit_iterations=10, colour_weight=weight)
-        runs[weight] = distill(cfg, model, ds, progress=False)
-    (_, plain, plain_fit), (_, coloured, coloured_fit) = runs[0.0], runs[1.0]
+    (_, plain, plain_fit), (_, coloured, coloured_fit) = _without_and_with(tmp_path, "colour_weight", 1.0)
     assert "psnr_colour" not in plain[0] and coloured[0]["psnr_colour"] > coloured[0]["psnr_latent"]  # block means err less
     assert plain[0]["psnr_latent"] == coloured[0]["psnr_latent"]
     assert plain_fit["tables"]["3"]["residual"] != coloured_fit["tables"]["3"]["residual"]
