@@ -72,8 +72,8 @@ def test_recipe_refuses_repeated_step_counts_outside_the_range_before_any_comput
 def test_recipe_weighs_long_previews_less_in_the_regression_and_refuses_bad_weights_before_any_compute(tmp_path):
     from training.recipe import default_fit_weights
 
-    assert default_fit_weights(8) == "7:0.05,8:0.05" and default_fit_weights(7) == "7:0.05"
-    assert default_fit_weights(6) == ""
+    assert default_fit_weights(3, 8) == "7:0.05,8:0.05" and default_fit_weights(3, 7) == "7:0.05"
+    assert default_fit_weights(3, 6) == "" and default_fit_weights(8, 8) == "8:0.05"  # always within the range
     model = GaussianDenoiser()
     for bad in ("9:1", "4:-1"):
         with pytest.raises(ValueError, match="fit_weights"):

@@ -96,8 +96,7 @@ def validation_prompts(n: int = 300, train: int = 160) -> list[str]:
     ``models/embedded/validation_prompts.txt`` holds the default 300."""
     from models.embedded.captions import HELDOUT_PROMPTS_FILE
 
-    heldout = set((Path(__file__).resolve().parents[1] / "models" / "embedded" / HELDOUT_PROMPTS_FILE)
-                  .read_text().splitlines())
+    heldout = set((VALIDATION_PROMPTS.parent / HELDOUT_PROMPTS_FILE).read_text().splitlines())
     taken = set(training_prompts(train)) | heldout
     return [p for p in training_prompts(n + 200, seed=99) if p not in taken][:n]
 
@@ -109,12 +108,13 @@ FIRST_SEED = 1000  # training noise seeds start here: evaluations use small seed
 LONG_PREVIEW_FROM, LONG_PREVIEW_WEIGHT = 7, 0.05  # K >= 7 weigh this little in the regression onto the policy
 
 
-def default_fit_weights(max_steps: int) -> str:
-    """The regression weights the recipe gives by default: LONG_PREVIEW_WEIGHT for every K from
-    LONG_PREVIEW_FROM to ``max_steps`` ('7:0.05,8:0.05' for the default 3..8), 1 for the rest. Their tables
+def default_fit_weights(min_steps: int, max_steps: int) -> str:
+    """The regression weights the recipe gives by default: LONG_PREVIEW_WEIGHT for every K of the step
+    range from LONG_PREVIEW_FROM on ('7:0.05,8:0.05' for the default 3..8), 1 for the rest. Their tables
     still shape K = 7 and 8, but no longer pull K = 5's coefficients and grid toward their own
     (training.distill.fit_policy)."""
-    return ",".join(f"{k}:{LONG_PREVIEW_WEIGHT:g}" for k in range(LONG_PREVIEW_FROM, max_steps + 1))
+    first = max(LONG_PREVIEW_FROM, min_steps)
+    return ",".join(f"{k}:{LONG_PREVIEW_WEIGHT:g}" for k in range(first, max_steps + 1))
 
 
 def mean_reward(trainer: Any, rows: int) -> float:
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
             batch_size=args.distill_batch_size, num_updates=args.distill_updates,
             learning_rate=args.distill_learning_rate, repeat_steps=args.distill_repeat_steps,
             ssim_weight=args.distill_ssim_weight, colour_weight=args.distill_colour_weight,
-            fit_weights=default_fit_weights(config.max_steps) if args.distill_fit_weights is None
+            fit_weights=default_fit_weights(config.min_steps, config.max_steps) if args.distill_fit_weights is None
             else args.distill_fit_weights, max_minutes=args.distill_minutes).validate()
     if model is None:
         if args.weights_dir:
