@@ -317,30 +317,32 @@ def fit_policy(policy: ConsistencyPolicy, schedule: Any, fitted: dict[int, tuple
 
     torch.manual_seed(seed)
     weights = weights or {}
-    inputs, targets, masks, grid_inputs, grid_targets, grid_weights = [], [], [], [], [], []
+    inputs, targets, masks, row_weights, grid_inputs, grid_targets, grid_weights = [], [], [], [], [], [], []
     for k, (a, g) in sorted(fitted.items()):
         default = schedule.grid(k)
         grid = default if g is None else reweight_grid(schedule, default, g)
         inputs.append(step_features(grid, policy.order, policy.features))
-        masks.append(free_mask(k, policy.order).to(torch.float32) * float(weights.get(k, 1.0)))
-        targets.append(a.to(torch.float32) * (masks[-1] != 0))
+        masks.append(free_mask(k, policy.order).to(torch.float32))
+        targets.append(a.to(torch.float32) * masks[-1])
+        row_weights.append(torch.full((k, 1), float(weights.get(k, 1.0))))
         if g is not None:
             grid_inputs.append(default)
             grid_targets.append(g.to(torch.float32))
             grid_weights.append(float(weights.get(k, 1.0)))
-    x, y, mask = torch.cat(inputs), torch.cat(targets), torch.cat(masks)
+    x, y, mask, w = torch.cat(inputs), torch.cat(targets), torch.cat(masks), torch.cat(row_weights)
+    coef_total, grid_total = (w * mask).sum().clamp_min(1e-12), max(sum(grid_weights), 1e-12)
     optimizer = torch.optim.Adam(mean_heads(policy), lr=lr)
     schedule_lr = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
     for _ in range(iterations):
-        loss = (mask * (policy.net(x) * (mask != 0) - y) ** 2).sum() / mask.sum().clamp_min(1e-12)
-        for default, g, w in zip(grid_inputs, grid_targets, grid_weights):
-            loss = loss + w * _centred(policy.grid_mean(default) - g).pow(2).mean() / max(sum(grid_weights), 1e-12)
+        loss = (w * (policy.net(x) * mask - y) ** 2).sum() / coef_total
+        for default, g, gw in zip(grid_inputs, grid_targets, grid_weights):
+            loss = loss + gw * _centred(policy.grid_mean(default) - g).pow(2).mean() / grid_total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule_lr.step()
     with torch.no_grad():
-        coef_error = float(((policy.net(x) * (mask != 0) - y).abs()).max()) if mask.any() else 0.0
+        coef_error = float(((policy.net(x) * mask - y).abs()).max()) if mask.any() else 0.0
         grid_error = max((float(_centred(policy.grid_mean(d) - g).abs().max()) for d, g in zip(grid_inputs, grid_targets)),
                          default=0.0)
     return {"coef_max_error": round(coef_error, 6), "grid_max_error": round(grid_error, 6)}
