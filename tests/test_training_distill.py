@@ -85,14 +85,30 @@ def test_round_robin_repeats_the_named_step_counts(tmp_path):
             DistillConfig(dataset="x", min_steps=3, max_steps=4, repeat_steps=bad).validate()
 
 
-def _without_and_with(tmp_path, term: str, weight: float) -> list:
+def _without_and_with(tmp_path, term: str, weight, model_id: str | None = None) -> list:
     """Two 3-update distillations on the same rows and start, the loss term ``term`` at 0 and at ``weight``."""
     model = GaussianDenoiser()
+    if model_id:
+        model.model_id = model_id
     build_dataset(model, ["s0", "s1"], [0], tmp_path / "ds", prompt_file_sha256="0" * 64, reference_steps=10,
                   progress=False)
     ds = load_dataset(tmp_path / "ds")
     return [distill(DistillConfig(dataset=str(tmp_path / "ds"), num_updates=3, min_steps=3, max_steps=3, batch_size=2,
-                                  fit_iterations=10, **{term: w}), model, ds, progress=False) for w in (0.0, weight)]
+                                  fit_iterations=10, **{term: w}), model, ds, progress=False)
+            for w in ("" if isinstance(weight, str) else 0.0, weight)]
+
+
+def _term_changes_the_fit(tmp_path, term: str, weight, logged: str, model_id: str | None = None) -> dict:
+    """``term`` at ``weight`` logs ``logged``, starts from the same rows and point as without it, and fits
+    another table; returns its first update's log entry. Each bad value of ``term`` is refused."""
+    (_, plain, plain_fit), (_, with_term, fit) = _without_and_with(tmp_path, term, weight, model_id)
+    assert logged not in plain[0] and logged in with_term[0]
+    assert plain[0]["psnr_latent"] == with_term[0]["psnr_latent"]  # same rows and start
+    assert plain_fit["tables"]["3"]["residual"] != fit["tables"]["3"]["residual"]  # different gradient
+    for bad in (-1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match=term):
+            DistillConfig(dataset="x", **{term: bad}).validate()
+    return with_term[0]
 
 
 def test_structure_term_is_the_ssim_of_the_latents_read_as_images_and_changes_the_fit(tmp_path):
@@ -108,13 +124,7 @@ def test_structure_term_is_the_ssim_of_the_latents_read_as_images_and_changes_th
     value.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
-    (_, plain, plain_fit), (_, structured, structured_fit) = _without_and_with(tmp_path, "ssim_weight", 2.0)
-    assert "ssim" not in plain[0] and 0 < structured[0]["ssim"] < 1  # logged when the term is on
-    assert plain[0]["psnr_latent"] == structured[0]["psnr_latent"]  # same rows and start
-    assert plain_fit["tables"]["3"]["residual"] != structured_fit["tables"]["3"]["residual"]  # different gradient
-    for bad in (-1.0, float("nan"), float("inf"), True):
-        with pytest.raises(ValueError, match="ssim_weight"):
-            DistillConfig(dataset="x", ssim_weight=bad).validate()
+    assert 0 < _term_changes_the_fit(tmp_path, "ssim_weight", 2.0, "ssim")["ssim"] < 1
 
 
 def test_colour_term_is_the_log_mse_of_block_means_and_changes_the_fit(tmp_path):
@@ -124,13 +134,44 @@ def test_colour_term_is_the_log_mse_of_block_means_and_changes_the_fit(tmp_path)
     block = x[:, :, :COLOUR_POOL, :COLOUR_POOL].mean((-2, -1))
     torch.testing.assert_close(pooled(x)[:, :, 0, 0], block)
     assert pooled(x).shape == (2, 3, 16 // COLOUR_POOL, 16 // COLOUR_POOL)
-    (_, plain, plain_fit), (_, coloured, coloured_fit) = _without_and_with(tmp_path, "colour_weight", 1.0)
-    assert "psnr_colour" not in plain[0] and coloured[0]["psnr_colour"] > coloured[0]["psnr_latent"]  # block means err less
-    assert plain[0]["psnr_latent"] == coloured[0]["psnr_latent"]
-    assert plain_fit["tables"]["3"]["residual"] != coloured_fit["tables"]["3"]["residual"]
-    for bad in (-1.0, float("nan"), True):
-        with pytest.raises(ValueError, match="colour_weight"):
-            DistillConfig(dataset="x", colour_weight=bad).validate()
+    first = _term_changes_the_fit(tmp_path, "colour_weight", 1.0, "psnr_colour")
+    assert first["psnr_colour"] > first["psnr_latent"]  # block means err less
+
+
+def test_label_term_reads_the_analyzers_colour_names_and_changes_the_fit(tmp_path):
+    from models.embedded.analyzer import colour_labels, palette_references
+    from models.embedded.scenes import PALETTE
+    from training.distill import model_palette, palette_label_ce
+
+    refs, names = (torch.from_numpy(a) for a in palette_references())
+    target = torch.rand(2, 3, 16, 16) * 2 - 1
+    distances = (((target + 1) / 2).permute(0, 2, 3, 1).unsqueeze(-2) - refs).pow(2).sum(-1)
+    assert (names[distances.argmin(-1)][0].numpy() == colour_labels((target[0] + 1) / 2)).mean() > 0.99  # uint8 rounding
+    red, blue, orange = (torch.tensor(PALETTE[c], dtype=torch.float32) / 255 * 2 - 1 for c in ("red", "blue", "orange"))
+    flat = lambda c: c.view(1, 3, 1, 1).expand(1, 3, 4, 4)  # noqa: E731
+    assert float(palette_label_ce(flat(red), flat(red), refs, names)) < 1e-3  # the same name: free
+    assert float(palette_label_ce(flat(red), flat(blue), refs, names)) > 10  # another name: dear
+    halfway = flat(0.55 * red + 0.45 * orange).clone().requires_grad_(True)  # near the boundary, on red's side
+    ce = palette_label_ce(flat(red), halfway, refs, names)
+    ce.sum().backward()
+    assert 0.1 < float(ce) < 2 and float((halfway.grad * (red - orange).view(1, 3, 1, 1)).sum()) < 0  # pulled to red
+
+    with pytest.raises(ValueError, match="label_weight"):
+        model_palette(GaussianDenoiser())
+    with pytest.raises(ValueError, match="label_weight"):
+        _without_and_with(tmp_path / "fake", "label_weight", 1.0)
+    assert _term_changes_the_fit(tmp_path / "embedded", "label_weight", 1.0, "label_ce", "embedded-fake")["label_ce"] > 0
+
+
+def test_residual_decay_pulls_the_fitted_coefficients_toward_the_base_rule(tmp_path):
+    (_, plain, plain_fit), (_, decayed, decayed_fit) = _without_and_with(tmp_path, "residual_decay", "3:1e4")
+    assert plain[0]["psnr_latent"] == decayed[0]["psnr_latent"]  # same rows and start (a = 0: no pull yet)
+    norm = lambda fit: float(torch.tensor(fit["tables"]["3"]["residual"]).norm())  # noqa: E731
+    assert 0 < norm(decayed_fit) < 0.5 * norm(plain_fit)
+    assert DistillConfig(dataset="x", residual_decay="3:3, 5:1").validate().residual_decay_map() == {3: 3.0, 5: 1.0}
+    for bad in ("3:-1", "3:nan", "7:1", "3:1,3:2", "3"):
+        with pytest.raises(ValueError, match="residual_decay"):
+            DistillConfig(dataset="x", residual_decay=bad).validate()
 
 
 def test_fit_weights_pull_the_regression_toward_the_heavier_step_count():

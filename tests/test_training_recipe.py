@@ -56,6 +56,7 @@ def test_recipe_runs_end_to_end_and_installs_the_policy(tmp_path, capsys):
     assert load_dataset(tmp_path / "run" / "dataset").seeds == [1000, 1001, 1002]  # one noise per row, unseen seeds
     assert distilled["values"]["base"] == out["base"] and distilled["values"]["time_grid"] is True
     assert distilled["values"]["fit_weights"] == ""  # nothing above K = 6 in 3..4
+    assert distilled["values"]["residual_decay"] == ""  # no pull toward the base rule by default
     ppo = json.loads((tmp_path / "installed" / "train_config.json").read_text())
     assert ppo["values"]["init_from"] == out["distilled"] or out["chosen"] == out["distilled"]
     policy = ConsistencyPolicy.load(tmp_path / "installed")
@@ -78,4 +79,13 @@ def test_recipe_weighs_long_previews_less_in_the_regression_and_refuses_bad_weig
     for bad in ("9:1", "4:-1"):
         with pytest.raises(ValueError, match="fit_weights"):
             main(["--out", str(tmp_path / "run"), "--num-prompts", "2", "--distill-fit-weights", bad], model=model)
+        with pytest.raises(ValueError, match="residual_decay"):
+            main(["--out", str(tmp_path / "run"), "--num-prompts", "2", "--distill-residual-decay", bad], model=model)
+    assert model.calls == 0 and not (tmp_path / "run" / "dataset").exists()
+
+
+def test_recipe_refuses_the_label_term_for_a_model_without_a_palette_before_any_compute(tmp_path):
+    model = GaussianDenoiser()
+    with pytest.raises(ValueError, match="label_weight"):
+        main(["--out", str(tmp_path / "run"), "--num-prompts", "2", "--distill-label-weight", "1"], model=model)
     assert model.calls == 0 and not (tmp_path / "run" / "dataset").exists()

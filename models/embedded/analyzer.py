@@ -59,6 +59,13 @@ def _reference_colours() -> tuple[np.ndarray, np.ndarray]:
     return np.array(refs, dtype=np.float32), np.array(names)
 
 
+def palette_references() -> tuple[np.ndarray, np.ndarray]:
+    """The colours pixels are named by: (R, 3) float32 RGB in [0, 1] (each palette colour and its shade) and
+    (R,) int, the index into COLOURS each one names. :func:`colour_labels` gives a pixel its nearest one's name."""
+    refs, names = _reference_colours()
+    return refs / 255.0, names.copy()
+
+
 def _as_uint8_hwc(image) -> np.ndarray:
     """Accept (H, W, 3) uint8, or float (3, H, W) / (H, W, 3) in [0, 1] (numpy or torch), or a PIL image."""
     if isinstance(image, Image.Image):
