@@ -43,7 +43,9 @@
    0.862 against 28.83 / 0.875). A run with ``--distill-residual-decay 3:3,4:3,5:3`` (runs/recipe8,
    18m46s) reached 93.1% at K = 5 on the held-out set (DDIM: 92.5%) but fell to 86.0% at K = 4 (DDIM:
    86.7%), 23.56 dB there (the shipped policy: 23.77), and below DEIS at K = 8 (30.39 against 30.50 dB),
-   so the shipped policy stays the run without it.
+   so the shipped policy stays the run without it (``training/results/residual_decay_eval.json``: that
+   run's consistency rows, with the baselines' rows of the shipped policy's evaluation, which are the same
+   command's).
 4. PPO (training.ppo) from the distilled policy for the rest of the time budget, on the reward, at a
    fine-tuning learning rate (3e-4, target KL 0.05), checkpointing as it goes. At 3e-3 its first update
    had approx KL 58 and lowered the reward; at 3e-4, 67 updates (3 minutes) scored within 0.16 of the
