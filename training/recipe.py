@@ -45,7 +45,8 @@
    86.7%), 23.56 dB there (the shipped policy: 23.77), and below DEIS at K = 8 (30.39 against 30.50 dB),
    so the shipped policy stays the run without it (``training/results/residual_decay_eval.json``: that
    run's consistency rows, with the baselines' rows of the shipped policy's evaluation, which are the same
-   command's).
+   command's). With ``5:3`` alone (runs/recipe9, scored on the same held-out references by a dev
+   harness) K = 4 kept 87.7% and beat every baseline, and K = 5 reached 91.9%, still 3 pairs short.
 4. PPO (training.ppo) from the distilled policy for the rest of the time budget, on the reward, at a
    fine-tuning learning rate (3e-4, target KL 0.05), checkpointing as it goes. At 3e-3 its first update
    had approx KL 58 and lowered the reward; at 3e-4, 67 updates (3 minutes) scored within 0.16 of the
