@@ -214,11 +214,12 @@ def pooled(x: torch.Tensor) -> torch.Tensor:
 def model_palette(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The colours the scene analyzer names pixels by, as (refs (R, 3) float32 RGB in [0, 1], names (R,) long);
     only the embedded model has them (:func:`models.embedded.analyzer.palette_references`)."""
-    if not str(getattr(model, "model_id", "")).startswith("embedded"):
-        raise ValueError(f"label_weight needs the embedded model's palette (its scene analyzer's colours); "
-                         f"model {getattr(model, 'model_id', model)!r} has none")
+    from models.embedded import is_embedded
     from models.embedded.analyzer import palette_references
 
+    if not is_embedded(model):
+        raise ValueError(f"label_weight needs the embedded model's palette (its scene analyzer's colours); "
+                         f"model {getattr(model, 'model_id', model)!r} has none")
     refs, names = palette_references()
     return torch.from_numpy(refs).float(), torch.from_numpy(names).long()
 

@@ -106,7 +106,9 @@ def load_judge(model: Any) -> Judge | None:
 
     None for other models (the analyzer only understands the embedded model's scenes).
     """
-    if not str(getattr(model, "model_id", "")).startswith("embedded"):
+    from models.embedded import is_embedded
+
+    if not is_embedded(model):
         return None
     from models.embedded import analyzer  # the scene analyzer of the embedded-model issue
 

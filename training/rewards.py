@@ -415,4 +415,6 @@ def get_similarity(
 def default_reward(model_id: str) -> str:
     """The default training reward for a model: ``h1_psnr`` for the embedded model, ``depth`` (the
     paper's choice) for Stable Diffusion and other latent models whose images are large enough for it."""
-    return "h1_psnr" if model_id.startswith("embedded") else "depth"
+    from models.embedded import is_embedded
+
+    return "h1_psnr" if is_embedded(model_id) else "depth"
