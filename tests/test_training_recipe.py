@@ -36,6 +36,19 @@ def test_validation_prompts_are_the_committed_file_and_leave_training_and_heldou
     assert not set(prompts) & (heldout | set(training_prompts(160)))
 
 
+def test_shifted_validation_prompts_are_the_committed_file_of_heldout_combinations_outside_the_heldout_file():
+    from models.embedded.parse import parse_prompt
+    from models.embedded.captions import HELDOUT_COMBOS
+    from training.recipe import SHIFTED_VALIDATION_PROMPTS, shifted_validation_prompts
+
+    prompts = shifted_validation_prompts()
+    assert prompts == SHIFTED_VALIDATION_PROMPTS.read_text().splitlines() and len(set(prompts)) == 200
+    heldout = set(open("models/embedded/heldout_prompts.txt").read().splitlines())
+    assert not set(prompts) & (heldout | set(training_prompts(160)))
+    parsed = [parse_prompt(p) for p in prompts]
+    assert all((q.main_colour, q.main_shape, q.background) in HELDOUT_COMBOS for q in parsed)
+
+
 def test_recipe_runs_end_to_end_and_installs_the_policy(tmp_path, capsys):
     rc = main(["--out", str(tmp_path / "run"), "--num-prompts", "3", "--num-updates", "2",
                "--group-size", "2", "--groups-per-update", "2", "--min-steps", "3", "--max-steps", "4",
@@ -56,7 +69,7 @@ def test_recipe_runs_end_to_end_and_installs_the_policy(tmp_path, capsys):
     assert load_dataset(tmp_path / "run" / "dataset").seeds == [1000, 1001, 1002]  # one noise per row, unseen seeds
     assert distilled["values"]["base"] == out["base"] and distilled["values"]["time_grid"] is True
     assert distilled["values"]["fit_weights"] == ""  # nothing above K = 6 in 3..4
-    assert distilled["values"]["residual_decay"] == ""  # no pull toward the base rule by default
+    assert distilled["values"]["residual_decay"] == ""  # the default pull is on K = 5, outside 3..4
     ppo = json.loads((tmp_path / "installed" / "train_config.json").read_text())
     assert ppo["values"]["init_from"] == out["distilled"] or out["chosen"] == out["distilled"]
     policy = ConsistencyPolicy.load(tmp_path / "installed")
@@ -71,10 +84,15 @@ def test_recipe_refuses_repeated_step_counts_outside_the_range_before_any_comput
 
 
 def test_recipe_weighs_long_previews_less_in_the_regression_and_refuses_bad_weights_before_any_compute(tmp_path):
-    from training.recipe import default_fit_weights
+    from training.distill import DistillConfig
+    from training.recipe import default_fit_weights, default_residual_decay
 
     assert default_fit_weights(3, 8) == "7:0.05,8:0.05" and default_fit_weights(3, 7) == "7:0.05"
     assert default_fit_weights(3, 6) == "" and default_fit_weights(8, 8) == "8:0.05"  # always within the range
+    assert default_residual_decay(3, 8) == "5:3" and default_residual_decay(5, 5) == "5:3"  # K = 5 alone
+    assert default_residual_decay(3, 4) == "" and default_residual_decay(6, 8) == ""  # only where the range holds 5
+    assert DistillConfig(dataset="x", residual_decay=default_residual_decay(3, 8)).validate().residual_decay_map() \
+        == {5: 3.0}
     model = GaussianDenoiser()
     for bad in ("9:1", "4:-1"):
         with pytest.raises(ValueError, match="fit_weights"):
@@ -89,3 +107,16 @@ def test_recipe_refuses_the_label_term_for_a_model_without_a_palette_before_any_
     with pytest.raises(ValueError, match="label_weight"):
         main(["--out", str(tmp_path / "run"), "--num-prompts", "2", "--distill-label-weight", "1"], model=model)
     assert model.calls == 0 and not (tmp_path / "run" / "dataset").exists()
+
+
+def test_recipe_pulls_k5_toward_the_base_rule_by_default_and_an_empty_flag_turns_it_off(tmp_path, capsys):
+    common = ["--num-prompts", "2", "--num-updates", "1", "--group-size", "2", "--groups-per-update", "1",
+              "--min-steps", "5", "--max-steps", "5", "--threads", "1", "--reward", "psnr", "--distill-updates", "1",
+              "--distill-batch-size", "2", "--distill-repeat-steps", "", "--base", "ddim"]
+    decays = {}
+    for name, extra in (("default", []), ("off", ["--distill-residual-decay", ""])):
+        main(["--out", str(tmp_path / name), "--install", str(tmp_path / name / "installed"), *common, *extra],
+             model=GaussianDenoiser())
+        config = json.loads((tmp_path / name / "distill" / "final" / "train_config.json").read_text())
+        decays[name] = config["values"]["residual_decay"]
+    assert decays == {"default": "5:3", "off": ""}
