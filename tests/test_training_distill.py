@@ -138,6 +138,11 @@ def test_colour_term_is_the_log_mse_of_block_means_and_changes_the_fit(tmp_path)
     assert first["psnr_colour"] > first["psnr_latent"]  # block means err less
 
 
+def test_edge_term_is_the_log_gradient_mse_of_the_latents_read_as_images_and_changes_the_fit(tmp_path):
+    first = _term_changes_the_fit(tmp_path, "edge_weight", 1.0, "psnr_edges")
+    assert first["psnr_edges"] > first["psnr_latent"]  # Sobel /8 of a smooth Gaussian target: small gradients
+
+
 def test_label_term_reads_the_analyzers_colour_names_and_changes_the_fit(tmp_path):
     from models.embedded.analyzer import colour_labels, palette_references
     from models.embedded.scenes import PALETTE

@@ -9,6 +9,7 @@ from training.rewards import (
     DepthSimilarity,
     get_similarity,
     gms,
+    gradient_mse,
     h1_psnr,
     ms_ssim,
     psnr,
@@ -53,6 +54,15 @@ def test_h1_psnr_adds_the_gradient_error_to_psnr():
     assert torch.allclose(h1_psnr(x, x + 0.1), psnr(x, x + 0.1), atol=1e-4)
     # a blur moves edges: H1 PSNR is strictly below PSNR
     assert (h1_psnr(x, _blur(x)) < psnr(x, _blur(x)) - 0.5).all()
+    # its gradient term, in closed form: a unit step edge of one column, moved by one pixel
+    step = torch.zeros(1, 1, 8, 8)
+    step[..., 4:] = 1.0
+    moved = torch.roll(step, 1, dims=-1)
+    moved[..., 0] = 0.0
+    # Sobel /8 of a unit step is 1/2 on the two columns either side of it (every row, replicate padding):
+    # moved one column, the two overlap on one, which leaves 2 columns of |1/2| error in x and none in y
+    torch.testing.assert_close(gradient_mse(step, moved), torch.tensor([2 * 8 * 0.25 / 64]))
+    torch.testing.assert_close(gradient_mse(step, step + 0.3), torch.zeros(1))
 
 
 def test_weighted_sum_and_group_features():

@@ -293,6 +293,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
                         help="lambda of the distillation's structure term, log MSE + lambda log(1 - SSIM)")
     parser.add_argument("--distill-colour-weight", type=float, default=0.0,
                         help="mu of the distillation's colour term, + mu log MSE of 4 x 4 block means")
+    parser.add_argument("--distill-edge-weight", type=float, default=0.0,
+                        help="xi of the distillation's edge term, + xi log MSE of the Sobel gradients")
     parser.add_argument("--distill-residual-decay", default=None,
                         help="rho of the distillation's pull toward the base rule per K, 'K:rho,...' (+ rho sum(a^2) "
                              f"of K's coefficient residuals; '' = none); default: {PULL_RHO:g} on K = "
@@ -337,6 +339,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
             learning_rate=args.distill_learning_rate, repeat_steps=args.distill_repeat_steps,
             ssim_weight=args.distill_ssim_weight, colour_weight=args.distill_colour_weight,
             label_weight=args.distill_label_weight,
+            edge_weight=args.distill_edge_weight,
             residual_decay=default_residual_decay(*steps) if args.distill_residual_decay is None
             else args.distill_residual_decay,
             fit_weights=default_fit_weights(*steps) if args.distill_fit_weights is None else args.distill_fit_weights,

@@ -148,11 +148,16 @@ def h1_psnr(target: torch.Tensor, preview: torch.Tensor) -> torch.Tensor:
       optimal, smooth and differentiable (also usable for the distillation variant), with no weights to load.
     """
     t, p = target.float(), preview.float()
-    gxt, gyt = _sobel(t)
-    gxp, gyp = _sobel(p)
     mse = (t - p).pow(2).flatten(1).mean(1)
-    mse_grad = ((gxt - gxp).pow(2) + (gyt - gyp).pow(2)).flatten(1).mean(1)
-    return -10.0 * torch.log10(mse + mse_grad + PSNR_MSE_FLOOR)
+    return -10.0 * torch.log10(mse + gradient_mse(t, p) + PSNR_MSE_FLOOR)
+
+
+def gradient_mse(target: torch.Tensor, preview: torch.Tensor) -> torch.Tensor:
+    """MSE(grad x, grad y) per image: the squared difference of the Sobel derivatives (per channel, both
+    directions), the gradient term of :func:`h1_psnr`. Differentiable in ``preview``."""
+    gxt, gyt = _sobel(target.float())
+    gxp, gyp = _sobel(preview.float())
+    return ((gxt - gxp).pow(2) + (gyt - gyp).pow(2)).flatten(1).mean(1)
 
 
 # ------------------------------------------------------------------------------------------------
