@@ -37,8 +37,8 @@ def test_validation_prompts_are_the_committed_file_and_leave_training_and_heldou
 
 
 def test_shifted_validation_prompts_are_the_committed_file_of_heldout_combinations_outside_the_heldout_file():
-    from models.embedded.parse import parse_prompt
     from models.embedded.captions import HELDOUT_COMBOS
+    from models.embedded.parse import parse_prompt
     from training.recipe import SHIFTED_VALIDATION_PROMPTS, shifted_validation_prompts
 
     prompts = shifted_validation_prompts()
