@@ -117,9 +117,9 @@ def validation_prompts(n: int = 300, train: int = 160) -> list[str]:
     prompts nor in the held-out file: a validation split to tune the recipe on (with noise seeds the
     training rows and the held-out evaluation do not use, e.g. 2-3), so the held-out set stays a test set.
     ``models/embedded/validation_prompts.txt`` holds the default 300."""
-    from models.embedded.captions import HELDOUT_PROMPTS_FILE
+    from models.embedded.evaluate import load_heldout_prompts
 
-    heldout = set((VALIDATION_PROMPTS.parent / HELDOUT_PROMPTS_FILE).read_text().splitlines())
+    heldout = set(load_heldout_prompts())
     taken = set(training_prompts(train)) | heldout
     return [p for p in training_prompts(n + 200, seed=99) if p not in taken][:n]
 
@@ -133,9 +133,10 @@ def shifted_validation_prompts(n: int = 200, seed: int = 777) -> list[str]:
     that the held-out set measures (training-grammar prompts), so changes aimed at it are checked here,
     at noise seeds 2-3, before the held-out file is touched. ``models/embedded/shifted_validation_prompts.txt``
     holds the default 200."""
-    from models.embedded.captions import HELDOUT_PROMPTS_FILE, heldout_scenes
+    from models.embedded.captions import heldout_scenes
+    from models.embedded.evaluate import load_heldout_prompts
 
-    heldout = set((VALIDATION_PROMPTS.parent / HELDOUT_PROMPTS_FILE).read_text().splitlines())
+    heldout = set(load_heldout_prompts())
     out: list[str] = []
     for _, text in heldout_scenes(3 * n, seed=seed):
         if text not in heldout and text not in out:
