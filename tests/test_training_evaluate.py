@@ -2,6 +2,7 @@
 summary (adherence K, step saving K'), the plot, and bad input refused before any model call."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -61,6 +62,35 @@ def test_judge_gives_adherence_and_verdict_agreement():
     flips = r["verdict_flips"]
     assert set(flips) == {"lost", "gained"}  # a judge without readings: no per-field counts
     assert flips["lost"] + flips["gained"] == round(4 * (100 - r["verdict_agreement"]) / 100)
+
+
+def test_paired_verdicts_count_discordant_pairs_and_test_them():
+    from training.evaluate import paired_verdicts
+
+    ours = torch.tensor([True] * 12 + [False] * 2 + [True] * 6)
+    theirs = torch.tensor([False] * 12 + [True] * 2 + [True] * 6)
+    out = paired_verdicts(ours, theirs)
+    assert (out["only_ours"], out["only_baseline"]) == (12, 2)
+    assert out["p_value"] == pytest.approx(2 * sum(math.comb(14, i) for i in range(3)) / 2**14)  # 0.0129
+    tie = paired_verdicts(ours, ours)
+    assert (tie["only_ours"], tie["only_baseline"], tie["p_value"]) == (0, 0, 1.0)
+
+
+def test_consistency_rows_carry_the_paired_comparison_with_each_baseline(tmp_path):
+    ConsistencyPolicy().save(tmp_path / "zero")
+    model = GaussianDenoiser()
+    solvers = resolve_solvers([f"consistency:{tmp_path / 'zero'}", "ddim", "rule:dpm2m"], model)
+    judge = lambda images, prompts: images.mean((1, 2, 3)) > 0.5  # noqa: E731  a stand-in analyzer
+    doc = evaluate(model, ["a", "b", "c"], [0, 1, 2], [2, 3], solvers, reference_steps=8, judge=judge, progress=False)
+    rows = {(r["solver"], r["steps"]): r for r in doc["results"]}
+    for k in (2, 3):
+        paired = rows[(f"consistency:{tmp_path / 'zero'}", k)]["verdict_paired"]
+        assert set(paired) == {"ddim", "rule:dpm2m"}
+        for b, v in paired.items():  # the discordant split is the difference of the two agreements, in pairs
+            diff = 9 * (rows[(f"consistency:{tmp_path / 'zero'}", k)]["verdict_agreement"] - rows[(b, k)]["verdict_agreement"]) / 100
+            assert v["only_ours"] - v["only_baseline"] == round(diff)
+        assert paired["rule:dpm2m"] == {"only_ours": 0, "only_baseline": 0, "p_value": 1.0}  # zero policy = its base rule
+    assert "verdict_paired" not in rows[("ddim", 2)]
 
 
 def test_verdict_flips_count_each_way_and_the_fields_that_changed():

@@ -9,7 +9,10 @@ solver actually used. On the embedded model also the scene analyzer's prompt adh
 agreement (the fraction of (prompt, seed) pairs whose preview verdict equals the final's verdict), with
 ``verdict_flips``: how many pairs flipped each way (``lost``: the final is right and the preview wrong;
 ``gained``: the reverse) and, among them, how often each field the analyzer reads (main colour, main
-shape, background) differed between preview and final.
+shape, background) differed between preview and final. Verdict agreement is a count over a few hundred
+pairs, so each ConsistencySolver row also carries ``verdict_paired``: against each baseline at the same K,
+the pairs only ours gets right (agrees with the final), the pairs only the baseline gets right, and the
+exact two-sided McNemar p-value of that split (a difference of a few pairs is within noise).
 The reference is refine's full-step sampler (``refine.full_step``). ``consistency`` is the solver the
 engine would use (the store's active checkpoint, else the shipped one, else the zero-initialised
 policy); ``consistency:PATH`` a given checkpoint. A policy with a learned time grid is also evaluated
@@ -144,6 +147,16 @@ def verdict_flips(ref_ok: torch.Tensor, ok: torch.Tensor, ref_readings: list[dic
     return out
 
 
+def paired_verdicts(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, float | int]:
+    """Paired comparison of two solvers' verdict agreement on the same pairs (bool (N,) each: the preview's
+    verdict equals the final's): ``only_ours`` / ``only_baseline`` count the discordant pairs each way, and
+    ``p_value`` is the exact two-sided McNemar test, a binomial test of that split against 1/2."""
+    from scipy.stats import binomtest
+
+    b, c = int((ours & ~theirs).sum()), int((~ours & theirs).sum())
+    return {"only_ours": b, "only_baseline": c, "p_value": binomtest(b, b + c).pvalue if b + c else 1.0}
+
+
 def _batched(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -195,7 +208,7 @@ def evaluate(
     ref_features = {name: sim.features(reference) for name, sim in model_measures.items()}
     all_prompts = [p for p, _ in pairs]
     ref_verdicts, ref_readings = _verdicts(judge(reference, all_prompts)) if judge is not None else (None, None)
-    results = []
+    results, agree = [], {}
     for named in solvers:
         for k in steps:
             def sample(cond: Any, noise: torch.Tensor, n: int, solver: Any = named.solver, k: int = k) -> torch.Tensor:
@@ -216,8 +229,14 @@ def evaluate(
                 row["adherence"] = 100.0 * float(verdicts.float().mean())
                 row["verdict_agreement"] = 100.0 * float((verdicts == ref_verdicts).float().mean())
                 row["verdict_flips"] = verdict_flips(ref_verdicts, verdicts, ref_readings, readings)
+                agree[(named.name, k)] = verdicts == ref_verdicts
             results.append(row)
     bar.close()
+    for row in results:
+        ours = next(s for s in solvers if s.name == row["solver"])
+        if ours.is_consistency and "@" not in ours.name and (ours.name, row["steps"]) in agree:
+            row["verdict_paired"] = {s.name: paired_verdicts(agree[(ours.name, row["steps"])], agree[(s.name, row["steps"])])
+                                     for s in solvers if not s.is_consistency and (s.name, row["steps"]) in agree}
     doc: dict[str, Any] = {
         "model": model.model_id,
         "reference": {"solver": FULL_STEP_SOLVER, "steps": reference_steps},
@@ -285,6 +304,16 @@ def markdown_table(doc: dict[str, Any]) -> str:
     if "adherence" in ref:
         note += f", adherence {ref['adherence']:.1f}%"
     return "\n".join(lines) + "\n\n" + note
+
+
+def paired_lines(doc: dict[str, Any]) -> list[str]:
+    """One line per ConsistencySolver row with ``verdict_paired``: the discordant pairs against each baseline."""
+    lines = []
+    for r in doc["results"]:
+        if "verdict_paired" in r:
+            parts = [f"{b} {v['only_ours']}/{v['only_baseline']} (p {v['p_value']:.2f})" for b, v in r["verdict_paired"].items()]
+            lines.append(f"verdict pairs only ours/only baseline, {r['solver']} K={r['steps']}: " + ", ".join(parts))
+    return lines
 
 
 def _short(name: str) -> str:
@@ -383,6 +412,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     if args.plot:
         plot(doc, args.plot)
     print(markdown_table(doc))
+    print("\n".join(paired_lines(doc)))
     print(json.dumps(doc["summary"].get("step_saving", {}).get("psnr", {})))
     if "adherence_within_2_points" in doc["summary"]:
         print("adherence within 2 points of the reference at K =", json.dumps(doc["summary"]["adherence_within_2_points"]))
