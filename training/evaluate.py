@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import math
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -407,7 +408,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     doc = evaluate(model, prompts, seeds, steps, solvers, guidance=args.guidance, reference_steps=args.reference_steps,
                    model_measures=model_measures, judge=load_judge(model), batch_size=args.batch_size)
     doc["prompts"] = str(args.prompts)
-    doc["command"] = "python -m training.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+    doc["command"] = "python -m training.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
     Path(args.json_out).write_text(json.dumps(doc, indent=1))
     if args.plot:
         plot(doc, args.plot)
