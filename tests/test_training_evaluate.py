@@ -24,6 +24,7 @@ def test_command_line_json_table_and_plot(tmp_path, capsys):
     assert rc == 0
     doc = json.loads((tmp_path / "out.json").read_text())
     assert doc["model"] == "fake-gaussian" and doc["reference"] == {"solver": "dpm2m", "steps": 12}
+    assert "--store '' --json" in doc["command"]  # the command re-runs as recorded, empty arguments included
     rows = {(r["solver"], r["steps"]): r for r in doc["results"]}
     assert len(rows) == 8 and {"psnr", "ssim", "gms", "nfe"} <= set(rows[("ddim", 3)])
     assert rows[("plms", 3)]["nfe"] == 4 and rows[("ddim", 3)]["nfe"] == 3  # PNDM repeats one timestep
