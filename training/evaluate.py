@@ -233,11 +233,12 @@ def evaluate(
                 agree[(named.name, k)] = verdicts == ref_verdicts
             results.append(row)
     bar.close()
+    is_consistency = {s.name: s.is_consistency for s in solvers}
     for row in results:
-        ours = next(s for s in solvers if s.name == row["solver"])
-        if ours.is_consistency and "@" not in ours.name and (ours.name, row["steps"]) in agree:
-            row["verdict_paired"] = {s.name: paired_verdicts(agree[(ours.name, row["steps"])], agree[(s.name, row["steps"])])
-                                     for s in solvers if not s.is_consistency and (s.name, row["steps"]) in agree}
+        name, k = row["solver"], row["steps"]
+        if is_consistency[name] and "@" not in name and (name, k) in agree:
+            row["verdict_paired"] = {b: paired_verdicts(agree[(name, k)], agree[(b, k)])
+                                     for b, theirs in is_consistency.items() if not theirs and (b, k) in agree}
     doc: dict[str, Any] = {
         "model": model.model_id,
         "reference": {"solver": FULL_STEP_SOLVER, "steps": reference_steps},
@@ -413,7 +414,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     if args.plot:
         plot(doc, args.plot)
     print(markdown_table(doc))
-    print("\n".join(paired_lines(doc)))
+    for line in paired_lines(doc):
+        print(line)
     print(json.dumps(doc["summary"].get("step_saving", {}).get("psnr", {})))
     if "adherence_within_2_points" in doc["summary"]:
         print("adherence within 2 points of the reference at K =", json.dumps(doc["summary"]["adherence_within_2_points"]))
