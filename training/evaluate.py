@@ -228,9 +228,9 @@ def evaluate(
             if judge is not None:
                 verdicts, readings = _verdicts(judge(previews, all_prompts))
                 row["adherence"] = 100.0 * float(verdicts.float().mean())
-                row["verdict_agreement"] = 100.0 * float((verdicts == ref_verdicts).float().mean())
-                row["verdict_flips"] = verdict_flips(ref_verdicts, verdicts, ref_readings, readings)
                 agree[(named.name, k)] = verdicts == ref_verdicts
+                row["verdict_agreement"] = 100.0 * float(agree[(named.name, k)].float().mean())
+                row["verdict_flips"] = verdict_flips(ref_verdicts, verdicts, ref_readings, readings)
             results.append(row)
     bar.close()
     is_consistency = {s.name: s.is_consistency for s in solvers}
