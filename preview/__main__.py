@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from preview.request import DEFAULT_MAX_SEEDS, DEFAULT_SOLVER, DEFAULT_STEPS, PreviewRequest, parse_seeds
+from runtime.request import DEFAULT_MAX_SEEDS, DEFAULT_SOLVER, DEFAULT_STEPS, PreviewRequest, parse_seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from preview.engine import PreviewEngine
-    from refine.worker import start_worker_and_store
+    from runtime.worker import start_worker_and_store
 
     try:
         seeds = parse_seeds(args.seeds)

@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from preview.batching import default_chunk_size, pad_conditioning, pad_rows
 from preview.engine import PreviewEngine, encode_each
-from preview.request import PreviewRequest
 from refine.jobs import RefineService
-from refine.worker import DeviceWorker
+from runtime.request import PreviewRequest
+from runtime.worker import DeviceWorker
 
 PROMPT = "a red circle on a blue background"
 

@@ -7,8 +7,8 @@ prompts, K steps of the solver with ONE guided model call per step for the whole
 the fixed chunk size, see :mod:`preview.batching`), one decode. Back on the caller's thread each
 image is stored (generation row, preview row with PNG + A1111 parameters + timings) and yielded.
 
-preview/ owns no device: it only submits work to a :class:`refine.worker.DeviceWorker` (or a
-:class:`~refine.worker.WorkerPool`), which interleaves it with refine steps.
+preview/ owns no device: it only submits work to a :class:`runtime.worker.DeviceWorker` (or a
+:class:`~runtime.worker.WorkerPool`), which interleaves it with refine steps.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from PIL import Image
 
 from models.base import Conditioning, Denoiser
 from preview.batching import chunks, default_chunk_size, pad_conditioning, pad_rows
-from preview.request import DEFAULT_MAX_SEEDS, PreviewRequest, validate
 from preview.solvers import ResolvedSolver, resolve_solver
-from refine.worker import PREVIEW, DeviceWorker, WorkerPool
+from runtime.images import to_pil
+from runtime.request import DEFAULT_MAX_SEEDS, PreviewRequest, validate
+from runtime.worker import PREVIEW, DeviceWorker, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +64,6 @@ class PreviewResult:
 class _ChunkOutput:
     pixels: torch.Tensor  # (b, 3, H, W) float32 CPU
     timings_ms: dict[str, float]
-
-
-def to_pil(pixels: torch.Tensor) -> Image.Image:
-    """(3, H, W) float in [0, 1] -> an 8-bit RGB image (round to nearest)."""
-    array = (pixels.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-    return Image.fromarray(array, mode="RGB")
 
 
 def encode_each(model: Denoiser, prompts: Sequence[str], negative_prompt: str, cache: dict | None = None) -> Conditioning:

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
         parser.error("--seed is required with --prompt")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from refine.jobs import FINISHED, RefineService
-    from refine.worker import start_worker_and_store
+    from runtime.worker import start_worker_and_store
 
     try:
         worker, store = start_worker_and_store(args.model, args.db, model)

@@ -33,15 +33,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generator
 
-import numpy as np
-import torch
 from PIL import Image
 
 from models.base import Denoiser
-from preview.request import MAX_PROMPT_CHARS, check_guidance, check_prompts, check_seeds, check_size, default_guidance
 from refine.consistency import measure_consistency
 from refine.full_step import DEFAULT_STEPS, FULL_STEP_SOLVER, check_full_steps, iterate_full_step
-from refine.worker import REFINE, DeviceWorker, WorkerPool
+from runtime.images import image_to_tensor, to_pil
+from runtime.request import MAX_PROMPT_CHARS, check_guidance, check_prompts, check_seeds, check_size, default_guidance
+from runtime.worker import REFINE, DeviceWorker, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +73,6 @@ class JobProgress:
         return self.step / self.steps if self.steps else 0.0
 
 
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB image -> float (3, H, W) in [0, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def pixels_to_image(pixels: torch.Tensor) -> Image.Image:
-    from preview.engine import to_pil
-
-    return to_pil(pixels)
 
 
 def _parse_time(text: str | None) -> float | None:
@@ -308,7 +297,7 @@ class RefineService:
         t1 = time.perf_counter()
         assert x is not None  # steps >= 1
         pixels = model.decode(x)[0].float().cpu()
-        image = pixels_to_image(pixels)
+        image = to_pil(pixels)
         t2 = time.perf_counter()
         yield  # the decode was a unit of its own (a VAE decode costs about a step)
         final_id = store.finish_job(

@@ -21,13 +21,7 @@ consistency), ``jobs`` (refine job state machine), ``training`` (checkpoints, ru
 
 from store.connection import default_store_path
 from store.db import Store, open_store
-from store.errors import (
-    BlobIntegrityError,
-    JobStateError,
-    NoiseIntegrityError,
-    NotFoundError,
-    StoreError,
-)
+from store.errors import BlobIntegrityError, JobStateError, NoiseIntegrityError, NotFoundError, StoreError
 from store.history import Consistency, Final, Generation, Preview
 from store.jobs import JOB_STATES, TRANSITIONS, Job, JobEvent
 from store.migrations import MIGRATIONS

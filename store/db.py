@@ -12,13 +12,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from store.connection import (
-    DEFAULT_BUSY_TIMEOUT_MS,
-    StoreBase,
-    check_header,
-    check_location,
-    default_store_path,
-)
+from store.connection import DEFAULT_BUSY_TIMEOUT_MS, StoreBase, check_header, check_location, default_store_path
 from store.errors import BlobIntegrityError
 from store.history import verify_png
 from store.migrations import apply_migrations, check_schema

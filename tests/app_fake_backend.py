@@ -1,4 +1,4 @@
-"""A stand-in for ``app_backend.EngineBackend`` with the same :class:`app_views.Backend` surface.
+"""A stand-in for ``webui.backend.EngineBackend`` with the same :class:`webui.views.Backend` surface.
 
 It lets the UI tests check wiring, streaming, selection mapping and bad-input handling in
 milliseconds, without a model. Images are flat colours derived from (prompt, seed) written as PNG
@@ -15,9 +15,9 @@ from typing import Iterator
 
 from PIL import Image
 
-from app_inputs import ExploreSettings
-from app_views import HistoryItem, JobView, Tile
 from store.png import encode_png
+from webui.inputs import ExploreSettings
+from webui.views import HistoryItem, JobView, Tile
 
 
 class FakeBackend:

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import sys
 from pathlib import Path
 from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # app.py is a script at the repo root, not an installed package
-    sys.path.insert(0, str(REPO))
 
-import app  # noqa: E402
+from webui import app
 
 # Debian's chromium driven by Playwright (never `playwright install`): the flags keep it offline and quiet.
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-from app_admin import Admin  # noqa: E402
+from webui.admin import Admin
 
 
 def free_port() -> int:

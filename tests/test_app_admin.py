@@ -9,11 +9,10 @@ import time
 
 import gradio as gr
 import pytest
-
-from app_launch import app_paths  # noqa: I001 (puts the repo root on sys.path)
 from app_fake_backend import FakeBackend
+from app_launch import app_paths
 
-from app_admin import ADMIN_PASSWORD_ENV, Admin  # noqa: E402
+from webui.admin import ADMIN_PASSWORD_ENV, Admin  # noqa: E402
 
 
 class Captured(Exception):

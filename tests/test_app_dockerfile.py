@@ -12,10 +12,9 @@ import shlex
 from pathlib import Path, PurePosixPath
 
 import pytest
+from app_launch import REPO
 
-from app_launch import REPO  # noqa: I001 (puts the repo root on sys.path)
-
-import app  # noqa: E402
+from webui import app
 
 KNOWN = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER", "WORKDIR",
          "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}

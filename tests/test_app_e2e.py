@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from app_launch import CHROMIUM, CHROMIUM_ARGS, REPO, app_paths, launched  # noqa: I001 (puts the repo root on sys.path)
+from app_launch import CHROMIUM, CHROMIUM_ARGS, REPO, app_paths, launched
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 
-from app_admin import ADMIN_PASSWORD_ENV  # noqa: E402
+from webui.admin import ADMIN_PASSWORD_ENV  # noqa: E402
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 JOB_TIMEOUT_S = 90
@@ -28,8 +27,8 @@ ADMIN_PASSWORD = "e2e-admin-password"
 
 def _open_backend(paths, tmp: Path):
     """The embedded default model; a tiny random SD folder only while the embedded weights are absent."""
-    from app_backend import EngineBackend
     from models.errors import ModelLoadError
+    from webui.backend import EngineBackend
 
     opts = dict(db=paths.db, exports=paths.exports, devices="cpu", forbid_under=[paths.exports, paths.gradio_tmp])
     try:
@@ -121,8 +120,8 @@ def test_concurrent_sessions_interleave_on_the_device(real_app):
     """A one-tile grid submitted while a four-chunk grid runs finishes before that grid does."""
     import threading
 
-    from app_backend import EngineBackend
-    from app_inputs import ExploreSettings
+    from webui.backend import EngineBackend
+    from webui.inputs import ExploreSettings
 
     _url, shared, _tmp = real_app
     backend = EngineBackend(shared.store, shared.executor, shared.exports, chunk_size=1)

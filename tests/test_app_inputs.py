@@ -6,9 +6,7 @@ import math
 
 import pytest
 
-from app_launch import REPO  # noqa: F401 (puts the repo root on sys.path)
-
-from app_inputs import (  # noqa: E402
+from webui.inputs import (  # noqa: E402
     MAX_SEEDS,
     MAX_TILES,
     SEED_MAX,

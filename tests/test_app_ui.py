@@ -13,16 +13,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from app_launch import app_paths, launched  # noqa: I001 (puts the repo root on sys.path)
 from app_fake_backend import FakeBackend
+from app_launch import app_paths, launched
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from app_admin import ADMIN_PASSWORD_ENV, Admin  # noqa: E402
 from store.png import read_png_parameters  # noqa: E402
+from webui.admin import ADMIN_PASSWORD_ENV, Admin  # noqa: E402
 
 FIELDS = dict(prompts="a red circle\na blue square", negative="", seed_count=3, seed_start=5, seed_list="",
               steps=4, solver="consistency", guidance=3.0, width=32, height=32, refine_steps=6)

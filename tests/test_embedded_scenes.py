@@ -9,7 +9,12 @@ import pytest
 
 from models.embedded.analyzer import analyze, judge
 from models.embedded.captions import (
-    HELDOUT_COMBOS, HELDOUT_PROMPTS_FILE, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, caption, heldout_scenes,
+    HELDOUT_COMBOS,
+    HELDOUT_PROMPTS_FILE,
+    HELDOUT_TEMPLATES,
+    TRAIN_TEMPLATES,
+    caption,
+    heldout_scenes,
 )
 from models.embedded.parse import parse_prompt
 from models.embedded.scenes import COLOURS, SHAPES, Scene, SceneObject, render, sample_scene

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from engine_models import TinyUNetDenoiser, one_cpu_thread, row_counts  # noqa: F401 - fixtures
+
 from store import open_store
 from store.png import read_png_parameters
 

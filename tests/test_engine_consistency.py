@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from engine_models import TinyUNetDenoiser, one_cpu_thread, store  # noqa: F401 - fixtures
+
 from refine.consistency import measure_consistency
 
 

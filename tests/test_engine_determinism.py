@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from engine_models import TinyUNetDenoiser, one_cpu_thread, store  # noqa: F401 - fixtures
+
 from preview.engine import PreviewEngine
-from preview.request import PreviewRequest
-from refine.worker import DeviceWorker
+from runtime.request import PreviewRequest
+from runtime.worker import DeviceWorker
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
-
 from engine_models import one_cpu_thread, store  # noqa: F401 - fixtures
+
 from preview.engine import PreviewEngine
-from preview.request import PreviewRequest
 from refine.jobs import RefineService
-from refine.worker import DeviceWorker
+from runtime.request import PreviewRequest
+from runtime.worker import DeviceWorker
 
 
 @pytest.fixture(scope="module")

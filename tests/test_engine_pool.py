@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-
 from engine_models import TinyUNetDenoiser, one_cpu_thread, store  # noqa: F401 - fixtures
+
 from preview.engine import PreviewEngine
-from preview.request import PreviewRequest
 from refine.jobs import RefineService
-from refine.worker import DeviceWorker, WorkerPool
+from runtime.request import PreviewRequest
+from runtime.worker import DeviceWorker, WorkerPool
 
 
 def test_pool_spreads_previews_and_refines_over_two_devices(store):

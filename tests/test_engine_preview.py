@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from engine_models import TinyUNetDenoiser, one_cpu_thread, row_counts, store  # noqa: F401 - fixtures
 from PIL import Image
 
-from engine_models import TinyUNetDenoiser, one_cpu_thread, row_counts, store  # noqa: F401 - fixtures
 from preview.engine import PreviewEngine
-from preview.request import PreviewRequest, parse_seeds
-from refine.worker import DeviceWorker
+from runtime.request import PreviewRequest, parse_seeds
+from runtime.worker import DeviceWorker
 from store.png import read_png_parameters
 
 

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import io
-import threading
 import time
 
 import numpy as np
 import pytest
 import torch
+from engine_models import TinyUNetDenoiser, one_cpu_thread, row_counts, store  # noqa: F401 - fixtures
 from PIL import Image
 
-from engine_models import TinyUNetDenoiser, one_cpu_thread, row_counts, store  # noqa: F401 - fixtures
 from preview.engine import PreviewEngine
-from preview.request import PreviewRequest
 from refine.full_step import DEFAULT_STEPS, FULL_STEP_SOLVER, iterate_full_step, sample_full_step
 from refine.jobs import RefineService
-from refine.worker import DeviceWorker, WorkerClosed
+from runtime.request import PreviewRequest
+from runtime.worker import DeviceWorker, WorkerClosed
 
 
 def _pixels(png: bytes) -> np.ndarray:

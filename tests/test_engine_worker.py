@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from refine.worker import PREVIEW, REFINE, DeviceWorker, WorkerClosed, WorkerPool
+from runtime.worker import PREVIEW, REFINE, DeviceWorker, WorkerClosed, WorkerPool
 
 
 class FakeModel:

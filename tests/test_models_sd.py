@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from tiny_sd import MAX_TOKENS, save_ldm_single_file, save_tiny_sd
 
 from models.base import Denoiser

@@ -91,7 +91,6 @@ def test_baselines_use_the_models_betas_and_final_alpha():
 
 def test_ipndm_is_the_fixed_step_adams_table():
     from solver.coefficients import adams_bashforth_table, ipndm_table
-    from solver.schedules import TimeGrid
 
     solver = get_solver("ipndm", SD_CONFIG)
     assert solver.nfe(5) == 5  # no repeated timestep, unlike plms

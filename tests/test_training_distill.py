@@ -7,7 +7,6 @@ from tests.training_fakes import GaussianDenoiser
 from training.dataset import build_dataset, load_dataset
 from training.distill import DistillConfig, differentiable_guided_eps, distill, main
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -11,7 +11,6 @@ from solver.policy import ConsistencyPolicy
 from tests.training_fakes import GaussianDenoiser, write_prompts
 from training.evaluate import evaluate, main, resolve_solvers, summarize
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

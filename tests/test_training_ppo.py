@@ -16,7 +16,6 @@ from training.rewards import RewardWeightsMissing, get_similarity
 from training.rollout import lmm_rollouts
 from training.train import main, prepare
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -3,13 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from solver.policy import ConsistencyPolicy
 from tests.training_fakes import GaussianDenoiser
 from training.dataset import load_dataset
 from training.recipe import main, training_prompts
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from training.rewards import (
-    RewardWeightsMissing,
     DepthSimilarity,
+    RewardWeightsMissing,
     get_similarity,
     gms,
     gradient_mse,

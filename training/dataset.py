@@ -206,9 +206,10 @@ def build_dataset(
 
     ``wait`` is called between the shard phase and the index phase (``accelerator.wait_for_everyone``).
     """
+    from tqdm.auto import tqdm
+
     from refine.full_step import DEFAULT_STEPS, FULL_STEP_SOLVER, check_full_steps, sample_full_step
     from store.noise import check_seed, make_noise
-    from tqdm.auto import tqdm
 
     reference_steps = check_full_steps(DEFAULT_STEPS if reference_steps is None else reference_steps, "reference_steps")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:

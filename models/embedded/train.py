@@ -28,7 +28,14 @@ from tqdm import tqdm
 
 from models.embedded.captions import HELDOUT_COMBOS, TRAIN_TEMPLATES, caption
 from models.embedded.config import (
-    CONFIG_FILE, DEFAULT_GUIDANCE, MAX_TOKENS, NATIVE_SIZE, PATCH, SCHEDULER_CONFIG, UNET_CONFIG, WEIGHTS_FILE,
+    CONFIG_FILE,
+    DEFAULT_GUIDANCE,
+    MAX_TOKENS,
+    NATIVE_SIZE,
+    PATCH,
+    SCHEDULER_CONFIG,
+    UNET_CONFIG,
+    WEIGHTS_FILE,
 )
 from models.embedded.scenes import render, sample_scene
 

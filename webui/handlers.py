@@ -1,6 +1,6 @@
 """The app's event handlers: read the fields, call the backend, format what the components show.
 
-No business logic lives here: parsing is ``app_inputs``, work is the :class:`app_views.Backend`.
+No business logic lives here: parsing is ``webui.inputs``, work is the :class:`webui.views.Backend`.
 Every bad input becomes one ``gr.Error`` naming its field, raised before the backend is called.
 """
 
@@ -15,8 +15,8 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from app_inputs import REFINE_STEPS, FieldError, dice_seed, parse_explore, parse_int
-from app_views import Backend, HistoryItem, JobView, Tile
+from webui.inputs import REFINE_STEPS, FieldError, dice_seed, parse_explore, parse_int
+from webui.views import Backend, HistoryItem, JobView, Tile
 
 logger = logging.getLogger(__name__)
 

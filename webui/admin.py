@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from app_inputs import MAX_PROMPT_CHARS, FieldError, parse_int, parse_seed_list
+from webui.inputs import MAX_PROMPT_CHARS, FieldError, parse_int, parse_seed_list
 
 logger = logging.getLogger(__name__)
 

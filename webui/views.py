@@ -1,7 +1,7 @@
 """What the app shows, as plain records: the interface between the UI and the engine adapter.
 
-The UI (``app.py``, ``app_handlers.py``) only ever sees these records and the :class:`Backend`
-protocol; ``app_backend.py`` fills them from the store and the engine. Paths in these records are
+The UI (``app.py``, ``webui/handlers.py``) only ever sees these records and the :class:`Backend`
+protocol; ``webui/backend.py`` fills them from the store and the engine. Paths in these records are
 PNG files that the backend wrote into the app's export folder under names it chose itself
 (``preview-<id>.png``), never a path a user typed.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from app_inputs import ExploreSettings
+from webui.inputs import ExploreSettings
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class HistoryItem:
 
 
 class Backend(Protocol):
-    """What the app needs from the engine and the store (see ``app_backend.EngineBackend``)."""
+    """What the app needs from the engine and the store (see ``webui.backend.EngineBackend``)."""
 
     model_name: str
     default_size: tuple[int, int]  # (height, width)

@@ -1,7 +1,7 @@
 """The Explore tab's fields, parsed and checked before anything touches the engine or the store.
 
 The app shows one clear message per bad field (:class:`FieldError` names the field as the UI labels
-it) and writes nothing. The limits are the engine's own (``preview.request``, ``refine.full_step``);
+it) and writes nothing. The limits are the engine's own (``runtime.request``, ``refine.full_step``);
 the engine checks them again, with the model's own rules (allowed sizes), before it writes anything.
 Checking here too makes the message name the field the user typed into.
 """
@@ -13,9 +13,9 @@ import random
 import re
 from dataclasses import asdict, dataclass
 
-from preview import request as engine_limits
 from refine.full_step import DEFAULT_STEPS as DEFAULT_REFINE_STEPS
 from refine.full_step import MAX_STEPS as MAX_REFINE_STEPS
+from runtime import request as engine_limits
 
 SEED_MAX = engine_limits.MAX_SEED  # A1111's seed range: 32-bit seeds
 MAX_PROMPTS = engine_limits.MAX_PROMPTS

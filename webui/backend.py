@@ -1,6 +1,6 @@
-"""The app's adapter to the engine and the store: fills :mod:`app_views` records, writes export PNGs.
+"""The app's adapter to the engine and the store: fills :mod:`webui.views` records, writes export PNGs.
 
-Every device-bound call goes through the engine's device worker(s) (``refine.worker``): previews
+Every device-bound call goes through the engine's device worker(s) (``runtime.worker``): previews
 run at preview priority, refine jobs one model step at a time at refine priority, so a preview
 waits at most one refine step. Images are exported from the store's verified PNG bytes into the
 export folder under names made here from row ids and hashes (``preview-12-<sha>.png``), so the
@@ -17,8 +17,8 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from app_inputs import ExploreSettings
-from app_views import HistoryItem, JobView, Tile
+from webui.inputs import ExploreSettings
+from webui.views import HistoryItem, JobView, Tile
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +46,11 @@ def _devices(spec: str | None) -> list[str]:
 
 
 class EngineBackend:
-    """The :class:`app_views.Backend` on the real engine (``preview``, ``refine``) and store."""
+    """The :class:`webui.views.Backend` on the real engine (``preview``, ``refine``) and store."""
 
     def __init__(self, store: Any, executor: Any, exports: Path, *, chunk_size: int | None = None) -> None:
-        from preview.request import default_guidance
         from refine.jobs import RefineService
+        from runtime.request import default_guidance
 
         self.store = store
         self.executor = executor
@@ -79,7 +79,7 @@ class EngineBackend:
         import preview.engine  # noqa: F401
         import refine.jobs  # noqa: F401
         from models.registry import load_model
-        from refine.worker import DeviceWorker, WorkerPool
+        from runtime.worker import DeviceWorker, WorkerPool
         from store import open_store
 
         store = open_store(db, forbid_under=forbid_under or [exports], app_lock=True)
@@ -149,7 +149,7 @@ class EngineBackend:
         """
         from dataclasses import replace
 
-        from preview.request import PreviewRequest
+        from runtime.request import PreviewRequest
 
         engine = self._engine(owner)
         request = engine.validate(PreviewRequest(

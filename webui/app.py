@@ -1,0 +1,338 @@
+"""Diffusion Preview: explore few-step previews across prompts and seeds, pick, refine, keep a history.
+
+    python app.py [--model M] [--db PATH] [--host 127.0.0.1] [--port 7860] [--share]
+
+Layout and wiring only: the handlers live in ``webui.handlers`` / ``webui.admin`` and call the engine
+(``preview/``, ``refine/``), the store and ``training/`` through ``webui.backend``.
+
+File serving: the only folder Gradio may serve besides its own cache is the export folder, where
+the backend writes PNGs under names it chooses (``preview-12-<sha256 prefix>.png``); the database,
+noise and logs live elsewhere and are also listed in ``blocked_paths``. Closing the app stops a
+training process it started (SIGINT: the trainer records the run as interrupted).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import gradio as gr
+
+from webui.admin import ADMIN_PASSWORD_ENV, MODEL_DEFAULT, Admin, reward_choices
+from webui.handlers import Handlers
+from webui.inputs import DEFAULT_REFINE_STEPS, MAX_PROMPTS, PREVIEW_STEPS
+from webui.views import Backend
+
+logger = logging.getLogger("diffusion_preview.app")
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_UPLOAD = "1mb"  # the app takes no uploads; anything bigger is refused outright
+JOBS_POLL_S = 1.0
+ADMIN_POLL_S = 2.0
+
+
+@dataclass(frozen=True)
+class AppPaths:
+    """Where things live. Only ``exports`` and ``gradio_tmp`` are ever served."""
+
+    db: Path
+    exports: Path  # PNGs written by the backend (allowed_paths)
+    gradio_tmp: Path  # GRADIO_TEMP_DIR, Gradio's own cache
+    work: Path  # admin logs, prompt files, evaluation JSON: private
+
+    @classmethod
+    def default(cls, db: str | Path | None = None, cache: str | Path | None = None) -> "AppPaths":
+        from store.connection import default_store_path
+
+        db_path = Path(db).expanduser().resolve() if db else default_store_path().resolve()
+        cache_root = cache or os.environ.get("DIFFUSION_PREVIEW_CACHE") or Path.home() / ".cache/diffusion-preview"
+        cache_root = Path(cache_root).expanduser().resolve()
+        return cls(db=db_path, exports=cache_root / "exports", gradio_tmp=cache_root / "gradio",
+                   work=db_path.parent / "diffusion-preview-work")
+
+    def prepare(self) -> None:
+        """Create the folders and refuse a database inside a served folder."""
+        for served in (self.exports, self.gradio_tmp):
+            if self.db.is_relative_to(served) or self.work.is_relative_to(served):
+                raise SystemExit(f"--db: {self.db} is inside the served folder {served}; put the database elsewhere")
+        for folder in (self.exports, self.gradio_tmp, self.work, self.db.parent):
+            folder.mkdir(parents=True, exist_ok=True)
+        os.environ["GRADIO_TEMP_DIR"] = str(self.gradio_tmp)
+
+
+def explore_tab(backend: Backend) -> SimpleNamespace:
+    """Prompts x seeds settings on the left, the streamed grid and the selection on the right."""
+    height, width = backend.default_size
+    with gr.Tab("Explore", id="explore"):
+        with gr.Row():
+            with gr.Column(scale=2, min_width=300):
+                prompts = gr.Textbox(label="Prompts", info=f"one per line, up to {MAX_PROMPTS}", lines=4,
+                                     elem_id="prompts", placeholder="a red circle above a blue square")
+                negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+                with gr.Row(equal_height=True):
+                    seed_count = gr.Number(label="Seed count", value=8, elem_id="seed-count", min_width=90)
+                    seed_start = gr.Number(label="Seed start", value=0, elem_id="seed-start", min_width=90)
+                    dice = gr.Button("Random", size="sm", scale=0, min_width=70, elem_id="dice-btn")
+                seed_list = gr.Textbox(label="Seed list", info="optional, overrides count/start: 3, 17, 100-103",
+                                       elem_id="seed-list")
+                with gr.Row():
+                    steps = gr.Number(label="Preview steps", value=4, elem_id="steps",
+                                      info=f"{PREVIEW_STEPS[0]}..{PREVIEW_STEPS[1]}")
+                    solver = gr.Dropdown(backend.solvers(), value=backend.default_solver(), label="Solver",
+                                         elem_id="solver", allow_custom_value=True)
+                guidance = gr.Number(label="Guidance", value=backend.default_guidance, elem_id="guidance")
+                with gr.Row():
+                    width_in = gr.Number(label="Width", value=width, step=backend.size_multiple, elem_id="width")
+                    height_in = gr.Number(label="Height", value=height, step=backend.size_multiple, elem_id="height")
+                    refine_steps = gr.Number(label="Refine steps", value=DEFAULT_REFINE_STEPS, elem_id="refine-steps")
+                with gr.Row():
+                    preview_btn = gr.Button("Preview (Ctrl+Enter)", variant="primary", elem_id="preview-btn", scale=3)
+                    stop_btn = gr.Button("Stop (Esc)", variant="stop", elem_id="stop-btn", scale=1)
+            with gr.Column(scale=5):
+                status = gr.Markdown("Enter prompts and press Preview.", elem_id="explore-status")
+                gallery = gr.Gallery(label="Previews", columns=8, allow_preview=False, object_fit="contain",
+                                     height="auto", elem_id="preview-gallery", interactive=False)
+                selection = gr.Dropdown(label="Selected tiles", choices=[], value=[], multiselect=True,
+                                        allow_custom_value=True, elem_id="selection",
+                                        info="click tiles in the grid to add or remove them")
+                with gr.Row():
+                    all_btn = gr.Button("Select all", size="sm", elem_id="select-all-btn")
+                    clear_btn = gr.Button("Clear selection", size="sm", elem_id="clear-btn")
+                    refine_btn = gr.Button("Refine selected", variant="primary", elem_id="refine-btn")
+                refine_status = gr.Markdown(elem_id="refine-status")
+        snapshot = gr.State(None)  # the grid as rendered: run id + preview ids, per session
+    fields = [prompts, negative, seed_count, seed_start, seed_list, steps, solver, guidance, width_in, height_in,
+              refine_steps]
+    return SimpleNamespace(**locals())
+
+
+def refine_tab() -> SimpleNamespace:
+    """Job list with progress bars and ETA (polled from the store), cancel, finals beside previews."""
+    with gr.Tab("Refine", id="refine"):
+        gr.Markdown("Full-step refines from the same noise as their preview. "
+                    "Each final is shown beside its preview with the measured consistency.")
+        jobs_view = gr.HTML(elem_id="jobs")
+        refresh_btn = gr.Button("Refresh", size="sm", elem_id="jobs-refresh-btn")
+        with gr.Row():
+            cancel_id = gr.Number(label="Job id", value=None, elem_id="cancel-id", scale=0)
+            cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="cancel-btn", scale=0)
+            cancel_status = gr.Markdown()
+        finals = gr.Gallery(label="Preview → final", columns=6, allow_preview=True, object_fit="contain",
+                            height="auto", elem_id="finals-gallery", interactive=False)
+        signature = gr.State(None)  # what the job list last showed, so unchanged polls send nothing
+        timer = gr.Timer(JOBS_POLL_S)
+    return SimpleNamespace(**locals())
+
+
+def history_tab() -> SimpleNamespace:
+    """Search by prompt, pick an image, send its settings back to Explore or download its PNG."""
+    with gr.Tab("History", id="history"):
+        with gr.Row():
+            query = gr.Textbox(label="Search prompts", scale=3, elem_id="history-query")
+            search_btn = gr.Button("Search", scale=0, elem_id="history-search-btn")
+        note = gr.Markdown()
+        gallery = gr.Gallery(label="History", columns=8, allow_preview=False, height="auto",
+                             elem_id="history-gallery", interactive=False)
+        refs = gr.State([])  # "final:12" / "preview:3" per tile, as rendered
+        with gr.Row():
+            item = gr.Textbox(label="Item", info="click an image above, or type e.g. final:12",
+                              elem_id="history-item", scale=2)
+            send_btn = gr.Button("Send to Explore", elem_id="send-btn", scale=0)
+            png_btn = gr.Button("Download PNG", elem_id="png-btn", scale=0)
+        png_file = gr.File(label="PNG with its parameters", interactive=False, elem_id="png-file")
+    return SimpleNamespace(**locals())
+
+
+def admin_tab(admin: Admin) -> SimpleNamespace:
+    """Password, dataset, PPO run with its live reward plot, checkpoints, evaluation."""
+    with gr.Tab("Admin", id="admin"):
+        unlocked = gr.State(False)
+        if not admin.enabled:
+            gr.Markdown(f"**Admin is disabled.** Set the environment variable `{ADMIN_PASSWORD_ENV}` "
+                        "and restart the app to enable dataset building, PPO training and checkpoints.")
+        with gr.Row(visible=admin.enabled) as lock_row:
+            password = gr.Textbox(label="Admin password", type="password", elem_id="admin-password")
+            unlock_btn = gr.Button("Unlock", elem_id="unlock-btn", scale=0)
+        lock_note = gr.Markdown()
+        with gr.Column(visible=False) as panel:
+            proc_status = gr.Markdown(elem_id="admin-proc")
+            with gr.Accordion("1. Offline dataset", open=True):
+                ds_prompts = gr.Textbox(label="Training prompts (one per line)", lines=4)
+                with gr.Row():
+                    ds_seeds = gr.Number(label="Seeds per prompt", value=4)
+                    ds_btn = gr.Button("Build dataset", scale=0)
+            with gr.Accordion("2. PPO training", open=True):
+                with gr.Row():
+                    ppo_dataset = gr.Dropdown(label="Dataset", choices=[], value=None)
+                    ppo_updates = gr.Number(label="Updates", value=50)
+                    ppo_reward = gr.Dropdown(reward_choices(), value=MODEL_DEFAULT, label="Reward",
+                                             allow_custom_value=True, info="a measure or a sum like psnr+10*gms")
+                    ppo_btn = gr.Button("Start PPO run", variant="primary", scale=0)
+                    stop_btn = gr.Button("Stop", variant="stop", scale=0)
+                reward_plot = gr.LinePlot(x="update", y="reward", title="Mean reward per update", height=260)
+            with gr.Accordion("3. Checkpoints", open=True):
+                ckpts = gr.Dataframe(label="Checkpoints", interactive=False, wrap=True)
+                with gr.Row():
+                    ckpt_id = gr.Number(label="Checkpoint id")
+                    activate_btn = gr.Button("Activate", scale=0)
+            with gr.Accordion("4. Evaluation", open=True):
+                ev_prompts = gr.Textbox(label="Held-out prompts (one per line, not used in training)", lines=3)
+                with gr.Row():
+                    ev_steps = gr.Textbox(label="Steps", value="3,4,5,6,8")
+                    ev_seeds = gr.Number(label="Seeds", value=4)
+                    ev_btn = gr.Button("Run evaluation", scale=0)
+                ev_table = gr.Markdown()
+                ev_plot = gr.Image(label="Measures against NFE", type="filepath", interactive=False)
+            timer = gr.Timer(ADMIN_POLL_S, active=False)
+    return SimpleNamespace(**locals())
+
+
+def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
+    """The four tabs and their wiring. Every listener has an api_name; admin ones are private."""
+    h = Handlers(backend)
+    # delete_cache: Gradio's copies of served PNGs older than a day go, hourly (the store keeps the originals).
+    with gr.Blocks(title="Diffusion Preview", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
+        gr.Markdown(f"## Diffusion Preview  \nModel: `{backend.model_name}` · previews are few-step estimates "
+                    "of the final image from the same noise: same composition, fewer details.")
+        with gr.Tabs(selected="explore") as tabs:
+            ex, rf, hi, ad = explore_tab(backend), refine_tab(), history_tab(), admin_tab(admin)
+        jobs_out = [rf.jobs_view, rf.finals, rf.signature]
+        history_out = [hi.gallery, hi.refs, hi.note]
+        reads = dict(concurrency_limit=8, concurrency_id="reads")
+        private = dict(api_visibility="private")
+
+        # Explore: the preview streams; tile clicks edit the selection; Refine maps it to preview ids.
+        ex.dice.click(h.dice, None, [ex.seed_start, ex.seed_list], api_name="dice", queue=False)
+        preview = ex.preview_btn.click(
+            h.preview, ex.fields, [ex.gallery, ex.snapshot, ex.selection, ex.status], api_name="preview",
+            concurrency_limit=8, concurrency_id="preview", trigger_mode="once", show_progress="minimal")
+        preview.then(h.search, hi.query, history_out, api_name="history_after_preview", **private)
+        # Stop ends the stream between chunks; the engine then drops the chunks not yet started.
+        ex.stop_btn.click(None, None, None, cancels=[preview], api_name="stop_preview", **private)
+        ex.gallery.select(h.toggle_tile, [ex.selection, ex.snapshot], ex.selection, api_name="toggle_tile",
+                          queue=False)
+        ex.all_btn.click(h.select_all, ex.snapshot, ex.selection, api_name="select_all", queue=False)
+        ex.clear_btn.click(lambda: gr.Dropdown(value=[]), None, ex.selection, api_name="clear_selection", queue=False)
+        ex.refine_btn.click(h.refine, [ex.selection, ex.snapshot, ex.refine_steps], ex.refine_status,
+                            api_name="refine", trigger_mode="once"
+                            ).then(h.jobs, rf.signature, jobs_out, api_name="jobs_after_refine", **private)
+
+        # Refine: polled from the store; the Refresh button is the public endpoint.
+        rf.timer.tick(h.jobs, rf.signature, jobs_out, api_name="jobs_tick", show_progress="hidden", **reads,
+                      **private)
+        rf.refresh_btn.click(h.jobs_now, None, jobs_out, api_name="jobs", **reads)
+        demo.load(h.jobs, rf.signature, jobs_out, api_name="jobs_on_load", **private)
+        rf.cancel_btn.click(h.cancel, rf.cancel_id, rf.cancel_status, api_name="cancel_job")
+
+        # History.
+        gr.on([hi.search_btn.click, hi.query.submit], h.search, hi.query, history_out, api_name="search_history",
+              **reads)
+        demo.load(h.search, hi.query, history_out, api_name="history_on_load", **private)
+        hi.gallery.select(h.pick, hi.refs, hi.item, api_name="pick_history", queue=False)
+        hi.send_btn.click(h.send_to_explore, hi.item, ex.fields + [tabs], api_name="send_to_explore")
+        hi.png_btn.click(h.png, hi.item, hi.png_file, api_name="history_png")
+
+        # Admin: private endpoints; every handler re-checks the session's unlock flag.
+        gr.on([ad.unlock_btn.click, ad.password.submit], admin.unlock, [ad.password],
+              [ad.unlocked, ad.panel, ad.lock_row, ad.lock_note, ad.timer], concurrency_limit=1,
+              api_name="admin_unlock", **private)
+        ad.ds_btn.click(admin.build_dataset, [ad.unlocked, ad.ds_prompts, ad.ds_seeds], ad.proc_status,
+                        api_name="admin_build_dataset", **private)
+        ad.ppo_btn.click(admin.start_ppo, [ad.unlocked, ad.ppo_dataset, ad.ppo_updates, ad.ppo_reward], ad.proc_status,
+                         api_name="admin_start_ppo", **private)
+        ad.stop_btn.click(admin.stop, [ad.unlocked], ad.proc_status, api_name="admin_stop", **private)
+        ad.timer.tick(admin.poll, [ad.unlocked, ad.ppo_dataset], [ad.proc_status, ad.reward_plot, ad.ckpts,
+                      ad.ppo_dataset], show_progress="hidden", api_name="admin_poll", **private)
+        ad.activate_btn.click(admin.activate, [ad.unlocked, ad.ckpt_id], [ad.proc_status, ad.ckpts],
+                              api_name="admin_activate", **private)
+        ad.ev_btn.click(admin.evaluate, [ad.unlocked, ad.ev_prompts, ad.ev_steps, ad.ev_seeds],
+                        [ad.ev_table, ad.ev_plot], api_name="admin_evaluate", **private)
+    return demo
+
+
+def launch_kwargs(paths: AppPaths, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False) -> dict:
+    """The launch settings that keep file access minimal; tests launch with the same ones."""
+    blocked = [str(paths.db), str(paths.db) + "-wal", str(paths.db) + "-shm", str(paths.work)]
+    return dict(
+        server_name=host,
+        server_port=port,
+        share=share,
+        allowed_paths=[str(paths.exports)],
+        blocked_paths=blocked,
+        max_file_size=MAX_UPLOAD,
+        ssr_mode=False,
+        mcp_server=False,
+        footer_links=["api"],
+        css_paths=[STATIC / "app.css"],
+        js=(STATIC / "app.js").read_text(encoding="utf-8"),
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="diffusion-preview", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None,
+                   help="hub id, local diffusers folder or single-file checkpoint (default: the embedded model)")
+    p.add_argument("--db", default=None, help="SQLite database file (default: $DIFFUSION_PREVIEW_HOME/"
+                   "store.sqlite3, else ~/.local/share/diffusion-preview/store.sqlite3); never in a served folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="open a public gradio.live link for 72 h (off by default)")
+    p.add_argument("--device", default=None, help="torch device(s), comma-separated: one worker each "
+                   "(default: every CUDA device, else cpu)")
+    m = p.add_argument_group("model loading (Stable Diffusion)")
+    m.add_argument("--config", default=None, help="local diffusers folder with the configs of a single-file "
+                   ".safetensors checkpoint (nothing is fetched)")
+    m.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
+                   help="float16 weights (default: on CUDA only)")
+    m.add_argument("--cpu-offload", action="store_true", help="keep each part on the CPU until it runs (CUDA)")
+    m.add_argument("--attention-slicing", action="store_true", help="less memory, a little slower")
+    m.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
+    return p.parse_args(argv)
+
+
+def load_options(args: argparse.Namespace) -> Any:
+    """The models.sd.LoadOptions the flags ask for."""
+    from models.sd import LoadOptions
+
+    return LoadOptions(fp16=args.fp16, attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
+                       cpu_offload=args.cpu_offload, config=args.config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Gradio self-request otherwise
+    from store.errors import StoreError
+    from webui.backend import EngineBackend  # heavy imports (torch, the model) after argument parsing
+
+    paths = AppPaths.default(args.db)
+    paths.prepare()
+    if args.host not in ("127.0.0.1", "localhost", "::1") or args.share:
+        logger.warning("the app is reachable from other machines (host %s, share %s); it has no user login",
+                       args.host, args.share)
+    try:
+        backend = EngineBackend.open(model=args.model, db=paths.db, exports=paths.exports, devices=args.device,
+                                     forbid_under=[paths.exports, paths.gradio_tmp], options=load_options(args))
+    except (ValueError, OSError, StoreError) as exc:
+        sys.exit(f"error: {exc}")
+    admin = Admin(db=paths.db, work=paths.work, exports=paths.exports, model=args.model, backend=backend)
+    demo = build_demo(backend, admin)
+    demo.queue(max_size=128, default_concurrency_limit=4)
+    try:
+        demo.launch(**launch_kwargs(paths, args.host, args.port, args.share))
+    finally:
+        admin.close()
+        backend.close()
+
+
+if __name__ == "__main__":
+    main()
