@@ -21,7 +21,6 @@ import itertools
 import logging
 import queue
 import threading
-import time
 from concurrent.futures import Future
 from typing import Any, Callable, Generator, Generic, Iterable, TypeVar
 
@@ -257,15 +256,6 @@ class WorkerPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def wait_all(futures: Iterable[Future[T]], timeout: float | None = None) -> list[T]:
-    """Results of ``futures`` in order (re-raises the first failure)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    out = []
-    for f in futures:
-        out.append(f.result(None if deadline is None else max(0.0, deadline - time.monotonic())))
-    return out
 
 
 def start_worker_and_store(model_name: str | None, db: str | None, model: Any = None) -> tuple[DeviceWorker, Any]:

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 MAX_PREVIEW_STEPS = 50  # the preview range 1..50 of the engine
 
@@ -103,14 +103,6 @@ class TrainConfig:
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
-        return cls(**dict(values))
 
     @classmethod
     def field_docs(cls) -> dict[str, str]:
