@@ -258,15 +258,18 @@ class WorkerPool:
         self.close()
 
 
-def start_worker_and_store(model_name: str | None, db: str | None, model: Any = None) -> tuple[DeviceWorker, Any]:
-    """The command lines' start-up: a worker that loads ``model_name`` on its own thread (or owns the
-    given ``model``), and the store at ``db``. On any failure the worker is closed and the error raised."""
+def start_worker_and_store(model_name: str | None, db: str | None, model: Any = None, *, device: str | None = None,
+                           options: Any = None) -> tuple[DeviceWorker, Any]:
+    """The command lines' start-up: a worker that loads ``model_name`` (on ``device``, with the
+    ``models.sd.LoadOptions`` ``options``) on its own thread, or owns the given ``model``, and the store
+    at ``db``. On any failure the worker is closed and the error raised."""
     from store import open_store
 
     if model is None:
         from models.registry import load_model
 
-        worker = DeviceWorker(factory=lambda: load_model(model_name), name="device")
+        worker = DeviceWorker(factory=lambda: load_model(model_name, device=device, options=options),
+                              name=device or "device")
     else:
         worker = DeviceWorker(model)
     try:

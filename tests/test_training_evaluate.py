@@ -18,12 +18,12 @@ def test_command_line_json_table_and_plot(tmp_path, capsys):
     write_prompts(tmp_path / "p.txt", 2)
     ConsistencyPolicy().save(tmp_path / "zero")
     rc = main(["--prompts", str(tmp_path / "p.txt"), "--seeds", "0-1", "--steps", "3,4", "--reference-steps", "12",
-               "--solvers", f"consistency:{tmp_path / 'zero'},rule:dpm2m,ddim,plms", "--store", "",
+               "--solvers", f"consistency:{tmp_path / 'zero'},rule:dpm2m,ddim,plms", "--db", "",
                "--json", str(tmp_path / "out.json"), "--plot", str(tmp_path / "out.png")], model=GaussianDenoiser())
     assert rc == 0
     doc = json.loads((tmp_path / "out.json").read_text())
     assert doc["model"] == "fake-gaussian" and doc["reference"] == {"solver": "dpm2m", "steps": 12}
-    assert "--store '' --json" in doc["command"]  # the command re-runs as recorded, empty arguments included
+    assert "--db '' --json" in doc["command"]  # the command re-runs as recorded, empty arguments included
     rows = {(r["solver"], r["steps"]): r for r in doc["results"]}
     assert len(rows) == 8 and {"psnr", "ssim", "gms", "nfe"} <= set(rows[("ddim", 3)])
     assert rows[("plms", 3)]["nfe"] == 4 and rows[("ddim", 3)]["nfe"] == 3  # PNDM repeats one timestep
@@ -126,7 +126,7 @@ def test_bad_input_before_any_model_call(tmp_path):
     write_prompts(tmp_path / "p.txt", 2)
     (tmp_path / "empty.txt").write_text("")
     model = GaussianDenoiser()
-    base = ["--seeds", "0", "--json", str(tmp_path / "o.json"), "--store", ""]
+    base = ["--seeds", "0", "--json", str(tmp_path / "o.json"), "--db", ""]
     cases = [
         (["--prompts", str(tmp_path / "empty.txt")], "prompts"),
         (["--prompts", str(tmp_path / "p.txt"), "--steps", "0,4"], "steps must be in 1..50"),
