@@ -88,7 +88,8 @@ class Final:
 
 @dataclass(frozen=True)
 class Consistency:
-    """How close a preview came to its final (``psnr`` may be ``inf`` for identical images)."""
+    """How close a preview came to its final (``psnr`` in dB: ``models.metrics.psnr`` gives identical images
+    100 dB; rows written before it may hold ``inf``, which is still accepted)."""
 
     id: int
     preview_id: int
