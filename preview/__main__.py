@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
+from runtime.cli import add_db_option, add_model_options, load_options
 from runtime.request import DEFAULT_MAX_SEEDS, DEFAULT_SOLVER, DEFAULT_STEPS, PreviewRequest, parse_seeds
 
 
@@ -32,11 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", help="negative prompt")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--model", default=None, help="model name or path (default: the embedded model)")
-    p.add_argument("--db", default=None, help="store file (default: the user data folder)")
     p.add_argument("--chunk-size", type=int, default=None, help="rows per model call (default: sized from memory)")
     p.add_argument("--max-seeds", type=int, default=DEFAULT_MAX_SEEDS)
     p.add_argument("--out", required=True, help="folder for the PNG files")
+    add_model_options(p)
+    add_db_option(p)
     return p
 
 
@@ -56,7 +57,8 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
                              guidance=args.guidance, height=args.height, width=args.width,
                              negative_prompt=args.negative_prompt)
     try:
-        worker, store = start_worker_and_store(args.model, args.db, model)
+        worker, store = start_worker_and_store(args.model, args.db, model, device=args.device,
+                                               options=load_options(args))
     except Exception as exc:  # noqa: BLE001 - one sentence for the user, not a stack trace
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from preview.batching import default_chunk_size, pad_conditioning, pad_rows
 from preview.engine import PreviewEngine, encode_each
 from refine.jobs import RefineService
+from runtime.cli import add_db_option, add_model_options, model_from_args
 from runtime.request import PreviewRequest
 from runtime.worker import DeviceWorker
 
@@ -89,25 +90,24 @@ def _median(parts: list, k: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m preview.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model name or path (default: the embedded model)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--solver", default="consistency")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--refine-steps", type=int, default=200, help="steps of the background refine")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--db", default=None)
+    add_model_options(p)
+    add_db_option(p, help="SQLite store file (default: a temporary one)")
     p.add_argument("--random-weights", action="store_true",
                    help="the embedded architecture with random weights (same cost; before the weights are trained)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from models.registry import load_model
     from store import open_store
 
     tmp = tempfile.TemporaryDirectory()
     store = open_store(args.db or Path(tmp.name) / "bench.db")
-    factory = embedded_random_weights if args.random_weights else (lambda: load_model(args.model))
+    factory = embedded_random_weights if args.random_weights else (lambda: model_from_args(args))
     worker = DeviceWorker(factory=factory, name="device")
     model = worker.wait_ready()
     request = PreviewRequest(prompts=[PROMPT], seeds=list(range(args.seeds)), steps=args.steps, solver=args.solver)

@@ -226,8 +226,3 @@ class PreviewEngine:
             negative_prompt=req.negative_prompt, seed=seed, steps=req.steps, solver=solver.label,
             checkpoint_id=solver.checkpoint_id, guidance=float(req.guidance), height=int(req.height),
             width=int(req.width), image=image, pixels=pixels, timings_ms=timings, chunk_index=chunk_index)
-
-
-def run_previews(request: PreviewRequest, executor: Executor, store: Any, **engine_options: Any) -> Iterator[PreviewResult]:
-    """Shorthand for ``PreviewEngine(executor, store, **engine_options).run(request)``."""
-    return PreviewEngine(executor, store, **engine_options).run(request)

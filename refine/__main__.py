@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from refine.full_step import DEFAULT_STEPS, MAX_STEPS
+from runtime.cli import add_db_option, add_model_options, load_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--model", default=None, help="model name or path (default: the embedded model)")
-    p.add_argument("--db", default=None, help="store file (default: the user data folder)")
     p.add_argument("--out", required=True, help="folder for the PNG file")
+    add_model_options(p)
+    add_db_option(p)
     return p
 
 
@@ -55,7 +56,8 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
     from runtime.worker import start_worker_and_store
 
     try:
-        worker, store = start_worker_and_store(args.model, args.db, model)
+        worker, store = start_worker_and_store(args.model, args.db, model, device=args.device,
+                                               options=load_options(args))
     except Exception as exc:  # noqa: BLE001 - one sentence for the user, not a stack trace
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,8 +1,9 @@
 """How far a preview is from its refined final: the promise the preview made, measured.
 
-All metrics come from torchmetrics on float images in [0, 1] (data range 1):
+All metrics are computed on float images in [0, 1] (data range 1):
 
-- ``psnr``: peak signal-to-noise ratio in dB (higher = closer);
+- ``psnr``: peak signal-to-noise ratio in dB (higher = closer), ``models.metrics.psnr`` (its
+  docstring states the identical-image convention);
 - ``ssim``: structural similarity, Gaussian window 11 (Wang et al. 2004);
 - ``scc``: spatial correlation coefficient of the high-pass (Laplacian) responses, a structural
   measure of whether edges sit in the same places (Zhou et al. 1998); defined at every size
@@ -19,10 +20,11 @@ from typing import TypedDict
 import torch
 from torchmetrics.functional.image import (
     multiscale_structural_similarity_index_measure,
-    peak_signal_noise_ratio,
     spatial_correlation_coefficient,
     structural_similarity_index_measure,
 )
+
+from models.metrics import psnr
 
 MS_SSIM_MIN_SIDE = 161
 
@@ -51,12 +53,11 @@ def measure_consistency(preview: torch.Tensor, final: torch.Tensor) -> Consisten
     p, f = _as_batch(preview, "preview"), _as_batch(final, "final")
     if p.shape != f.shape:
         raise ValueError(f"preview shape {tuple(p.shape)} differs from final shape {tuple(f.shape)}")
-    psnr = float(peak_signal_noise_ratio(p, f, data_range=1.0))
     ms_ssim = None
     if min(p.shape[-2:]) >= MS_SSIM_MIN_SIDE:
         ms_ssim = float(multiscale_structural_similarity_index_measure(p, f, data_range=1.0))
     return Consistency(
-        psnr=psnr if math.isfinite(psnr) else float("inf"),
+        psnr=float(psnr(f.reshape(1, -1), p.reshape(1, -1))[0]),  # the whole batch's MSE
         ssim=float(torch.as_tensor(structural_similarity_index_measure(p, f, data_range=1.0))),
         scc=_finite_or_none(float(spatial_correlation_coefficient(p, f))),
         ms_ssim=ms_ssim,

@@ -68,12 +68,6 @@ class JobProgress:
         """True when the job was interrupted by a restart and began again from its noise."""
         return self.restarts > 0
 
-    @property
-    def fraction(self) -> float:
-        return self.step / self.steps if self.steps else 0.0
-
-
-
 
 def _parse_time(text: str | None) -> float | None:
     return None if text is None else _dt.datetime.fromisoformat(text).timestamp()

@@ -21,7 +21,6 @@ import itertools
 import logging
 import queue
 import threading
-import time
 from concurrent.futures import Future
 from typing import Any, Callable, Generator, Generic, Iterable, TypeVar
 
@@ -259,24 +258,18 @@ class WorkerPool:
         self.close()
 
 
-def wait_all(futures: Iterable[Future[T]], timeout: float | None = None) -> list[T]:
-    """Results of ``futures`` in order (re-raises the first failure)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    out = []
-    for f in futures:
-        out.append(f.result(None if deadline is None else max(0.0, deadline - time.monotonic())))
-    return out
-
-
-def start_worker_and_store(model_name: str | None, db: str | None, model: Any = None) -> tuple[DeviceWorker, Any]:
-    """The command lines' start-up: a worker that loads ``model_name`` on its own thread (or owns the
-    given ``model``), and the store at ``db``. On any failure the worker is closed and the error raised."""
+def start_worker_and_store(model_name: str | None, db: str | None, model: Any = None, *, device: str | None = None,
+                           options: Any = None) -> tuple[DeviceWorker, Any]:
+    """The command lines' start-up: a worker that loads ``model_name`` (on ``device``, with the
+    ``models.sd.LoadOptions`` ``options``) on its own thread, or owns the given ``model``, and the store
+    at ``db``. On any failure the worker is closed and the error raised."""
     from store import open_store
 
     if model is None:
         from models.registry import load_model
 
-        worker = DeviceWorker(factory=lambda: load_model(model_name), name="device")
+        worker = DeviceWorker(factory=lambda: load_model(model_name, device=device, options=options),
+                              name=device or "device")
     else:
         worker = DeviceWorker(model)
     try:

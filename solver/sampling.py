@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from solver.lmm import lmm_step
+from solver.lmm import check_table, lmm_step
 from solver.schedules import TimeGrid
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,12 +48,10 @@ def iter_lmm(eps_fn: EpsFn, x_T: torch.Tensor, grid: TimeGrid, table: torch.Tens
     ``t - T // K``, paper.md N1). Solver arithmetic in float32; ``x`` is float32.
     """
     num_steps = grid.num_steps
-    if table.ndim != 2 or table.shape[0] != num_steps:
+    if table.ndim != 2:
         raise ValueError(f"table must have shape ({num_steps}, m), got {tuple(table.shape)}")
+    check_table(table, num_steps)
     order = int(table.shape[1])
-    for i in range(num_steps):
-        if bool((table[i, min(i + 1, order) :] != 0).any()):
-            raise ValueError(f"table row {i} uses more than the {i + 1} epsilons available at step {i}")
     alpha, n = grid.alpha.tolist(), grid.n.tolist()
     rows = table.tolist()
     history: deque[torch.Tensor] = deque(maxlen=order)
@@ -98,10 +96,3 @@ def iter_diffusers(eps_fn: EpsFn, x_T: torch.Tensor, scheduler: Any, num_steps: 
         x = scheduler.step(eps, t, x).prev_sample
         yield SamplerStep(i=i, num_steps=total, t=t, x=x, denoised=denoised)
 
-
-def sample_diffusers(eps_fn: EpsFn, x_T: torch.Tensor, scheduler: Any, num_steps: int) -> torch.Tensor:
-    """Run :func:`iter_diffusers` to the end and return the final x."""
-    x = x_T
-    for record in iter_diffusers(eps_fn, x_T, scheduler, num_steps):
-        x = record.x
-    return x

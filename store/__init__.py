@@ -23,7 +23,7 @@ from store.connection import default_store_path
 from store.db import Store, open_store
 from store.errors import BlobIntegrityError, JobStateError, NoiseIntegrityError, NotFoundError, StoreError
 from store.history import Consistency, Final, Generation, Preview
-from store.jobs import JOB_STATES, TRANSITIONS, Job, JobEvent
+from store.jobs import JOB_STATES, TRANSITIONS, Job, JobEvent, JobStamp
 from store.migrations import MIGRATIONS
 from store.noise import NoiseRecord, check_seed, make_noise, tensor_sha256
 from store.png import encode_png, format_parameters, parse_parameters, read_png_parameters
@@ -31,7 +31,7 @@ from store.training import Checkpoint, Dataset, TrainingMetric, TrainingRun
 
 __all__ = [
     "BlobIntegrityError", "Checkpoint", "Consistency", "Dataset", "Final", "Generation", "JOB_STATES", "Job",
-    "JobEvent", "JobStateError", "MIGRATIONS", "NoiseIntegrityError", "NoiseRecord", "NotFoundError", "Preview",
+    "JobEvent", "JobStamp", "JobStateError", "MIGRATIONS", "NoiseIntegrityError", "NoiseRecord", "NotFoundError", "Preview",
     "Store", "StoreError", "TRANSITIONS", "TrainingMetric", "TrainingRun", "check_seed", "default_store_path",
     "encode_png", "format_parameters", "make_noise", "open_store", "parse_parameters", "read_png_parameters",
     "tensor_sha256",

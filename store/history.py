@@ -88,7 +88,8 @@ class Final:
 
 @dataclass(frozen=True)
 class Consistency:
-    """How close a preview came to its final (``psnr`` may be ``inf`` for identical images)."""
+    """How close a preview came to its final (``psnr`` in dB: ``models.metrics.psnr`` gives identical images
+    100 dB; rows written before it may hold ``inf``, which is still accepted)."""
 
     id: int
     preview_id: int
@@ -314,6 +315,17 @@ class HistoryStore(NoiseStore):
             params.append(generation_id)
         return self._previews(where, params + [limit, offset], with_images=with_images,
                               tail="ORDER BY v.id DESC LIMIT ? OFFSET ?")
+
+    def list_final_ids(self, *, search: str | None = None, owner: str = DEFAULT_OWNER, limit: int = 100) -> list[int]:
+        """Ids of ``owner``'s finals, newest first, optionally only those whose prompt contains ``search``
+        (literal, LIKE); no image is read."""
+        check_positive_int(limit, "limit", MAX_LIST)
+        rows = self.query(
+            "SELECT f.id FROM finals f JOIN refine_jobs j ON j.id = f.job_id "
+            "JOIN generations g ON g.id = j.generation_id JOIN prompts p ON p.id = g.prompt_id "
+            "WHERE f.owner = ? AND p.prompt LIKE ? ESCAPE '\\' ORDER BY f.id DESC LIMIT ?",
+            [owner, like_pattern(search or ""), limit])
+        return [r["id"] for r in rows]
 
     def get_final(self, final_id: int) -> Final:
         """Final image ``final_id`` (its PNG verified). :raises NotFoundError: :raises BlobIntegrityError:"""

@@ -75,6 +75,17 @@ class JobEvent:
     at: str
 
 
+@dataclass(frozen=True)
+class JobStamp:
+    """What changes when a job moves: a poller redraws a job only when its stamp changed."""
+
+    id: int
+    state: str
+    progress_step: int
+    restarts: int
+    updated_at: str
+
+
 def _check_max_restarts(max_restarts: Any) -> None:
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
         raise ValueError(f"max_restarts must be a non-negative integer, got {max_restarts!r}")
@@ -356,6 +367,13 @@ class JobStore(HistoryStore):
             params.append(owner)
         rows = self.query(f"SELECT * FROM refine_jobs WHERE {' AND '.join(where)} ORDER BY id LIMIT ?", params + [limit])
         return [_job(r) for r in rows]
+
+    def newest_job_stamps(self, *, owner: str = DEFAULT_OWNER, limit: int = 50) -> list[JobStamp]:
+        """The stamps of ``owner``'s newest jobs, newest first (one small query, no job rows decoded)."""
+        check_positive_int(limit, "limit", MAX_LIST)
+        rows = self.query("SELECT id, state, progress_step, restarts, updated_at FROM refine_jobs WHERE owner = ? "
+                          "ORDER BY id DESC LIMIT ?", [owner, limit])
+        return [JobStamp(**r) for r in rows]
 
     def job_history(self, job_id: int) -> list[JobEvent]:
         """The job's state history, oldest first."""

@@ -17,8 +17,9 @@ def test_metrics_order_and_edge_cases():
     close = (final + 0.02 * torch.randn(3, 32, 32, generator=g)).clamp(0, 1)
     far = (final + 0.3 * torch.randn(3, 32, 32, generator=g)).clamp(0, 1)
     same = measure_consistency(final, final)
-    assert same["psnr"] == math.inf and same["ssim"] == pytest.approx(1.0) and same["scc"] == pytest.approx(1.0)
+    assert same["psnr"] == pytest.approx(100.0) and same["ssim"] == pytest.approx(1.0) and same["scc"] == pytest.approx(1.0)
     a, b = measure_consistency(close, final), measure_consistency(far, final)
+    assert a["psnr"] == pytest.approx(-10 * math.log10(float((close - final).pow(2).mean())), abs=1e-4)
     assert a["psnr"] > b["psnr"] and a["ssim"] > b["ssim"] and a["scc"] > b["scc"]
     assert a["ms_ssim"] is None  # 32 px is below MS-SSIM's five scales
     big = torch.rand(1, 3, 192, 192, generator=g)

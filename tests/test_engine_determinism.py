@@ -40,17 +40,17 @@ def test_bit_identical_whatever_the_batch(engine, solver):
 
 
 def test_unpadded_batches_are_why_chunks_are_padded():
-    """Context, not the contract: the raw model call at different batch sizes on this CPU.
-
-    If the kernels were batch-size invariant here, padding would be unneeded but harmless; this
-    records which case this machine is in, and checks that padding itself never alters a row."""
+    """The raw model call at different batch sizes: a row's epsilon may differ only by kernel rounding
+    (float32: within 1e-5 of the output's scale; a row mixed with others, or a lower-precision path
+    for big batches, lands far outside), and padding a chunk never alters a row, bit for bit."""
     model = TinyUNetDenoiser(size=16)
     cond = model.encode_prompts(["a red circle"] * 8, "")
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.tensor(700)
     full = model.guided_eps(x, t, cond, 3.0)
     one = model.guided_eps(x[:1], t, cond.select([0]), 3.0)
-    print(f"batch 1 vs batch 8, max |diff| = {(one - full[:1]).abs().max().item():.3g}")
+    rounding = (one - full[:1]).abs().max().item()
+    assert rounding <= 1e-5 * full.abs().max().item(), f"batch 1 vs batch 8: max |diff| = {rounding:.3g}"
     from preview.batching import pad_conditioning, pad_rows
 
     padded = model.guided_eps(pad_rows(x[:3], 8), t, pad_conditioning(cond.select([0, 1, 2]), 8), 3.0)

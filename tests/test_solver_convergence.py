@@ -71,6 +71,29 @@ def test_higher_adams_orders_are_at_least_second_order(rule):
     assert fitted_order(rule, ASYMPTOTIC_STEPS) > 2 - 0.3
 
 
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("num_steps", [4, 10, 25])
+def test_adams_tables_equal_diffusers_lms_coefficients(order, num_steps):
+    """On LMSDiscreteScheduler's own (non-uniform) sigma grid, w_j (n_{i+1} - n_i) of ab1..ab4 equals its
+    coefficient ``get_lms_coefficient(min(i + 1, order), i, j)`` (the integral of the Lagrange basis, by
+    quadrature): the same variable-step Adams-Bashforth in n = sigma, warm-up included."""
+    from diffusers import LMSDiscreteScheduler
+
+    lms = LMSDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    lms.set_timesteps(num_steps)
+    n = lms.sigmas.to(torch.float64)  # K + 1 values, the last 0
+    alpha = 1.0 / torch.sqrt(1.0 + n**2)
+    grid = TimeGrid(timesteps=torch.arange(num_steps), alpha=alpha, sigma=n * alpha)
+    table = RULES[f"ab{order}"](grid)
+    for i in range(num_steps):
+        k = min(i + 1, order)
+        theirs = torch.tensor([lms.get_lms_coefficient(k, i, j) for j in range(k)], dtype=torch.float64)
+        ours = table[i, :k] * (n[i + 1] - n[i])
+        # rtol: diffusers keeps its sigmas, and so its integrand, in float32
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-8, msg=lambda m: f"step {i}: {m}")
+        assert bool((table[i, k:] == 0).all())
+
+
 def sd_schedule() -> VPSchedule:
     config = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False).config
     return VPSchedule.from_config(config)

@@ -183,11 +183,24 @@ def test_add_noise_and_scale_model_input_match_ddim():
 
 
 def test_half_precision_state_is_stepped_in_float32():
+    """Each fp16 step is the float32 step of the same (upcast) inputs, rounded once to fp16: within one
+    fp16 ulp. Arithmetic in fp16 rounds every product and partial sum and lands several ulps away."""
     scheduler = ConsistencySolverScheduler(**SD, policy=perturbed_policy())
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     full = run(scheduler, noise, 4)[-1]
     half = run(scheduler, noise.half(), 4, model=lambda x, t: toy_eps(x.float(), t).half())[-1]
     assert half.dtype == torch.float16 and (half.float() - full).abs().max() < 2e-2
+    reference = ConsistencySolverScheduler(**SD, policy=perturbed_policy())
+    scheduler.set_timesteps(4)
+    reference.set_timesteps(4)
+    x = noise.half()
+    for t in scheduler.timesteps:
+        eps = toy_eps(x.float(), t).half()
+        out = scheduler.step(eps, t, x).prev_sample
+        exact = reference.step(eps.float(), t, x.float()).prev_sample  # the same inputs, float32 throughout
+        ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(exact).exponent - 11)  # fp16 spacing at |exact|
+        assert out.dtype == torch.float16 and ((out.float() - exact).abs() <= ulp).all(), int(t)
+        x = out
 
 
 def test_scheduler_output_is_independent_of_batch_size_and_order():

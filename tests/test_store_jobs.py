@@ -293,3 +293,24 @@ def test_search_is_literal_and_owned(s: store.Store) -> None:
     assert len(s.list_generations(search="100%", owner="someone")) == 1
     assert len(s.list_previews(limit=2)) == 2
     assert s.list_previews(with_images=True, limit=1)[0].png.startswith(b"\x89PNG")
+
+
+def test_newest_job_stamps_and_final_search(s: store.Store) -> None:
+    """The two reads the app polls: job stamps (change when a job moves) and finals by prompt text."""
+    cat = s.enqueue_job(new_generation(s, "a 100% cat"), steps=2, solver="ddim")
+    dog = s.enqueue_job(new_generation(s, "a dog"), steps=2, solver="ddim")
+    s.add_generation(model_id="m", prompt="a 100% cat", seed=1, height=8, width=8, guidance=1.0, owner="someone")
+    before = s.newest_job_stamps(limit=5)
+    assert [(j.id, j.state, j.progress_step) for j in before] == [(dog, "queued", 0), (cat, "queued", 0)]
+    assert s.newest_job_stamps(owner="someone") == [] and len(s.newest_job_stamps(limit=1)) == 1
+    for job_id in (cat, dog):
+        s.claim_job(job_id, "cpu")
+        s.finish_job(job_id, "done", image=IMG)
+    after = s.newest_job_stamps()
+    assert after[0] != before[0] and after[0].state == "done"
+    finals = {j: s.get_final_for_job(j).id for j in (cat, dog)}
+    assert s.list_final_ids() == [finals[dog], finals[cat]]
+    assert s.list_final_ids(search="100%") == [finals[cat]]  # literal, not a LIKE wildcard
+    assert s.list_final_ids(search="0_") == [] and s.list_final_ids(owner="someone") == []
+    with pytest.raises(ValueError, match="limit"):
+        s.list_final_ids(limit=0)

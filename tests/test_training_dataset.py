@@ -95,7 +95,7 @@ def test_bad_input_fails_before_compute(tmp_path):
 def test_command_line(tmp_path, capsys):
     write_prompts(tmp_path / "p.txt", 2)
     rc = main(["--prompts", str(tmp_path / "p.txt"), "--seeds", "0-1", "--out", str(tmp_path / "ds"),
-               "--reference-steps", "5", "--store", ""], model=GaussianDenoiser())
+               "--reference-steps", "5", "--db", ""], model=GaussianDenoiser())
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and out["pairs"] == 4 and out["complete"] and out["reference"] == "dpm2m:5"
 

@@ -89,19 +89,51 @@ def _without_and_with(tmp_path, term: str, weight, model_id: str | None = None) 
     model = GaussianDenoiser()
     if model_id:
         model.model_id = model_id
-    build_dataset(model, ["s0", "s1"], [0], tmp_path / "ds", prompt_file_sha256="0" * 64, reference_steps=10,
-                  progress=False)
+    build_dataset(model, ["s0", "s1"], [0, 1], tmp_path / "ds", prompt_file_sha256="0" * 64, reference_steps=10,
+                  progress=False, pairing="zip")  # each row its own noise: a preview's row is found by its x_T
     ds = load_dataset(tmp_path / "ds")
     return [distill(DistillConfig(dataset=str(tmp_path / "ds"), num_updates=3, min_steps=3, max_steps=3, batch_size=2,
                                   fit_iterations=10, **{term: w}), model, ds, progress=False)
             for w in ("" if isinstance(weight, str) else 0.0, weight)]
 
 
-def _term_changes_the_fit(tmp_path, term: str, weight, logged: str, model_id: str | None = None) -> dict:
+def _record_previews(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(x_T, preview) of every unrolled sampler call distillation makes, in order."""
+    import training.distill as distill_module
+
+    calls, real = [], distill_module.lmm_rollouts
+
+    def recorded(eps_fn, x_T, *args, **kwargs):
+        x = real(eps_fn, x_T, *args, **kwargs)
+        calls.append((x_T.detach().clone(), x.detach().clone()))
+        return x
+
+    monkeypatch.setattr(distill_module, "lmm_rollouts", recorded)
+    return calls
+
+
+def _first_preview_and_target(tmp_path, calls) -> tuple[torch.Tensor, torch.Tensor]:
+    """The with-term run's first preview (4th call: 3 updates without the term come first) and its targets,
+    found by matching its x_T rows to the dataset's noise."""
+    ds = load_dataset(tmp_path / "ds")
+    x_T, x = calls[3]
+    rows = [int((ds.noise - row).flatten(1).abs().sum(1).argmin()) for row in x_T]
+    return x, ds.target[rows]
+
+
+def _term_changes_the_fit(tmp_path, term: str, weight, logged: str, model_id: str | None = None,
+                          monkeypatch=None, expected=None) -> dict:
     """``term`` at ``weight`` logs ``logged``, starts from the same rows and point as without it, and fits
-    another table; returns its first update's log entry. Each bad value of ``term`` is refused."""
+    another table; returns its first update's log entry. Each bad value of ``term`` is refused. With
+    ``expected(preview, target)``, the logged value of the term on the first update must equal it."""
+    calls = _record_previews(monkeypatch) if expected is not None else []
     (_, plain, plain_fit), (_, with_term, fit) = _without_and_with(tmp_path, term, weight, model_id)
     assert logged not in plain[0] and logged in with_term[0]
+    if expected is not None:  # the term's value on this update's actual preview, from its definition
+        x, target = _first_preview_and_target(tmp_path, calls)
+        mse = (x - target).pow(2).flatten(1).mean(1)
+        assert with_term[0]["psnr_latent"] == pytest.approx(float((-10 * torch.log10(mse)).mean()), abs=1e-4)
+        assert with_term[0][logged] == pytest.approx(float(expected(x, target)), rel=1e-4, abs=1e-5)
     assert plain[0]["psnr_latent"] == with_term[0]["psnr_latent"]  # same rows and start
     assert plain_fit["tables"]["3"]["residual"] != fit["tables"]["3"]["residual"]  # different gradient
     for bad in (-1.0, float("nan"), float("inf"), True):
@@ -110,7 +142,7 @@ def _term_changes_the_fit(tmp_path, term: str, weight, logged: str, model_id: st
     return with_term[0]
 
 
-def test_structure_term_is_the_ssim_of_the_latents_read_as_images_and_changes_the_fit(tmp_path):
+def test_structure_term_is_the_ssim_of_the_latents_read_as_images_and_changes_the_fit(tmp_path, monkeypatch):
     from training.distill import latent_ssim
     from training.rewards import ssim
 
@@ -123,22 +155,37 @@ def test_structure_term_is_the_ssim_of_the_latents_read_as_images_and_changes_th
     value.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
-    assert 0 < _term_changes_the_fit(tmp_path, "ssim_weight", 2.0, "ssim")["ssim"] < 1
+    from_images = lambda x, t: ssim((t + 1) / 2, (x + 1) / 2).mean()  # noqa: E731
+    first = _term_changes_the_fit(tmp_path, "ssim_weight", 2.0, "ssim", monkeypatch=monkeypatch, expected=from_images)
+    assert 0 < first["ssim"] < 1
 
 
-def test_colour_term_is_the_log_mse_of_block_means_and_changes_the_fit(tmp_path):
+def test_colour_term_is_the_log_mse_of_block_means_and_changes_the_fit(tmp_path, monkeypatch):
     from training.distill import COLOUR_POOL, pooled
 
     x = torch.randn(2, 3, 16, 16)
     block = x[:, :, :COLOUR_POOL, :COLOUR_POOL].mean((-2, -1))
     torch.testing.assert_close(pooled(x)[:, :, 0, 0], block)
     assert pooled(x).shape == (2, 3, 16 // COLOUR_POOL, 16 // COLOUR_POOL)
-    first = _term_changes_the_fit(tmp_path, "colour_weight", 1.0, "psnr_colour")
+    def block_psnr(x, target):  # COLOUR_POOL x COLOUR_POOL block means, written out
+        def blocks(v):
+            b, c, h, w = v.shape
+            h, w = h // COLOUR_POOL * COLOUR_POOL, w // COLOUR_POOL * COLOUR_POOL
+            return v[..., :h, :w].reshape(b, c, h // COLOUR_POOL, COLOUR_POOL, w // COLOUR_POOL, COLOUR_POOL).mean((3, 5))
+
+        return (-10 * torch.log10((blocks(x) - blocks(target)).pow(2).flatten(1).mean(1) + 1e-10)).mean()
+
+    first = _term_changes_the_fit(tmp_path, "colour_weight", 1.0, "psnr_colour", monkeypatch=monkeypatch,
+                                  expected=block_psnr)
     assert first["psnr_colour"] > first["psnr_latent"]  # block means err less
 
 
-def test_edge_term_is_the_log_gradient_mse_of_the_latents_read_as_images_and_changes_the_fit(tmp_path):
-    first = _term_changes_the_fit(tmp_path, "edge_weight", 1.0, "psnr_edges")
+def test_edge_term_is_the_log_gradient_mse_of_the_latents_read_as_images_and_changes_the_fit(tmp_path, monkeypatch):
+    from training.rewards import gradient_mse
+
+    sobel_psnr = lambda x, t: (-10 * torch.log10(gradient_mse((t + 1) / 2, (x + 1) / 2) + 1e-10)).mean()  # noqa: E731
+    first = _term_changes_the_fit(tmp_path, "edge_weight", 1.0, "psnr_edges", monkeypatch=monkeypatch,
+                                  expected=sobel_psnr)
     assert first["psnr_edges"] > first["psnr_latent"]  # Sobel /8 of a smooth Gaussian target: small gradients
 
 

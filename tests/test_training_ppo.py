@@ -159,7 +159,7 @@ def test_bad_input_is_refused_before_any_model_call(dataset_dir, tmp_path):
 
 
 def test_command_line_trains_and_writes_a_checkpoint(dataset_dir, tmp_path, capsys):
-    rc = main(["--dataset", str(dataset_dir), "--out", str(tmp_path / "cli"), "--store", "", "--num-updates", "1",
+    rc = main(["--dataset", str(dataset_dir), "--out", str(tmp_path / "cli"), "--db", "", "--num-updates", "1",
                "--group-size", "2", "--groups-per-update", "2", "--min-steps", "3", "--max-steps", "3",
                "--reward", "psnr+10*gms", "--seed", "3"], model=GaussianDenoiser())
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

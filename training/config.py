@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
+
+from runtime.cli import add_db_option, add_model_options
 
 MAX_PREVIEW_STEPS = 50  # the preview range 1..50 of the engine
 
@@ -105,14 +107,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
-        return cls(**dict(values))
-
-    @classmethod
     def field_docs(cls) -> dict[str, str]:
         """Field name -> documentation (saved beside the values in each checkpoint)."""
         return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
@@ -135,7 +129,11 @@ def _parse_mapping(text: str) -> dict[str, str]:
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--field-name`` option per dataclass field, typed, with the field's doc as help."""
+    """One ``--field-name`` option per dataclass field, typed, with the field's doc as help.
+
+    The fields ``model`` and ``store`` get the options every CLI shares (``runtime.cli``): ``--model`` with
+    the model-loading options, and ``--db`` (``--store`` a deprecated alias) into ``store``.
+    """
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.default is not dataclasses.MISSING:
@@ -144,7 +142,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         help_text = f"{f.metadata.get('doc', '')} (default: {default!r})"
         annotation = str(f.type)
-        if annotation == "bool":
+        if f.name == "model":
+            add_model_options(parser)
+        elif f.name == "store":
+            add_db_option(parser, dest="store", default=default, help=help_text)
+        elif annotation == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif annotation.startswith("dict"):
             parser.add_argument(flag, dest=f.name, type=_parse_mapping, default=default, help=help_text)
@@ -152,3 +154,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             base = annotation.split("|")[0].strip()
             kind = {"int": int, "float": float, "str": str}[base]
             parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The dataclass ``cls`` from the parsed options of :func:`add_dataclass_arguments` (the shared model
+    loading options, which are not fields, stay in ``args`` for ``runtime.cli.model_from_args``)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

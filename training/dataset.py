@@ -36,6 +36,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from runtime.cli import add_db_option, add_model_options
+
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
@@ -346,13 +348,13 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--pairing", choices=("product", "zip"), default="product",
                         help="product: every prompt x every seed; zip: prompt i with seed i (one seed per prompt)")
     parser.add_argument("--out", required=True, help="dataset folder (resumed if it exists)")
-    parser.add_argument("--model", default=None, help="model name or path; default: the embedded model")
+    add_model_options(parser)
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--reference-steps", type=int, default=None, help="full-step sampler steps (default: refine's 40)")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--shard-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--store", default=None, help="SQLite store for the dataset index ('' = none; default path if omitted)")
+    add_db_option(parser, dest="store", help="SQLite store for the dataset index ('' = none; default path if omitted)")
     parser.add_argument("--name", default=None, help="dataset name in the store (default: the folder's absolute path)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -364,9 +366,9 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if model is None:
-        from models.registry import load_model
+        from runtime.cli import model_from_args
 
-        model = load_model(args.model, device=accelerator.device if torch.cuda.is_available() else None)
+        model = model_from_args(args, device=accelerator.device if torch.cuda.is_available() else None)
     store = _open_store(args.store) if accelerator.is_main_process else None
     index = build_dataset(
         model, prompts, seeds, args.out, prompt_file_sha256=sha256_file(args.prompts), guidance=args.guidance,

@@ -67,7 +67,7 @@ import torch
 
 from solver.outputs import to_epsilon
 from solver.policy import ConsistencyPolicy
-from training.config import MAX_PREVIEW_STEPS, add_dataclass_arguments, check_positive_number, doc
+from training.config import MAX_PREVIEW_STEPS, add_dataclass_arguments, check_positive_number, config_from_args, doc
 from training.dataset import parse_int_list
 from training.rollout import lmm_rollouts
 
@@ -455,7 +455,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     add_dataclass_arguments(parser, DistillConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = DistillConfig(**vars(args)).validate()
+    config = config_from_args(DistillConfig, args).validate()
     if config.threads:
         torch.set_num_threads(config.threads)
     from refine.full_step import FULL_STEP_SOLVER
@@ -463,9 +463,9 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
 
     DatasetIndex.read(config.dataset)
     if model is None:
-        from models.registry import load_model
+        from runtime.cli import model_from_args
 
-        model = load_model(config.model)
+        model = model_from_args(args)
     dataset = load_dataset(config.dataset, model_id=model.model_id, reference_solver=FULL_STEP_SOLVER)
     policy, log, fit = distill(config, model, dataset)
     final = Path(config.out) / "final"

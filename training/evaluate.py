@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from runtime.cli import add_db_option, add_model_options
 from training.config import MAX_PREVIEW_STEPS
 from training.dataset import parse_int_list, read_prompts
 
@@ -360,7 +361,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--seeds", default="0-3")
     parser.add_argument("--steps", default="3,4,5,6,8", help=f"preview step counts, each in 1..{MAX_PREVIEW_STEPS}")
     parser.add_argument("--solvers", default="consistency,ddim,dpmpp2m,unipc,deis,ipndm")
-    parser.add_argument("--model", default=None, help="model name or path (default: the embedded model)")
+    add_model_options(parser)
     parser.add_argument("--json", dest="json_out", required=True, help="write the results JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG of every measure against NFE here")
     parser.add_argument("--guidance", type=float, default=None)
@@ -369,7 +370,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--reward-weights", default="", help="NAME=PATH,... weights of the model-based measures")
     parser.add_argument("--allow-download", action="store_true")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--store", default=None, help="store holding the active checkpoint ('' = none; default path)")
+    add_db_option(parser, dest="store", help="store holding the active checkpoint ('' = none; default path)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -402,9 +403,9 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
 
         store = open_store(args.store)
     if model is None:
-        from models.registry import load_model
+        from runtime.cli import model_from_args
 
-        model = load_model(args.model)
+        model = model_from_args(args)
     solvers = resolve_solvers(names, model, store)
     doc = evaluate(model, prompts, seeds, steps, solvers, guidance=args.guidance, reference_steps=args.reference_steps,
                    model_measures=model_measures, judge=load_judge(model), batch_size=args.batch_size)

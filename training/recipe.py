@@ -90,6 +90,8 @@ from typing import Any, Sequence
 
 import torch
 
+from runtime.cli import add_db_option, add_model_options
+
 logger = logging.getLogger(__name__)
 
 INSTALL_DIR = Path(__file__).resolve().parent / "checkpoints" / "default"
@@ -268,13 +270,13 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
                         help="seeds, every prompt x every seed (e.g. 0-1); default: prompt i gets seed "
                              f"{FIRST_SEED} + i, so every row has its own noise and the evaluation's seeds stay unseen")
     parser.add_argument("--install", default=str(INSTALL_DIR), help="copy the final policy here ('' = do not)")
-    parser.add_argument("--store", default="", help="store for runs/metrics/checkpoints ('' = none; omit the flag value for none)")
+    add_db_option(parser, dest="store", default="", help="store for runs/metrics/checkpoints ('' = none, the default)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--time-grid", action=argparse.BooleanOptionalAction, default=True,
                         help="also learn the time grid (default: on; on the embedded model it beat the fixed grid "
                              "by several dB on held-out prompts)")
     parser.add_argument("--reward", default=None, help="reward spec (default: the model's, h1_psnr for the embedded model)")
-    parser.add_argument("--model", default=None)
+    add_model_options(parser)
     parser.add_argument("--weights-dir", default=None, help="embedded weights folder (default: the shipped weights)")
     parser.add_argument("--group-size", type=int, default=6)
     parser.add_argument("--groups-per-update", type=int, default=4)
@@ -353,9 +355,9 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
 
             model = load_embedded(weights_dir=args.weights_dir)
         else:
-            from models.registry import load_model
+            from runtime.cli import model_from_args
 
-            model = load_model(args.model)
+            model = model_from_args(args)
     if distill_settings is not None and distill_settings.label_weight:
         from training.distill import model_palette
 

@@ -6,7 +6,7 @@ and returns one score per image, shape (B,), higher = more similar. A measure is
 6.4 T4) and ``compare(target_features, preview_features)``.
 
 Pixel measures (no weights):
-- ``psnr``     10 log10(1 / MSE), dB (the paper's "Img." column).
+- ``psnr``     10 log10(1 / MSE), dB (the paper's "Img." column; ``models.metrics.psnr``).
 - ``ssim``     structural similarity, Gaussian window 11, sigma 1.5 (torchmetrics), in [-1, 1].
 - ``ms_ssim``  multi-scale SSIM (torchmetrics); on small images only the scales that fit are used and
                their exponents renormalised to sum to 1 (a 32x32 image has 2 of the 5 standard scales).
@@ -42,9 +42,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+from models.metrics import psnr, psnr_from_mse
 
-PSNR_MSE_FLOOR = 1e-10  # PSNR of identical images is 100 dB rather than inf (documented, not a clamp of data)
+logger = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = {
     "depth": "depth-anything/Depth-Anything-V2-Small-hf",
@@ -69,12 +69,6 @@ def _check_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Pixel measures
 # ------------------------------------------------------------------------------------------------
-def psnr(target: torch.Tensor, preview: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [0, 1]: 10 log10(1 / MSE)."""
-    mse = (target.float() - preview.float()).pow(2).flatten(1).mean(1)
-    return -10.0 * torch.log10(mse + PSNR_MSE_FLOOR)
-
-
 def ssim(target: torch.Tensor, preview: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM (Wang et al. 2004), torchmetrics, data range 1."""
     from torchmetrics.functional import structural_similarity_index_measure
@@ -149,7 +143,7 @@ def h1_psnr(target: torch.Tensor, preview: torch.Tensor) -> torch.Tensor:
     """
     t, p = target.float(), preview.float()
     mse = (t - p).pow(2).flatten(1).mean(1)
-    return -10.0 * torch.log10(mse + gradient_mse(t, p) + PSNR_MSE_FLOOR)
+    return psnr_from_mse(mse + gradient_mse(t, p))
 
 
 def gradient_mse(target: torch.Tensor, preview: torch.Tensor) -> torch.Tensor:
@@ -324,7 +318,7 @@ class DepthSimilarity(ModelSimilarity):
             a = (pc * tc).sum(1, keepdim=True) / pc.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
             p = a * pc + t.mean(1, keepdim=True)
         mse = (t - p).pow(2).mean(1)
-        return (-10.0 * torch.log10(mse + PSNR_MSE_FLOOR)).float()
+        return psnr_from_mse(mse).float()
 
 
 class EmbeddingSimilarity(ModelSimilarity):

@@ -5,8 +5,8 @@ Paper eq. 10 for every rollout r at once::
     y^r_{i+1} = y^r_i + (n^r_{i+1} - n^r_i) * sum_j W^r[i, j] * eps^r_{i+1-j}
 
 ``solver.sampling.iter_lmm`` runs one table for a whole batch; training needs one table per rollout
-(each rollout draws its own coefficients), so this is the same update with the coefficients indexed by
-rollout. The equivalence is a test (tests/test_training_ppo.py). With a shared grid the R states sit at
+(each rollout draws its own coefficients): both call the one update, ``solver.lmm.lmm_step``, here with
+one coefficient row and one (n_i, n_{i+1}) per rollout. The equivalence is a test (tests/test_training_ppo.py). With a shared grid the R states sit at
 the same timestep, so each step is ONE guided model call for all R rollouts (all groups of this K);
 with a learned time grid each rollout has its own timesteps and the call passes a vector of timesteps.
 Solver arithmetic is float32.
@@ -18,18 +18,10 @@ from typing import Callable
 
 import torch
 
+from solver.lmm import check_table, lmm_step
 from solver.schedules import TimeGrid
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (R, C, h, w), t scalar or (R,)) -> eps
-
-
-def _check_tables(tables: torch.Tensor, num_steps: int) -> None:
-    if tables.ndim != 3 or tables.shape[1] != num_steps:
-        raise ValueError(f"tables must have shape (R, {num_steps}, m), got {tuple(tables.shape)}")
-    order = tables.shape[2]
-    for i in range(num_steps):
-        if bool((tables[:, i, min(i + 1, order):] != 0).any()):
-            raise ValueError(f"tables row {i} uses more than the {i + 1} epsilons available at step {i}")
 
 
 def lmm_rollouts(
@@ -54,12 +46,13 @@ def lmm_rollouts(
     num_steps = grid_list[0].num_steps
     if not shared and (len(grid_list) != x_T.shape[0] or any(g.num_steps != num_steps for g in grid_list)):
         raise ValueError("grids must be one TimeGrid or one per rollout, all with the same number of steps")
-    _check_tables(tables, num_steps)
+    if tables.ndim != 3:
+        raise ValueError(f"tables must have shape (R, {num_steps}, m), got {tuple(tables.shape)}")
+    check_table(tables, num_steps)
     R, order = x_T.shape[0], tables.shape[2]
     view = (R,) + (1,) * (x_T.ndim - 1)
     alpha = torch.stack([g.alpha for g in grid_list]).to(torch.float32).expand(R, -1)  # (R, K+1)
     n = torch.stack([g.n for g in grid_list]).to(torch.float32).expand(R, -1)
-    dn = n[:, 1:] - n[:, :-1]  # (R, K)
     w = tables.to(torch.float32).to(x_T.device)
     history: list[torch.Tensor] = []  # most recent first
     y = x_T.float() / alpha[:, 0].view(view).to(x_T.device)
@@ -75,9 +68,7 @@ def lmm_rollouts(
             raise ValueError(f"model_output contains NaN at step {i}")
         history.insert(0, eps)
         del history[order:]
-        k = min(i + 1, order)
-        eps_eff = sum(w[:, i, j].view(view) * history[j] for j in range(k))
-        y = y + dn[:, i].view(view).to(y.device) * eps_eff
+        y = lmm_step(y, n[:, i], n[:, i + 1], history, w[:, i, : len(history)])
     return y * alpha[:, num_steps].view(view).to(y.device)
 
 

@@ -16,13 +16,16 @@ from typing import Any, Sequence
 
 import torch
 
-from training.config import TrainConfig, add_dataclass_arguments
+from training.config import TrainConfig, add_dataclass_arguments, config_from_args
 
 logger = logging.getLogger(__name__)
 
 
-def prepare(config: TrainConfig, model: Any = None, store: Any = None, accelerator: Any = None, progress: bool = True):
-    """Validate everything cheap first, then load model, dataset and reward; returns a PPOTrainer."""
+def prepare(config: TrainConfig, model: Any = None, store: Any = None, accelerator: Any = None, progress: bool = True,
+            model_args: argparse.Namespace | None = None):
+    """Validate everything cheap first, then load model, dataset and reward; returns a PPOTrainer.
+
+    ``model_args``: the parsed shared model options (``runtime.cli``) to load ``config.model`` with."""
     from refine.full_step import FULL_STEP_SOLVER
     from solver.policy import ConsistencyPolicy
     from training.dataset import DatasetIndex, load_dataset
@@ -36,9 +39,10 @@ def prepare(config: TrainConfig, model: Any = None, store: Any = None, accelerat
     policy = ConsistencyPolicy.load(config.init_from, order=config.order) if config.init_from else None
     if model is None:
         from models.registry import load_model
+        from runtime.cli import model_from_args
 
         device = accelerator.device if accelerator is not None and torch.cuda.is_available() else None
-        model = load_model(config.model, device=device)
+        model = load_model(config.model, device=device) if model_args is None else model_from_args(model_args, device=device)
     dataset = load_dataset(config.dataset, model_id=model.model_id, reference_solver=FULL_STEP_SOLVER)
     if config.reward is None:
         config.reward = default_reward(model.model_id)
@@ -54,7 +58,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     add_dataclass_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = TrainConfig(**vars(args))
+    config = config_from_args(TrainConfig, args)
     config.validate()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -66,7 +70,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         from store import open_store
 
         store = open_store(config.store)
-    trainer = prepare(config, model=model, store=store, accelerator=accelerator, progress=accelerator.is_local_main_process)
+    trainer = prepare(config, model=model, store=store, accelerator=accelerator,
+                      progress=accelerator.is_local_main_process, model_args=args)
     metrics = trainer.train()
     if accelerator.is_main_process:
         keep = ("update", "reward_mean", "reward_std", "approx_kl", "clip_frac", "entropy", "deterministic_reward",

@@ -167,7 +167,7 @@ class Admin:
             raise gr.Error(str(exc), title="Check the input") from None
         name = f"admin-{stamp()}"
         argv = [sys.executable, "-m", "training.dataset", "--prompts", str(prompt_file), "--seeds",
-                f"0-{n_seeds - 1}", "--out", str(self.work / "datasets" / name), "--store", str(self.db),
+                f"0-{n_seeds - 1}", "--out", str(self.work / "datasets" / name), "--db", str(self.db),
                 "--name", name, *self._model_args()]
         run = self.slot.start("dataset", argv)
         return f"Building dataset {name} (pid {run.proc.pid}) from {n_prompts} prompts x {n_seeds} seeds…"
@@ -185,7 +185,7 @@ class Admin:
             raise gr.Error(str(exc), title="Check the input") from None
         name = f"admin-ppo-{stamp()}"
         argv = [sys.executable, "-m", "training.train", "--dataset", str(folder), "--out",
-                str(self.work / "runs" / name), "--store", str(self.db), "--num-updates", str(n), "--name", name,
+                str(self.work / "runs" / name), "--db", str(self.db), "--num-updates", str(n), "--name", name,
                 *reward_args, *self._model_args()]
         run = self.slot.start("ppo", argv)
         return f"PPO run {name} started (pid {run.proc.pid}, {n} updates); the reward plot follows the store."
@@ -229,7 +229,7 @@ class Admin:
         out_plot = self.exports / f"evaluate-{when}.png"  # served: the plot is shown in the page
         argv = [sys.executable, "-m", "training.evaluate", "--prompts", str(prompt_file), "--seeds",
                 f"0-{n_seeds - 1}", "--steps", ",".join(map(str, steps)), "--json", str(out_json), "--plot",
-                str(out_plot), "--store", str(self.db), *self._model_args()]
+                str(out_plot), "--db", str(self.db), *self._model_args()]
         run = self.slot.start("evaluate", argv)
         while run.proc.poll() is None:
             yield f"Evaluating… (pid {run.proc.pid})\n\n```\n{tail_text(run.log, 800)}\n```", gr.skip()

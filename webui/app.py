@@ -23,10 +23,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import gradio as gr
 
+from runtime.cli import DB_HELP, add_db_option, add_model_options, load_options
 from webui.admin import ADMIN_PASSWORD_ENV, MODEL_DEFAULT, Admin, reward_choices
 from webui.handlers import Handlers
 from webui.inputs import DEFAULT_REFINE_STEPS, MAX_PROMPTS, PREVIEW_STEPS
@@ -279,32 +279,13 @@ def launch_kwargs(paths: AppPaths, host: str = "127.0.0.1", port: int | None = 7
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="diffusion-preview", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None,
-                   help="hub id, local diffusers folder or single-file checkpoint (default: the embedded model)")
-    p.add_argument("--db", default=None, help="SQLite database file (default: $DIFFUSION_PREVIEW_HOME/"
-                   "store.sqlite3, else ~/.local/share/diffusion-preview/store.sqlite3); never in a served folder")
+    add_model_options(p, device_help="torch device(s), comma-separated: one worker each "
+                      "(default: every CUDA device, else cpu)")
+    add_db_option(p, help=DB_HELP + "; never in a served folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="open a public gradio.live link for 72 h (off by default)")
-    p.add_argument("--device", default=None, help="torch device(s), comma-separated: one worker each "
-                   "(default: every CUDA device, else cpu)")
-    m = p.add_argument_group("model loading (Stable Diffusion)")
-    m.add_argument("--config", default=None, help="local diffusers folder with the configs of a single-file "
-                   ".safetensors checkpoint (nothing is fetched)")
-    m.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
-                   help="float16 weights (default: on CUDA only)")
-    m.add_argument("--cpu-offload", action="store_true", help="keep each part on the CPU until it runs (CUDA)")
-    m.add_argument("--attention-slicing", action="store_true", help="less memory, a little slower")
-    m.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     return p.parse_args(argv)
-
-
-def load_options(args: argparse.Namespace) -> Any:
-    """The models.sd.LoadOptions the flags ask for."""
-    from models.sd import LoadOptions
-
-    return LoadOptions(fp16=args.fp16, attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
-                       cpu_offload=args.cpu_offload, config=args.config)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,14 +22,7 @@ from webui.views import HistoryItem, JobView, Tile
 
 logger = logging.getLogger(__name__)
 
-HISTORY_FINALS_SQL = (
-    "SELECT f.id AS final_id FROM finals f JOIN refine_jobs j ON j.id = f.job_id "
-    "JOIN generations g ON g.id = j.generation_id JOIN prompts p ON p.id = g.prompt_id "
-    "WHERE f.owner = ? AND p.prompt LIKE ? ESCAPE '\\' ORDER BY f.id DESC LIMIT ?"
-)
 EXPORT_MAX_AGE_S = 7 * 86400
-NEWEST_JOBS_SQL = ("SELECT id, state, progress_step, restarts, updated_at FROM refine_jobs WHERE owner = ? "
-                   "ORDER BY id DESC LIMIT ?")
 
 
 def _devices(spec: str | None) -> list[str]:
@@ -212,11 +205,10 @@ class EngineBackend:
     def jobs(self, owner: str, limit: int = 50) -> list[JobView]:
         """The newest jobs; a job whose row did not change since the last poll costs no further query."""
         views = []
-        for row in self.store.query(NEWEST_JOBS_SQL, [owner, limit]):
-            key = tuple(row.values())
+        for key in self.store.newest_job_stamps(owner=owner, limit=limit):
             view = self._views.get(key)
             if view is None:
-                view = self._job_view(row["id"])
+                view = self._job_view(key.id)
                 if view.state != "done" or view.consistency or view.preview_id == 0:  # else: metrics still coming
                     with self._lock:
                         if len(self._views) > 10_000:
@@ -262,9 +254,7 @@ class EngineBackend:
     # --- History ------------------------------------------------------------------------------
     def history(self, query: str, owner: str, limit: int = 48) -> list[HistoryItem]:
         """Finals first, then previews, newest first, whose prompt contains ``query``."""
-        from store.history import like_pattern
-
-        finals = [r["final_id"] for r in self.store.query(HISTORY_FINALS_SQL, [owner, like_pattern(query), limit])]
+        finals = self.store.list_final_ids(search=query or None, owner=owner, limit=limit)
         items = [self.history_item(f"final:{fid}", owner) for fid in finals]
         previews = self.store.list_previews(search=query or None, owner=owner, limit=max(1, limit - len(items)))
         items += [self._preview_item(p) for p in previews]

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from models.embedded.analyzer import judge
 from models.embedded.captions import HELDOUT_PROMPTS_FILE
+from models.metrics import psnr
 
 
 def load_heldout_prompts(path: str | None = None) -> list[str]:
@@ -66,13 +67,6 @@ def generate(denoiser, prompts: list[str], seed: int, kind: str, steps: int, gui
         cond = denoiser.encode_prompts(chunk)
         out.append(sample(denoiser, cond, noise, make_scheduler(kind, denoiser.scheduler_config), steps, guidance))
     return torch.cat(out)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of images in [0, 1] (torchmetrics)."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
-    return peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
 
 
 def main(argv: list[str] | None = None) -> None:
