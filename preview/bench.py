@@ -389,6 +389,7 @@ def _run(args: argparse.Namespace, counts: list[int], worker: DeviceWorker, mode
         "overhead": main_row["overhead"], "contention": main_row.get("contention"),
         "peak_gpu_mem_mib": main_row["peak_gpu_mem_mib"],
         "targets": {"vs_diffusers": 1.0, "overhead": 1.15, "first_tile_ratio": 0.6, "contention": 1.3},
+        "vae_dtype": str(getattr(getattr(model, "vae", None), "dtype", None)).replace("torch.", ""),
         "decode_batch_invariant": invariant, "png_encode": png_seconds(size),
         "per_seeds": per_seeds,
     }
