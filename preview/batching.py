@@ -66,6 +66,19 @@ def default_chunk_size(model: Any, height: int, width: int) -> int:
     return 1 << (int(n).bit_length() - 1)
 
 
+# Measured on the 2-core dev machine (store in WAL, synchronous=FULL): one commit ~6 ms (8 rows in their own
+# transactions 104-124 ms, in one 16-28 ms); one PNG at zlib level 6: 32 px 0.1 ms, 128 px 1.6 ms,
+# 256 px ~30 ms, 512 px ~90 ms (python -m preview.bench reports both levels for the bench's size). Below
+# 256 x 256 the commit dominates: a chunk's rows share one transaction. From there the PNG dominates: each
+# row is its own (parallel) task, so tiles are encoded side by side and each is shown once it is stored.
+PER_ROW_STORE_PIXELS = 256 * 256
+
+
+def rows_per_commit(height: int, width: int, chunk_size: int) -> int:
+    """How many rows one store transaction holds: 1 for large images (parallel PNG encoding), else a chunk."""
+    return 1 if height * width >= PER_ROW_STORE_PIXELS else chunk_size
+
+
 def pad_rows(x: torch.Tensor, size: int) -> torch.Tensor:
     """``x`` (b, ...) padded with zero rows to (size, ...)."""
     b = x.shape[0]

@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from models.base import Conditioning, Denoiser
-from preview.batching import TEXT_BATCH, chunks, default_chunk_size, pad_conditioning, pad_rows, text_fillers
+from preview.batching import (TEXT_BATCH, chunks, default_chunk_size, pad_conditioning, pad_rows, rows_per_commit,
+                              text_fillers)
 from preview.solvers import ResolvedSolver, resolve_solver
 from runtime.images import to_pil
 from runtime.request import DEFAULT_MAX_SEEDS, PreviewRequest, validate
@@ -78,7 +79,8 @@ def _cache_put(cache: dict | None, key: Any, row: Conditioning) -> None:
         cache[key] = row
 
 
-def encode_each(model: Denoiser, prompts: Sequence[str], negative_prompt: str, cache: dict | None = None) -> Conditioning:
+def encode_each(model: Denoiser, prompts: Sequence[str], negative_prompt: str, cache: dict | None = None,
+                also: Sequence[str] = ()) -> Conditioning:
     """Encode the chunk's prompts, each to the same bits whatever the other prompts of the grid.
 
     A model that sets ``fixed_text_length`` (its encoder pads every prompt to one length, as CLIP
@@ -86,7 +88,8 @@ def encode_each(model: Denoiser, prompts: Sequence[str], negative_prompt: str, c
     a time, the batch always filled to that size with filler prompts, so each prompt is computed at
     one batch size and one call serves a whole grid. Any other encoder (one that pads to the longest
     prompt of its batch would make a prompt's context depend on its neighbours) gets one prompt per
-    call. ``cache`` (keyed by model and text) saves re-encoding across chunks and grids.
+    call. ``cache`` (keyed by model and text) saves re-encoding across chunks and grids; ``also``
+    (the grid's other prompts, with a cache) are encoded in the same calls, for the chunks to come.
     """
     key = lambda p: (id(model), p, negative_prompt)  # noqa: E731
     found: dict[str, Conditioning] = {}
@@ -96,6 +99,8 @@ def encode_each(model: Denoiser, prompts: Sequence[str], negative_prompt: str, c
             found[p] = row
     missing = [p for p in dict.fromkeys(prompts) if p not in found]
     if getattr(model, "fixed_text_length", False):
+        if cache is not None:
+            missing += [p for p in dict.fromkeys(also) if p not in found and p not in missing and cache.get(key(p)) is None]
         for batch in chunks(missing, TEXT_BATCH):
             enc = model.encode_prompts(text_fillers(list(batch), TEXT_BATCH), negative_prompt)
             for i, p in enumerate(batch):
@@ -130,6 +135,7 @@ def run_chunk(
     chunk_size: int,
     cache: dict | None = None,
     emit: Callable[[int, torch.Tensor, dict[str, float]], None] | None = None,
+    also_prompts: Sequence[str] = (),
 ) -> _ChunkOutput:
     """One chunk on the device: encode, K solver steps (one guided call each), decode. Runs on the worker.
 
@@ -143,7 +149,7 @@ def run_chunk(
     b = noise.shape[0]
     device = torch.device(model.device)
     t0 = time.perf_counter()
-    cond = pad_conditioning(encode_each(model, prompts, negative_prompt, cache), chunk_size)
+    cond = pad_conditioning(encode_each(model, prompts, negative_prompt, cache, also_prompts), chunk_size)
     x_T = pad_rows(noise, chunk_size).to(device, torch.float32)
     t1 = time.perf_counter()
 
@@ -239,11 +245,13 @@ class PreviewEngine:
         """Submit every chunk, then yield each row once it is stored, in request order.
 
         Rows are stored by a small thread pool (PNG encoding releases the GIL), submitted from the
-        device thread the moment a row is decoded, so neither the device nor the caller waits for the
+        device thread the moment they are decoded, so neither the device nor the caller waits for the
         host: the device goes on with the next row or chunk (or a refine step) while earlier rows are
-        encoded and written. Each row is its own pair of short transactions (generation, preview), so a
-        crash loses at most the rows being stored, and a row is yielded only once it is in the store:
-        whatever the user sees can be selected and refined.
+        encoded and written. Large images are stored row by row, each in its own short transactions, so
+        their PNGs are encoded side by side and each tile comes out as soon as it is stored; small ones a
+        chunk per transaction, where one commit costs more than the PNGs
+        (:func:`preview.batching.rows_per_commit`). A crash loses at most the rows being stored, and a row
+        is yielded only once it is committed: whatever the user sees can be selected and refined.
         """
         model = self.model
         assert req.height is not None and req.width is not None and req.guidance is not None
@@ -251,6 +259,7 @@ class PreviewEngine:
         size = self.chunk_size_for(req.height, req.width)
         noise_by_seed = {s: self.store.get_or_create_noise(s, shape) for s in req.seeds}
         pairs = req.pairs
+        group = rows_per_commit(req.height, req.width, size)
         pool = ThreadPoolExecutor(max_workers=self.store_threads, thread_name_prefix="preview-store")
         closed = threading.Event()
         submitted: list[tuple[Future, queue.SimpleQueue]] = []
@@ -258,35 +267,53 @@ class PreviewEngine:
             for index, part in enumerate(chunks(pairs, size)):
                 noise = torch.stack([noise_by_seed[s][1] for _, s in part])
                 prompts = [p for p, _ in part]
-                rows: queue.SimpleQueue = queue.SimpleQueue()
+                stored: queue.SimpleQueue = queue.SimpleQueue()  # futures of lists of stored rows, in order
+                pending: list[tuple[int, torch.Tensor, dict[str, float]]] = []
                 t_submit = time.perf_counter()
 
                 def emit(row: int, pixels: torch.Tensor, timings: dict[str, float], part=part, index=index,
-                         rows=rows, t_submit=t_submit) -> None:
+                         stored=stored, pending=pending, t_submit=t_submit) -> None:
                     if closed.is_set():
                         return
-                    prompt, seed = part[row]
-                    timings = {**timings, "latency": (time.perf_counter() - t_submit) * 1e3}
+                    pending.append((row, pixels, {**timings, "latency": (time.perf_counter() - t_submit) * 1e3}))
+                    if len(pending) < group and row < len(part) - 1:
+                        return
+                    rows = list(pending)
+                    pending.clear()
                     try:
-                        rows.put(pool.submit(self._store_one, req, solver, prompt, seed, noise_by_seed[seed][0],
-                                             pixels, timings, index))
+                        stored.put(pool.submit(self._store_rows, req, solver, part, rows, noise_by_seed, index))
                     except RuntimeError:  # the pool was shut down: the caller closed the stream
                         pass
 
-                fn = (lambda m, prompts=prompts, noise=noise, emit=emit: run_chunk(
-                    m, solver, prompts, req.negative_prompt, noise, req.guidance, req.steps, size, self._cache, emit))
+                also = req.prompts if index == 0 else ()  # the first chunk encodes every prompt of the grid
+                fn = (lambda m, prompts=prompts, noise=noise, emit=emit, also=also: run_chunk(
+                    m, solver, prompts, req.negative_prompt, noise, req.guidance, req.steps, size, self._cache, emit, also))
                 future = self.executor.submit(fn, priority=PREVIEW, label="preview")
-                future.add_done_callback(lambda _, rows=rows: rows.put(_CHUNK_DONE))
-                submitted.append((future, rows))
-            for future, rows in submitted:
-                while (item := rows.get()) is not _CHUNK_DONE:
-                    yield item.result()
+                future.add_done_callback(lambda _, stored=stored: stored.put(_CHUNK_DONE))
+                submitted.append((future, stored))
+            for future, stored in submitted:
+                while (item := stored.get()) is not _CHUNK_DONE:
+                    yield from item.result()
                 future.result()  # a failed chunk raises here, after its stored rows were yielded
         finally:
             closed.set()
             for future, _ in submitted:
                 future.cancel()  # only chunks still queued; a running one finishes and is not stored
             pool.shutdown(wait=True, cancel_futures=True)  # rows being written finish: no write after return
+
+    def _store_rows(self, req: PreviewRequest, solver: ResolvedSolver, part: Sequence[tuple[str, int]],
+                    rows: list[tuple[int, torch.Tensor, dict[str, float]]], noise_by_seed: dict,
+                    chunk_index: int) -> list[PreviewResult]:
+        """Store decoded rows: one row in its own transactions (its PNG encoded beside other rows'), or
+        several in one transaction (one commit, when the images are small enough that the commit dominates)."""
+        def store_all() -> list[PreviewResult]:
+            return [self._store_one(req, solver, part[row][0], part[row][1], noise_by_seed[part[row][1]][0],
+                                    pixels, timings, chunk_index) for row, pixels, timings in rows]
+
+        if len(rows) == 1:
+            return store_all()
+        with self.store.transaction():  # all or nothing, one commit
+            return store_all()
 
     def _store_one(self, req: PreviewRequest, solver: ResolvedSolver, prompt: str, seed: int, noise_id: int,
                    pixels: torch.Tensor, timings: dict[str, float], chunk_index: int) -> PreviewResult:
