@@ -336,14 +336,25 @@ def _run(args: argparse.Namespace, counts: list[int], worker: DeviceWorker, mode
     chunk = engine.chunk_size_for(*size)
     service = RefineService(worker, store)
     per_seeds: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
+
+    def diffusers_seconds(n: int) -> float | None:
+        """diffusers' time, or None with the error kept for the report (one failure must not lose the run)."""
+        if pipe is None or "diffusers" in errors:
+            return None
+        try:
+            return worker.submit(lambda m: measure_diffusers(m, pipe, store, n, args.steps, guidance, size)).result()
+        except Exception as exc:  # noqa: BLE001 - reported in the JSON
+            errors["diffusers"] = f"{type(exc).__name__}: {exc}"
+            return None
+
     for n in counts:
         request = PreviewRequest(prompts=[PROMPT], seeds=list(range(n)), steps=args.steps, solver=args.solver,
                                  guidance=guidance, height=size[0], width=size[1])
         for _ in range(args.warmup):
             grid_times(engine, request)
             worker.submit(lambda m: measure_floor(m, store, n, args.steps, guidance, size)).result()
-            if pipe is not None:
-                worker.submit(lambda m: measure_diffusers(m, pipe, store, n, args.steps, guidance, size)).result()
+            diffusers_seconds(n)
         worker.submit(lambda m: _reset_peak(m)).result()
         floors, firsts, grids, diff, busy = [], [], [], [], []
         for _ in range(args.repeats):
@@ -351,8 +362,9 @@ def _run(args: argparse.Namespace, counts: list[int], worker: DeviceWorker, mode
             first, wall = grid_times(engine, request)
             firsts.append(first)
             grids.append(wall)
-            if pipe is not None:
-                diff.append(worker.submit(lambda m: measure_diffusers(m, pipe, store, n, args.steps, guidance, size)).result())
+            d = diffusers_seconds(n)
+            if d is not None:
+                diff.append(d)
             if n == args.seeds and not args.no_contention:
                 busy.append(_grid_during_refine(service, engine, request, args.refine_steps, size))
         peak = worker.submit(_peak_mib).result()
@@ -391,7 +403,7 @@ def _run(args: argparse.Namespace, counts: list[int], worker: DeviceWorker, mode
         "targets": {"vs_diffusers": 1.0, "overhead": 1.15, "first_tile_ratio": 0.6, "contention": 1.3},
         "vae_dtype": str(getattr(getattr(model, "vae", None), "dtype", None)).replace("torch.", ""),
         "decode_batch_invariant": invariant, "png_encode": png_seconds(size),
-        "per_seeds": per_seeds,
+        "errors": errors or None, "per_seeds": per_seeds,
     }
 
 

@@ -118,11 +118,6 @@ def encode_each(model: Denoiser, prompts: Sequence[str], negative_prompt: str, c
     return Conditioning.cat(rows)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def run_chunk(
     model: Denoiser,
