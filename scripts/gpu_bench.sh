@@ -13,8 +13,9 @@
 # 3. Runs `python -m preview.bench --against diffusers` on it (1, 4, 8, 16, 32 seeds) and prints its
 #    JSON, then, while the time budget lasts, one short bench per speed setting (chunk size, decoder,
 #    channels-last, SDPA kernels, torch.compile), each printed as one JSON line.
-# Every JSON report is also written under $OUT (when set) or /tmp/gpu_bench_out/.
-# Budget: GPU_BENCH_BUDGET_S seconds for the whole script (default 480); a variant starts only if
+# Files under $OUT (when set) or /tmp/gpu_bench_out/: main.json, variants.jsonl, bench.log. The output
+# ends with one compact VARIANT line per variant, then the whole main report on the MAIN line.
+# Budget: GPU_BENCH_BUDGET_S seconds for the whole script (default 360); a variant starts only if
 # enough of it is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,9 @@ for arg in "$@"; do
 done
 [ "${GPU_BENCH_SMALL:-0}" = 1 ] && SMALL=1
 START=$(date +%s)
-BUDGET=${GPU_BENCH_BUDGET_S:-480}
+DEFAULT_BUDGET=360
+[ "$SMALL" = 1 ] && DEFAULT_BUDGET=900  # the slow CPU dry run
+BUDGET=${GPU_BENCH_BUDGET_S:-$DEFAULT_BUDGET}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -129,30 +132,52 @@ else
   MAIN=(--seeds-list 1,4,8,16,32 --seeds 8 --repeats 3 --warmup 1 --refine-steps 100)
   SHORT=(--seeds-list 8 --seeds 8 --repeats 3 --warmup 1 --no-contention)
   VARIANTS=("--chunk-size 4" "--chunk-size 16" "--preview-decoder $WORK/taesd" "--channels-last"
-            "--sdpa flash" "--sdpa efficient" "--sdpa cudnn" "--compile")
+            "--sdpa flash" "--sdpa efficient" "--compile" "--sdpa cudnn")
   MIN_LEFT=60
 fi
 
+LOG="$RESULTS/bench.log"
+: > "$LOG"
+: > "$RESULTS/variants.jsonl"
+rm -f "$RESULTS"/variant[0-9]*.json
 echo "== main: python -m preview.bench ${COMMON[*]} --against diffusers ${MAIN[*]}" >&2
-$PY -m preview.bench "${COMMON[@]}" --against diffusers "${MAIN[@]}" > "$RESULTS/main.json" || { echo "== the main bench failed" >&2; exit 1; }
-echo "MAIN $(cat "$RESULTS/main.json")"
+if ! $PY -m preview.bench "${COMMON[@]}" --against diffusers "${MAIN[@]}" > "$RESULTS/main.json" 2>> "$LOG"; then
+  echo "== the main bench failed; the end of its log:" >&2
+  tail -n 30 "$LOG" >&2
+  exit 1
+fi
+grep -h "^[0-9]* seeds:" "$LOG" >&2
 
 i=0
 for variant in "${VARIANTS[@]}"; do
   i=$((i + 1))
   left=$((BUDGET - ($(date +%s) - START)))
   if [ "$left" -lt "$MIN_LEFT" ]; then
-    echo "== skipped (budget): $variant" >&2
-    echo "VARIANT {\"variant\": \"$variant\", \"skipped\": \"time budget\"}"
+    echo "{\"variant\": \"$variant\", \"skipped\": \"time budget\"}" >> "$RESULTS/variants.jsonl"
     continue
   fi
-  # shellcheck disable=SC2086
   echo "== variant $i: $variant ($left s of the budget left)" >&2
   # shellcheck disable=SC2086
-  if timeout "$((left - 5))" $PY -m preview.bench "${COMMON[@]}" --against diffusers "${SHORT[@]}" $variant > "$RESULTS/variant$i.json"; then
-    echo "VARIANT {\"variant\": \"$variant\", \"report\": $(cat "$RESULTS/variant$i.json")}"
+  timeout "$((left - 5))" $PY -m preview.bench "${COMMON[@]}" --against diffusers "${SHORT[@]}" $variant \
+    > "$WORK/variant.json" 2>> "$LOG"
+  rc=$?
+  if [ "$rc" = 0 ]; then
+    echo "{\"variant\": \"$variant\", \"report\": $(cat "$WORK/variant.json")}" >> "$RESULTS/variants.jsonl"
   else
-    echo "VARIANT {\"variant\": \"$variant\", \"failed\": true}"
+    why="exit $rc"
+    [ "$rc" = 124 ] && why="timed out (budget)"
+    echo "{\"variant\": \"$variant\", \"failed\": \"$why\"}" >> "$RESULTS/variants.jsonl"
   fi
 done
-echo "== done in $(( $(date +%s) - START )) s" >&2
+# one compact line per variant, then the whole main report last (a remote run returns the end of the output)
+$PY - "$RESULTS/variants.jsonl" <<'PYEOF'
+import json, sys
+keys = ("grid_s", "diffusers_s", "vs_diffusers", "floor_s", "overhead", "first_tile_s", "chunk_size",
+        "peak_gpu_mem_mib", "speed_settings", "errors")
+for line in open(sys.argv[1]):
+    v = json.loads(line)
+    r = v.get("report")
+    print("VARIANT", json.dumps({"variant": v["variant"], **({k: r.get(k) for k in keys} if r else v)}))
+PYEOF
+echo "MAIN $(cat "$RESULTS/main.json")"
+echo "== done in $(( $(date +%s) - START )) s; main.json, variants.jsonl and bench.log in $RESULTS" >&2
