@@ -141,7 +141,7 @@ LOG="$RESULTS/bench.log"
 : > "$RESULTS/variants.jsonl"
 rm -f "$RESULTS"/variant[0-9]*.json
 echo "== main: python -m preview.bench ${COMMON[*]} --against diffusers ${MAIN[*]}" >&2
-if ! $PY -m preview.bench "${COMMON[@]}" --against diffusers "${MAIN[@]}" > "$RESULTS/main.json" 2>> "$LOG"; then
+if ! timeout "$((BUDGET + 60))" $PY -m preview.bench "${COMMON[@]}" --against diffusers "${MAIN[@]}" > "$RESULTS/main.json" 2>> "$LOG"; then
   echo "== the main bench failed; the end of its log:" >&2
   tail -n 30 "$LOG" >&2
   exit 1
