@@ -115,6 +115,9 @@ class StableDiffusionDenoiser(Denoiser):
         self.default_size = (h * self.vae_scale_factor, w * self.vae_scale_factor)
         self.scheduler_config = dict(pipe.scheduler.config)
         self.schedule = VPSchedule.from_config(self.scheduler_config)
+        self.preview_decoder: Any = None  # an AutoencoderTiny for previews (attach_preview_decoder)
+
+    fixed_text_length = True  # encode_prompt pads every prompt to the tokenizer's 77: batching is exact
 
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -229,7 +232,13 @@ class StableDiffusionDenoiser(Denoiser):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1] (float32, CPU). A float16 VAE that overflows to NaN is re-run in float32."""
+        """Latents -> images in [0, 1] (float32, CPU), all rows in one ``vae.decode`` call.
+
+        In the model's dtype, as diffusers' Stable Diffusion 1.x/2.x pipelines decode (their VAE config's
+        ``force_upcast`` is read only by the SDXL pipelines); a float16 VAE that overflows to NaN is re-run
+        in float32, and stays there. VAE slicing (on by default) runs the rows one at a time inside the
+        call, which keeps each row's bits independent of the batch.
+        """
         if latents.ndim != 4:
             raise ValueError(f"latents must have shape (B, C, h, w), got {tuple(latents.shape)}")
         images = self._vae_decode(latents)
@@ -245,6 +254,61 @@ class StableDiffusionDenoiser(Denoiser):
         if getattr(cfg, "shift_factor", None):
             z = z + cfg.shift_factor
         return self.vae.decode(z.to(self.device, self.vae.dtype)).sample.float()
+
+    @torch.no_grad()
+    def preview_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`decode`, through the attached preview decoder when there is one (previews only)."""
+        if self.preview_decoder is None:
+            return self.decode(latents)
+        if latents.ndim != 4:
+            raise ValueError(f"latents must have shape (B, C, h, w), got {tuple(latents.shape)}")
+        dec = self.preview_decoder
+        z = latents.float() / dec.config.scaling_factor + (dec.config.shift_factor or 0.0)
+        images = dec.decode(z.to(self.device, dec.dtype)).sample.float()
+        return (images / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def check_preview_decoder(model: Any, decoder: Any, source: str) -> None:
+    """Refuse, with one sentence, a preview decoder whose latents do not fit ``model``'s."""
+    if not isinstance(model, StableDiffusionDenoiser):
+        raise ValueError(f"preview_decoder: {model.model_id} is not a latent diffusion model with a VAE, so a "
+                         "fast preview decoder has nothing to replace; leave --preview-decoder out")
+    cfg = decoder.config
+    channels = int(model.unet.config.in_channels)
+    if int(cfg.latent_channels) != channels:
+        raise ValueError(f"preview_decoder {source} reads {cfg.latent_channels}-channel latents but {model.model_id} "
+                         f"makes {channels}-channel ones; use the TAESD that matches this model family")
+    up = int(cfg.upsampling_scaling_factor) ** (len(cfg.decoder_block_out_channels) - 1)
+    if up != model.vae_scale_factor:
+        raise ValueError(f"preview_decoder {source} upsamples latents {up}x but {model.model_id}'s VAE does "
+                         f"{model.vae_scale_factor}x; use the TAESD that matches this model family")
+    if float(cfg.scaling_factor) != 1.0 or float(cfg.shift_factor or 0.0) != 0.0:
+        raise ValueError(f"preview_decoder {source} expects latents scaled by {cfg.scaling_factor} and shifted by "
+                         f"{cfg.shift_factor}, but a TAESD preview decoder reads the denoiser's latents as they are "
+                         "(scaling_factor 1, shift_factor 0)")
+
+
+def attach_preview_decoder(model: Any, path: str | os.PathLike | Any) -> Any:
+    """Load a diffusers ``AutoencoderTiny`` folder (or take a built one) as ``model``'s preview decoder.
+
+    Checked against the model first (:func:`check_preview_decoder`); moved to the model's device and
+    dtype. Refines never use it: they call :meth:`StableDiffusionDenoiser.decode`.
+    """
+    from diffusers import AutoencoderTiny
+
+    if isinstance(path, AutoencoderTiny):
+        decoder, source = path, "(given)"
+    else:
+        source = os.fspath(path)
+        if not Path(source).is_dir():
+            raise ValueError(f"preview_decoder {source!r}: no such folder (a diffusers AutoencoderTiny folder)")
+        try:
+            decoder = AutoencoderTiny.from_pretrained(source, local_files_only=True, use_safetensors=True)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise ValueError(f"preview_decoder {source!r} is not a diffusers AutoencoderTiny folder: {exc}") from None
+    check_preview_decoder(model, decoder, source)
+    model.preview_decoder = decoder.to(model.device, model.vae.dtype).eval()
+    return model.preview_decoder
 
 
 def _as_prompt_list(value: Sequence[str] | str, field: str, allow_empty_list: bool = False) -> list[str]:
@@ -275,4 +339,5 @@ def check_sd_compatible(pipe: Any, model_id: str) -> None:
         raise UnsupportedModelError(f"{model_id} predicts {prediction!r}; Stable Diffusion models predict epsilon or v")
 
 
-__all__ = ["LoadOptions", "StableDiffusionDenoiser", "check_sd_compatible", "resolve_device_dtype"]
+__all__ = ["LoadOptions", "StableDiffusionDenoiser", "attach_preview_decoder", "check_preview_decoder",
+           "check_sd_compatible", "resolve_device_dtype"]

@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", help="negative prompt")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--chunk-size", type=int, default=None, help="rows per model call (default: sized from memory)")
+    p.add_argument("--chunk-size", type=int, default=None, help="UNet rows per model call (default: measured per device, see preview.batching)")
     p.add_argument("--max-seeds", type=int, default=DEFAULT_MAX_SEEDS)
+    p.add_argument("--preview-decoder", default=None,
+                   help="a diffusers AutoencoderTiny (TAESD) folder to decode previews with (refines keep the model's VAE)")
     p.add_argument("--out", required=True, help="folder for the PNG files")
     add_model_options(p)
     add_db_option(p)
@@ -64,8 +66,9 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
         return 1
     out = Path(args.out)
     try:
-        engine = PreviewEngine(worker, store, max_seeds=args.max_seeds, chunk_size=args.chunk_size)
         try:
+            engine = PreviewEngine(worker, store, max_seeds=args.max_seeds, chunk_size=args.chunk_size,
+                                   preview_decoder=args.preview_decoder)
             results = engine.run(request)  # validates everything before writing anything
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -3,9 +3,11 @@
 A run: validate the whole request (nothing written on bad input), resolve the solver, fetch each
 seed's noise from the store (created on first use), cut the (prompt, seed) pairs into chunks and
 submit every chunk to the device worker at preview priority. On the device, one chunk is: encode its
-prompts, K steps of the solver with ONE guided model call per step for the whole chunk (padded to
-the fixed chunk size, see :mod:`preview.batching`), one decode. Back on the caller's thread each
-image is stored (generation row, preview row with PNG + A1111 parameters + timings) and yielded.
+prompts (batched where exact), K steps of the solver with ONE guided model call per step for the
+whole chunk (padded to the fixed chunk size, see :mod:`preview.batching`) and no host sync, then each
+real row decoded and handed at once to a thread pool that PNG-encodes and stores it (generation row,
+preview row with PNG + A1111 parameters + timings) while the device goes on; the caller gets each row
+as soon as it is stored.
 
 preview/ owns no device: it only submits work to a :class:`runtime.worker.DeviceWorker` (or a
 :class:`~runtime.worker.WorkerPool`), which interleaves it with refine steps.
@@ -14,16 +16,27 @@ preview/ owns no device: it only submits work to a :class:`runtime.worker.Device
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 
 from models.base import Conditioning, Denoiser
-from preview.batching import chunks, default_chunk_size, pad_conditioning, pad_rows
+from preview.batching import (
+    TEXT_BATCH,
+    chunks,
+    default_chunk_size,
+    pad_conditioning,
+    pad_rows,
+    rows_per_commit,
+    text_fillers,
+)
 from preview.solvers import ResolvedSolver, resolve_solver
 from runtime.images import to_pil
 from runtime.request import DEFAULT_MAX_SEEDS, PreviewRequest, validate
@@ -32,6 +45,7 @@ from runtime.worker import PREVIEW, DeviceWorker, WorkerPool
 logger = logging.getLogger(__name__)
 
 ENCODE_CACHE_SIZE = 256  # (prompt, negative prompt) encodings kept per engine
+_CHUNK_DONE = object()  # queued after a chunk's last row (or its failure)
 
 
 @dataclass(frozen=True)
@@ -62,28 +76,48 @@ class PreviewResult:
 
 @dataclass
 class _ChunkOutput:
-    pixels: torch.Tensor  # (b, 3, H, W) float32 CPU
-    timings_ms: dict[str, float]
+    timings_ms: dict[str, float]  # encode, sample and the whole device time of the chunk
 
 
-def encode_each(model: Denoiser, prompts: Sequence[str], negative_prompt: str, cache: dict | None = None) -> Conditioning:
-    """Encode every prompt on its own (batch of one) and stack the rows.
+def _cache_put(cache: dict | None, key: Any, row: Conditioning) -> None:
+    if cache is not None:
+        if len(cache) >= ENCODE_CACHE_SIZE:
+            cache.clear()  # bounded; prompts of a session are few
+        cache[key] = row
 
-    A text encoder that pads to the longest prompt of its batch would make a prompt's context depend
-    on its neighbours; one prompt at a time it cannot. ``cache`` (keyed by model and text) saves
-    re-encoding across chunks.
+
+def encode_each(model: Denoiser, prompts: Sequence[str], negative_prompt: str, cache: dict | None = None,
+                also: Sequence[str] = ()) -> Conditioning:
+    """Encode the chunk's prompts, each to the same bits whatever the other prompts of the grid.
+
+    A model that sets ``fixed_text_length`` (its encoder pads every prompt to one length, as CLIP
+    pads to 77 tokens) encodes its distinct uncached prompts :data:`~preview.batching.TEXT_BATCH` at
+    a time, the batch always filled to that size with filler prompts, so each prompt is computed at
+    one batch size and one call serves a whole grid. Any other encoder (one that pads to the longest
+    prompt of its batch would make a prompt's context depend on its neighbours) gets one prompt per
+    call. ``cache`` (keyed by model and text) saves re-encoding across chunks and grids; ``also``
+    (the grid's other prompts, with a cache) are encoded in the same calls, for the chunks to come.
     """
-    rows = []
-    for p in prompts:
-        key = (id(model), p, negative_prompt)
-        row = None if cache is None else cache.get(key)
-        if row is None:
-            row = model.encode_prompts([p], negative_prompt)
-            if cache is not None:
-                if len(cache) >= ENCODE_CACHE_SIZE:
-                    cache.clear()  # bounded; prompts of a session are few
-                cache[key] = row
-        rows.append(row)
+    key = lambda p: (id(model), p, negative_prompt)  # noqa: E731
+    found: dict[str, Conditioning] = {}
+    for p in dict.fromkeys(prompts):
+        row = None if cache is None else cache.get(key(p))
+        if row is not None:
+            found[p] = row
+    missing = [p for p in dict.fromkeys(prompts) if p not in found]
+    if getattr(model, "fixed_text_length", False):
+        if cache is not None:
+            missing += [p for p in dict.fromkeys(also) if p not in found and p not in missing and cache.get(key(p)) is None]
+        for batch in chunks(missing, TEXT_BATCH):
+            enc = model.encode_prompts(text_fillers(list(batch), TEXT_BATCH), negative_prompt)
+            for i, p in enumerate(batch):
+                found[p] = enc.select([i])
+                _cache_put(cache, key(p), found[p])
+    else:
+        for p in missing:
+            found[p] = model.encode_prompts([p], negative_prompt)
+            _cache_put(cache, key(p), found[p])
+    rows = [found[p] for p in prompts]
     lengths = {tuple(r.cond.shape[1:]) for r in rows} | {tuple(r.uncond.shape[1:]) for r in rows}
     if len(lengths) != 1:
         raise RuntimeError(f"{model.model_id}: prompt encodings have different shapes {sorted(lengths)}; "
@@ -102,15 +136,23 @@ def run_chunk(
     steps: int,
     chunk_size: int,
     cache: dict | None = None,
+    emit: Callable[[int, torch.Tensor, dict[str, float]], None] | None = None,
+    also_prompts: Sequence[str] = (),
 ) -> _ChunkOutput:
     """One chunk on the device: encode, K solver steps (one guided call each), decode. Runs on the worker.
 
-    The model always sees ``chunk_size`` rows (padded), so each row's result depends on that row only.
+    The UNet always sees ``chunk_size`` rows (padded), so each row's result depends on that row only.
+    The K-step loop never waits for the device (no host sync; the solver checks finiteness once at the
+    end). Then each REAL row is decoded on its own (padded rows never are: batch-invariant, see
+    :mod:`preview.batching`) through the model's ``preview_decode`` when it has one (a fast preview
+    decoder) or its ``decode``, and handed to ``emit(row, pixels, timings_ms)`` at once, so the host
+    encodes and stores tile i while the device decodes tile i + 1 and then starts the next chunk.
     """
     b = noise.shape[0]
+    device = torch.device(model.device)
     t0 = time.perf_counter()
-    cond = pad_conditioning(encode_each(model, prompts, negative_prompt, cache), chunk_size)
-    x_T = pad_rows(noise, chunk_size).to(model.device, torch.float32)
+    cond = pad_conditioning(encode_each(model, prompts, negative_prompt, cache, also_prompts), chunk_size)
+    x_T = pad_rows(noise, chunk_size).to(device, torch.float32)
     t1 = time.perf_counter()
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -119,14 +161,22 @@ def run_chunk(
     x = x_T
     for record in solver.solver.iterate(eps_fn, x_T, steps):
         x = record.x
+    if not torch.isfinite(x[:b]).all():  # one host sync, after the loop
+        raise ValueError(f"model_output contains NaN or inf: the {steps}-step preview of {model.model_id} diverged")
     t2 = time.perf_counter()
-    pixels = model.decode(x)[:b].float().cpu()  # decoded at the padded size too
+    decode = getattr(model, "preview_decode", None) or model.decode
+    decode_ms = 0.0
+    for row in range(b):
+        td = time.perf_counter()
+        pixels = decode(x[row : row + 1])[0].float().cpu()  # .cpu() waits for this row only
+        t_row = time.perf_counter()
+        decode_ms += (t_row - td) * 1e3
+        if emit is not None:
+            emit(row, pixels, {"encode": (t1 - t0) * 1e3, "sample": (t2 - t1) * 1e3, "decode": (t_row - td) * 1e3,
+                               "device": (t_row - t0) * 1e3})
     t3 = time.perf_counter()
-    return _ChunkOutput(
-        pixels=pixels,
-        timings_ms={"encode": (t1 - t0) * 1e3, "sample": (t2 - t1) * 1e3, "decode": (t3 - t2) * 1e3,
-                    "device": (t3 - t0) * 1e3},
-    )
+    return _ChunkOutput(timings_ms={"encode": (t1 - t0) * 1e3, "sample": (t2 - t1) * 1e3, "decode": decode_ms,
+                                    "device": (t3 - t0) * 1e3})
 
 
 Executor = DeviceWorker | WorkerPool
@@ -147,10 +197,15 @@ class PreviewEngine:
         max_seeds: the most seeds one request may ask for.
         chunk_size: rows per model call (``None`` = :func:`preview.batching.default_chunk_size`).
             Keep it fixed for a device: it is part of what makes previews reproducible bit for bit.
+        preview_decoder: a folder holding a diffusers ``AutoencoderTiny`` (TAESD) to decode previews
+            with; refines keep the model's own VAE. Loaded onto every worker here, and refused here,
+            with one sentence, when its latents do not fit the model.
+        store_threads: threads that PNG-encode and store rows (default: up to 8, one per CPU core).
     """
 
     def __init__(self, executor: Executor, store: Any, *, max_seeds: int = DEFAULT_MAX_SEEDS,
-                 chunk_size: int | None = None, owner: str | None = None) -> None:
+                 chunk_size: int | None = None, owner: str | None = None,
+                 preview_decoder: str | os.PathLike | None = None, store_threads: int | None = None) -> None:
         if isinstance(chunk_size, bool) or (chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1)):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.executor = executor
@@ -158,7 +213,14 @@ class PreviewEngine:
         self.max_seeds = max_seeds
         self.chunk_size = chunk_size
         self.owner = owner
+        self.store_threads = store_threads or max(1, min(8, os.cpu_count() or 1))
         self._cache: dict = {}
+        if preview_decoder is not None:
+            from models.sd import attach_preview_decoder
+
+            workers = executor.workers if isinstance(executor, WorkerPool) else [executor]
+            for w in workers:
+                w.submit(lambda m: attach_preview_decoder(m, preview_decoder)).result()
 
     @property
     def model(self) -> Denoiser:
@@ -182,32 +244,78 @@ class PreviewEngine:
         return self._stream(req, solver)
 
     def _stream(self, req: PreviewRequest, solver: ResolvedSolver) -> Iterator[PreviewResult]:
+        """Submit every chunk, then yield each row once it is stored, in request order.
+
+        Rows are stored by a small thread pool (PNG encoding releases the GIL), submitted from the
+        device thread the moment they are decoded, so neither the device nor the caller waits for the
+        host: the device goes on with the next row or chunk (or a refine step) while earlier rows are
+        encoded and written. Large images are stored row by row, each in its own short transactions, so
+        their PNGs are encoded side by side and each tile comes out as soon as it is stored; small ones a
+        chunk per transaction, where one commit costs more than the PNGs
+        (:func:`preview.batching.rows_per_commit`). A crash loses at most the rows being stored, and a row
+        is yielded only once it is committed: whatever the user sees can be selected and refined.
+        """
         model = self.model
         assert req.height is not None and req.width is not None and req.guidance is not None
         shape = model.latent_shape(req.height, req.width)
         size = self.chunk_size_for(req.height, req.width)
         noise_by_seed = {s: self.store.get_or_create_noise(s, shape) for s in req.seeds}
         pairs = req.pairs
-        submitted: list[tuple[Sequence[tuple[str, int]], Future, float]] = []
+        group = rows_per_commit(req.height, req.width, size)
+        pool = ThreadPoolExecutor(max_workers=self.store_threads, thread_name_prefix="preview-store")
+        closed = threading.Event()
+        submitted: list[tuple[Future, queue.SimpleQueue]] = []
         try:
-            for part in chunks(pairs, size):
+            for index, part in enumerate(chunks(pairs, size)):
                 noise = torch.stack([noise_by_seed[s][1] for _, s in part])
                 prompts = [p for p, _ in part]
-                fn = (lambda m, prompts=prompts, noise=noise: run_chunk(
-                    m, solver, prompts, req.negative_prompt, noise, req.guidance, req.steps, size, self._cache))
-                submitted.append((part, self.executor.submit(fn, priority=PREVIEW, label="preview"), time.perf_counter()))
-            for index, (part, future, t_submit) in enumerate(submitted):
-                out = future.result()
-                t_done = time.perf_counter()
-                timings = dict(out.timings_ms)
-                timings["latency"] = (t_done - t_submit) * 1e3
-                with self.store.transaction():  # one commit (one fsync) per chunk, all or nothing
-                    stored = [self._store_one(req, solver, prompt, seed, noise_by_seed[seed][0], out.pixels[row], timings, index)
-                              for row, (prompt, seed) in enumerate(part)]
-                yield from stored
+                stored: queue.SimpleQueue = queue.SimpleQueue()  # futures of lists of stored rows, in order
+                pending: list[tuple[int, torch.Tensor, dict[str, float]]] = []
+                t_submit = time.perf_counter()
+
+                def emit(row: int, pixels: torch.Tensor, timings: dict[str, float], part=part, index=index,
+                         stored=stored, pending=pending, t_submit=t_submit) -> None:
+                    if closed.is_set():
+                        return
+                    pending.append((row, pixels, {**timings, "latency": (time.perf_counter() - t_submit) * 1e3}))
+                    if len(pending) < group and row < len(part) - 1:
+                        return
+                    rows = list(pending)
+                    pending.clear()
+                    try:
+                        stored.put(pool.submit(self._store_rows, req, solver, part, rows, noise_by_seed, index))
+                    except RuntimeError:  # the pool was shut down: the caller closed the stream
+                        pass
+
+                also = req.prompts if index == 0 else ()  # the first chunk encodes every prompt of the grid
+                fn = (lambda m, prompts=prompts, noise=noise, emit=emit, also=also: run_chunk(
+                    m, solver, prompts, req.negative_prompt, noise, req.guidance, req.steps, size, self._cache, emit, also))
+                future = self.executor.submit(fn, priority=PREVIEW, label="preview")
+                future.add_done_callback(lambda _, stored=stored: stored.put(_CHUNK_DONE))
+                submitted.append((future, stored))
+            for future, stored in submitted:
+                while (item := stored.get()) is not _CHUNK_DONE:
+                    yield from item.result()
+                future.result()  # a failed chunk raises here, after its stored rows were yielded
         finally:
-            for _, future, _ in submitted:
-                future.cancel()  # only chunks still queued; a running one finishes and is dropped
+            closed.set()
+            for future, _ in submitted:
+                future.cancel()  # only chunks still queued; a running one finishes and is not stored
+            pool.shutdown(wait=True, cancel_futures=True)  # rows being written finish: no write after return
+
+    def _store_rows(self, req: PreviewRequest, solver: ResolvedSolver, part: Sequence[tuple[str, int]],
+                    rows: list[tuple[int, torch.Tensor, dict[str, float]]], noise_by_seed: dict,
+                    chunk_index: int) -> list[PreviewResult]:
+        """Store decoded rows: one row in its own transactions (its PNG encoded beside other rows'), or
+        several in one transaction (one commit, when the images are small enough that the commit dominates)."""
+        def store_all() -> list[PreviewResult]:
+            return [self._store_one(req, solver, part[row][0], part[row][1], noise_by_seed[part[row][1]][0],
+                                    pixels, timings, chunk_index) for row, pixels, timings in rows]
+
+        if len(rows) == 1:
+            return store_all()
+        with self.store.transaction():  # all or nothing, one commit
+            return store_all()
 
     def _store_one(self, req: PreviewRequest, solver: ResolvedSolver, prompt: str, seed: int, noise_id: int,
                    pixels: torch.Tensor, timings: dict[str, float], chunk_index: int) -> PreviewResult:
