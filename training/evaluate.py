@@ -74,7 +74,6 @@ def parse_solvers(text: str) -> list[str]:
 
 def resolve_solvers(names: Sequence[str], model: Any, store: Any = None) -> list[NamedSolver]:
     """Solver objects for ``names``; checkpoints are loaded (and checked) here, before any sampling."""
-    from solver.policy import ConsistencyPolicy
     from solver.registry import LMMSolver, get_solver
     from solver.schedules import schedule_from_config
 
@@ -84,10 +83,13 @@ def resolve_solvers(names: Sequence[str], model: Any, store: Any = None) -> list
         if name == "consistency":
             from preview.solvers import resolve_policy
 
-            policy, description, _ = resolve_policy(store)
+            policy, description, _ = resolve_policy(store, model)
             logger.info("consistency = %s", description)
         elif name.startswith("consistency:"):
-            policy = ConsistencyPolicy.load(name.split(":", 1)[1])
+            from preview.solvers import resolve_path_policy
+
+            policy, description = resolve_path_policy(name.split(":", 1)[1], model)
+            logger.info("%s = %s", name, description)
         if policy is None:
             out.append(NamedSolver(name, get_solver(name, model.scheduler_config), False))
             continue
