@@ -19,6 +19,7 @@ from typing import Any, Literal, Mapping
 import torch
 
 FinalPoint = Literal["config", "zero", "first"]
+ZERO_SNR_ABAR = 2.0**-24  # abar at t = T - 1 of a zero-terminal-SNR schedule, as diffusers' multistep solvers set it
 
 
 @dataclass(frozen=True)
@@ -70,14 +71,31 @@ class VPSchedule:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], timestep_spacing: str = "trailing") -> "VPSchedule":
-        """Read betas and prediction type from any diffusers scheduler config (DDIM, PNDM, DPM, ...)."""
+        """Read betas and prediction type from any diffusers scheduler config (DDIM, PNDM, DPM, ...).
+
+        Zero terminal SNR (``rescale_betas_zero_snr=True``, Lin et al. 2024): the rescaled schedule
+        ends at abar_{T-1} = 0, i.e. alpha = 0, n = sigma / alpha = inf, where y = x / alpha and the
+        step of eq. 10 are not finite. The solver's first step is the first-order one (w = (1), the
+        only row a one-entry history allows), x_1 = alpha_1 x0_hat + sigma_1 eps_0 with
+        x0_hat = (x_0 - sigma_0 eps_0) / alpha_0: at alpha_0 = 0 that is 0 / 0 for a model seen
+        through epsilon (``eps = x`` exactly there, so x0_hat is not recoverable from it). We
+        therefore start where diffusers' multistep solvers start for such configs
+        (``DPMSolverMultistepScheduler``, ``EulerDiscreteScheduler``, ``UniPCMultistepScheduler``):
+        abar_{T-1} = 2^-24, alpha_0 = 2^-12. This choice also balances the two errors of the first
+        step in float32: the distance to the alpha = 0 limit is O(alpha_0) and the rounding of
+        y_0 = x_0 / alpha_0 against n_0 eps_0 is O(2^-24 / alpha_0); both are about 2^-12.
+        Every grid is then finite (tested against DDIMScheduler and DPMSolverMultistepScheduler).
+        """
         from diffusers import DDIMScheduler
 
         config = dict(config)
         config.pop("timestep_spacing", None)
         ddim = DDIMScheduler.from_config(config, timestep_spacing=timestep_spacing)
+        alphas_cumprod = ddim.alphas_cumprod.to(torch.float64)
+        if config.get("rescale_betas_zero_snr"):
+            alphas_cumprod[-1] = ZERO_SNR_ABAR
         return cls(
-            alphas_cumprod=ddim.alphas_cumprod.to(torch.float64),
+            alphas_cumprod=alphas_cumprod,
             final_alpha_cumprod=float(ddim.final_alpha_cumprod),
             prediction_type=ddim.config.prediction_type,
             timestep_spacing=timestep_spacing,
