@@ -66,6 +66,8 @@ class VPSchedule:
     final_alpha_cumprod: float  # abar after the last step ("set_alpha_to_one")
     prediction_type: str = "epsilon"
     timestep_spacing: str = "trailing"
+    steps_offset: int = 0  # added to every timestep, as diffusers' "leading" spacing does
+    final_point: str = "config"  # the default end point of :meth:`grid` (see ``final`` there)
 
     kind = "vp"
 
@@ -90,6 +92,7 @@ class VPSchedule:
 
         config = dict(config)
         config.pop("timestep_spacing", None)
+        config.pop("steps_offset", None)  # the solver's own grid: trailing spacing, no offset (paper.md N1)
         ddim = DDIMScheduler.from_config(config, timestep_spacing=timestep_spacing)
         alphas_cumprod = ddim.alphas_cumprod.to(torch.float64)
         if config.get("rescale_betas_zero_snr"):
@@ -131,18 +134,28 @@ class VPSchedule:
         from diffusers import DDIMScheduler
 
         _check_num_steps(num_steps, self.num_train_timesteps)
-        ddim = DDIMScheduler(num_train_timesteps=self.num_train_timesteps, timestep_spacing=self.timestep_spacing)
+        ddim = DDIMScheduler(num_train_timesteps=self.num_train_timesteps, timestep_spacing=self.timestep_spacing,
+                             steps_offset=self.steps_offset)
         ddim.set_timesteps(num_steps)
         return ddim.timesteps.to(torch.long)
 
-    def grid(self, num_steps: int, final: FinalPoint = "config") -> TimeGrid:
+    def grid(self, num_steps: int, final: FinalPoint | None = None) -> TimeGrid:
         """Evaluation timesteps plus the end point.
 
         ``final``: ``"config"`` uses the config's ``final_alpha_cumprod`` (DDIM ``set_alpha_to_one``),
         ``"zero"`` ends at n = 0 (DPM-Solver ``final_sigmas_type="zero"``), ``"first"`` ends at
-        ``alphas_cumprod[0]`` (``final_sigmas_type="sigma_min"``).
+        ``alphas_cumprod[0]`` (``final_sigmas_type="sigma_min"``); ``None``: :attr:`final_point`.
         """
-        ts = self.timesteps(num_steps)
+        return self.grid_at(self.timesteps(num_steps), final)
+
+    def grid_at(self, timesteps: torch.Tensor, final: FinalPoint | None = None) -> TimeGrid:
+        """The grid on given integer ``timesteps`` (strictly decreasing, in [0, T - 1]) plus the end point."""
+        ts = torch.as_tensor(timesteps, dtype=torch.long)
+        if ts.ndim != 1 or len(ts) < 1 or bool((ts[1:] >= ts[:-1]).any()) or int(ts.min()) < 0 \
+                or int(ts.max()) >= self.num_train_timesteps:
+            raise ValueError(f"timesteps must be strictly decreasing integers in 0..{self.num_train_timesteps - 1}, "
+                             f"got {ts.tolist()}")
+        final = self.final_point if final is None else final
         abar = self.alphas_cumprod[ts]
         if final == "config":
             abar_end = self.final_alpha_cumprod
