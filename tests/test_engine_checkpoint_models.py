@@ -138,3 +138,39 @@ def test_cli_consistency_without_a_policy_is_exactly_its_base_rule_on_an_sd_fold
 
     first, second = model_identity(Loaded(folder)), model_identity(Loaded(copy))
     assert first.content_sha256 and first.key == second.key and first.model_id != second.model_id
+
+
+def test_admin_backend_lists_checkpoints_per_model_and_transfers_only_when_asked(engines, store, tmp_path):
+    """The Admin tab's backend: the table says which checkpoint runs for the loaded model and shows the
+    shipped default; Activate refuses another model's checkpoint; "Use for this model too" records a
+    labelled transfer; another schedule family is refused and nothing is written."""
+    from webui.backend import EngineBackend
+
+    engine_a, engine_b = engines
+    policy = _trained_looking()
+    on_a = store.add_checkpoint("on-a", config=policy.config_dict(), weights=policy.state_dict(), activate=True,
+                                identity=model_identity(engine_a.model).to_dict())
+    backend_b = EngineBackend(store, engine_b.executor, tmp_path / "exports")
+    assert backend_b.solver_status().startswith("ConsistencySolver, not yet trained for this model")
+    table = backend_b.checkpoints_table()
+    row = table[table["id"] == on_a].iloc[0]
+    assert row["model"] == "tiny-unet-0" and row["this model"] == "" and row["family"] == "vp/epsilon"
+    assert "shipped" in table["id"].tolist()
+    with pytest.raises(ValueError, match="Checkpoint id: #.* was trained for tiny-unet-0, not tiny-unet-1"):
+        backend_b.activate_checkpoint(on_a)
+    assert backend_b.assign_checkpoint(on_a) == "on-a, transferred from tiny-unet-0"
+    assert "transferred from tiny-unet-0" in backend_b.solver_status()
+    table = backend_b.checkpoints_table()
+    assert table[table["id"] == on_a].iloc[0]["this model"] == "✔ transferred here"
+
+    v_model = TinyUNetDenoiser(size=16, seed=3)
+    v_model.scheduler_config = dict(v_model.scheduler_config, prediction_type="v_prediction")
+    worker = DeviceWorker(v_model)
+    try:
+        backend_v = EngineBackend(store, worker, tmp_path / "exports")
+        before = store.list_assignments()
+        with pytest.raises(ValueError, match="Checkpoint id: .*vp/epsilon.*vp/v_prediction"):
+            backend_v.assign_checkpoint(on_a)
+        assert store.list_assignments() == before
+    finally:
+        worker.close()
