@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from solver.schedules import schedule_from_config
 
@@ -54,7 +55,7 @@ class ModelIdentity:
         return dict(asdict(self), key=self.key)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "model identity") -> "ModelIdentity":
+    def from_dict(cls, data: Mapping[str, Any], where: str = "model identity") -> ModelIdentity:
         try:
             return cls(model_id=str(data["model_id"]), schedule_sha256=str(data["schedule_sha256"]),
                        family=str(data["family"]), content_sha256=data.get("content_sha256"))

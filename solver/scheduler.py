@@ -366,7 +366,7 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         name = str(pretrained_model_name_or_path)
         try:
             config, unused = cls.load_config(name, subfolder=subfolder, return_unused_kwargs=True, **kwargs)
-        except (OSError, EnvironmentError) as err:
+        except OSError as err:
             raise OSError(f"ConsistencySolverScheduler.from_pretrained({name!r}): {_offline_hint(err)}") from err
         out = cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **unused)
         scheduler = out[0] if return_unused_kwargs else out
