@@ -14,8 +14,9 @@ pairs, so each ConsistencySolver row also carries ``verdict_paired``: against ea
 the pairs only ours gets right (agrees with the final), the pairs only the baseline gets right, and the
 exact two-sided McNemar p-value of that split (a difference of a few pairs is within noise).
 The reference is refine's full-step sampler (``refine.full_step``). ``consistency`` is the solver the
-engine would use (the store's active checkpoint, else the shipped one, else the zero-initialised
-policy); ``consistency:PATH`` a given checkpoint. A policy with a learned time grid is also evaluated
+engine would use for the loaded model (the store's active checkpoint for it, else the one shipped for
+it, else the zero-initialised policy); ``consistency:PATH`` a given checkpoint (refused across schedule
+families). A policy with a learned time grid is also evaluated
 on the fixed grid (``<name>@fixed-grid``).
 
 Summary (in the JSON and on stdout): per solver the smallest K whose adherence is within 2 points of
