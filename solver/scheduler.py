@@ -11,6 +11,10 @@ output to epsilon at its own timestep (paper.md N3), pushes it onto the history 
 eq. 10 in (y, n) coordinates with :func:`solver.lmm.lmm_step` -- the project's single implementation --
 x_{i+1} = alpha_{i+1} y_{i+1}. n_{i+1} is always read from the grid (N1).
 
+On a zero-terminal-SNR config a v- or x0-prediction model's first step is taken from alpha = 0 exactly
+in data-prediction form (:meth:`ConsistencySolverScheduler._terminal_step`); an epsilon model starts at
+abar = 2^-24 as diffusers' multistep solvers do (``VPSchedule.from_config``).
+
 The model's scheduler config is honoured key by key or refused (:data:`HONOURED`, :data:`REFUSED_UNLESS`,
 :data:`OTHER_SAMPLER_KEYS`); nothing is silently dropped. Image-to-image pipelines start mid-grid with
 :meth:`set_begin_index`: the run is then the K' = K - begin steps of the grid from that point, with the
@@ -136,6 +140,8 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
             final_point=_FINAL[final_sigmas_type] or "config",
         )
         self.alphas_cumprod = self.schedule.alphas_cumprod.to(torch.float32)
+        # A v- or x0-prediction model at the zero-SNR point (alpha = 0) gives x0 itself: step from there exactly.
+        self._terminal_t = num_train_timesteps - 1 if rescale_betas_zero_snr and prediction_type != "epsilon" else None
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0, dtype=torch.long)
@@ -312,20 +318,45 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
                                  f"{run[0]} (image-to-image pipelines call set_begin_index)")
             raise ValueError(f"timestep {t} is not the expected timestep {run[i]} of step {i} "
                              f"(this run's timesteps: {run})")
-        if self.config.prediction_type == "epsilon":
-            eps = model_output.float()
-            self._check_finite(eps, i)
+        if t == self._terminal_t:
+            prev_sample = self._terminal_step(model_output, sample, i)
         else:
-            eps = to_epsilon(model_output, sample, self._alpha[i], self._sigma[i], self.config.prediction_type)
-        # y_i from the sample handed in (a pipeline may edit the latents between steps, as inpainting does)
-        y = sample.float() / self._alpha[i]
-        self._history.appendleft(eps)
-        row = self.table[i, : min(i + 1, self.config.solver_order)]
-        prev_sample = (lmm_step(y, self._n[i], self._n[i + 1], list(self._history), row) * self._alpha[i + 1]).to(sample.dtype)
+            if self.config.prediction_type == "epsilon":
+                eps = model_output.float()
+                self._check_finite(eps, i)
+            else:
+                eps = to_epsilon(model_output, sample, self._alpha[i], self._sigma[i], self.config.prediction_type)
+            # y_i from the sample handed in (a pipeline may edit the latents between steps, as inpainting does)
+            y = sample.float() / self._alpha[i]
+            self._history.appendleft(eps)
+            row = self.table[i, : min(i + 1, self.config.solver_order)]
+            y_next = lmm_step(y, self._n[i], self._n[i + 1], list(self._history), row)
+            prev_sample = (y_next * self._alpha[i + 1]).to(sample.dtype)
         self._step_index = i + 1
         if not return_dict:
             return (prev_sample,)
         return SchedulerOutput(prev_sample=prev_sample)
+
+    def _terminal_step(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
+        """The first step from a zero-terminal-SNR point (alpha = 0 exactly), in data-prediction form.
+
+        A one-entry history forces w = (1), so eq. 10 reads y_1 = y_0 + (n_1 - n_0) eps_0, and with
+        y_0 - n_0 eps_0 = (x_0 - sigma_0 eps_0) / alpha_0 = x0_hat this is y_1 = x0_hat + n_1 eps_0, whose
+        limit alpha_0 -> 0 is finite: at alpha_0 = 0, sigma_0 = 1, the state is pure noise (eps_0 = x_0)
+        and a v- or x0-prediction gives x0_hat directly (v = alpha eps - sigma x0 = -x0_hat). So
+        x_1 = alpha_1 x0_hat + sigma_1 x_0, DDIM's step from alpha = 0; later steps keep eps_0 = x_0
+        in the history. (An epsilon model carries no x0 at alpha = 0: it starts at abar = 2^-24 instead.)
+        """
+        if i != 0 or bool((self.table[i, 1:] != 0).any()):
+            raise ValueError("the zero-SNR point can only be the first step of a run")
+        out = model_output.float()
+        if torch.isnan(out).any():
+            raise ValueError(f"model_output contains NaN (step {i}, timestep {self._terminal_t})")
+        x0_hat = -out if self.config.prediction_type == "v_prediction" else out
+        eps = sample.float()
+        self._history.appendleft(eps)
+        y_next = x0_hat + self._n[i + 1] * eps
+        return (y_next * self._alpha[i + 1]).to(sample.dtype)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = alpha_t x0 + sigma_t noise at integer ``timesteps`` (one per sample), as in image-to-image."""
