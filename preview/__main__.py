@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from runtime.cli import add_db_option, add_model_options, load_options
 from runtime.request import DEFAULT_MAX_SEEDS, DEFAULT_SOLVER, DEFAULT_STEPS, PreviewRequest, parse_seeds
+from store.png import read_png_parameters
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,8 +78,10 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
         total = len(request.prompts) * len(seeds)
         for r in tqdm(results, total=total, desc="previews", unit="img", file=sys.stderr):
             path = store.export_png("preview", r.preview_id, out / f"preview-{r.preview_id:06d}-seed{r.seed}.png")
+            ran = read_png_parameters(path.read_bytes()).get("Preview solver", r.solver)  # which policy, in words
             print(json.dumps({
-                "prompt": r.prompt, "seed": r.seed, "steps": r.steps, "solver": r.solver, "path": str(path),
+                "prompt": r.prompt, "seed": r.seed, "steps": r.steps, "solver": r.solver, "solver_ran": ran,
+                "path": str(path),
                 "preview_id": r.preview_id, "generation_id": r.generation_id, "checkpoint_id": r.checkpoint_id,
                 "guidance": r.guidance, "size": [r.height, r.width],
                 "timings_ms": {k: round(v, 2) for k, v in r.timings_ms.items()},

@@ -318,6 +318,12 @@ class ConsistencyPolicy(nn.Module):
             time_grid=config["time_grid"],
         )
         state = load_file(weights_path)
+        expected = set(policy.state_dict())
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or extra:
+            what = "; ".join(part for part in (f"missing tensor(s) {', '.join(missing)}" if missing else "",
+                                               f"extra tensor(s) {', '.join(extra)}" if extra else "") if part)
+            raise ValueError(f"weights in {weights_path!r} do not match its config: {what}")
         try:
             policy.load_state_dict(state, strict=True)
         except RuntimeError as err:

@@ -19,6 +19,7 @@ from typing import Any, Literal, Mapping
 import torch
 
 FinalPoint = Literal["config", "zero", "first"]
+ZERO_SNR_ABAR = 2.0**-24  # abar at t = T - 1 of a zero-terminal-SNR schedule, as diffusers' multistep solvers set it
 
 
 @dataclass(frozen=True)
@@ -65,19 +66,39 @@ class VPSchedule:
     final_alpha_cumprod: float  # abar after the last step ("set_alpha_to_one")
     prediction_type: str = "epsilon"
     timestep_spacing: str = "trailing"
+    steps_offset: int = 0  # added to every timestep, as diffusers' "leading" spacing does
+    final_point: str = "config"  # the default end point of :meth:`grid` (see ``final`` there)
 
     kind = "vp"
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], timestep_spacing: str = "trailing") -> "VPSchedule":
-        """Read betas and prediction type from any diffusers scheduler config (DDIM, PNDM, DPM, ...)."""
+        """Read betas and prediction type from any diffusers scheduler config (DDIM, PNDM, DPM, ...).
+
+        Zero terminal SNR (``rescale_betas_zero_snr=True``, Lin et al. 2024): the rescaled schedule
+        ends at abar_{T-1} = 0, i.e. alpha = 0, n = sigma / alpha = inf, where y = x / alpha and the
+        step of eq. 10 are not finite. The solver's first step is the first-order one (w = (1), the
+        only row a one-entry history allows), x_1 = alpha_1 x0_hat + sigma_1 eps_0 with
+        x0_hat = (x_0 - sigma_0 eps_0) / alpha_0: at alpha_0 = 0 that is 0 / 0 for a model seen
+        through epsilon (``eps = x`` exactly there, so x0_hat is not recoverable from it). We
+        therefore start where diffusers' multistep solvers start for such configs
+        (``DPMSolverMultistepScheduler``, ``EulerDiscreteScheduler``, ``UniPCMultistepScheduler``):
+        abar_{T-1} = 2^-24, alpha_0 = 2^-12. This choice also balances the two errors of the first
+        step in float32: the distance to the alpha = 0 limit is O(alpha_0) and the rounding of
+        y_0 = x_0 / alpha_0 against n_0 eps_0 is O(2^-24 / alpha_0); both are about 2^-12.
+        Every grid is then finite (tested against DDIMScheduler and DPMSolverMultistepScheduler).
+        """
         from diffusers import DDIMScheduler
 
         config = dict(config)
         config.pop("timestep_spacing", None)
+        config.pop("steps_offset", None)  # the solver's own grid: trailing spacing, no offset (paper.md N1)
         ddim = DDIMScheduler.from_config(config, timestep_spacing=timestep_spacing)
+        alphas_cumprod = ddim.alphas_cumprod.to(torch.float64)
+        if config.get("rescale_betas_zero_snr"):
+            alphas_cumprod[-1] = ZERO_SNR_ABAR
         return cls(
-            alphas_cumprod=ddim.alphas_cumprod.to(torch.float64),
+            alphas_cumprod=alphas_cumprod,
             final_alpha_cumprod=float(ddim.final_alpha_cumprod),
             prediction_type=ddim.config.prediction_type,
             timestep_spacing=timestep_spacing,
@@ -113,18 +134,28 @@ class VPSchedule:
         from diffusers import DDIMScheduler
 
         _check_num_steps(num_steps, self.num_train_timesteps)
-        ddim = DDIMScheduler(num_train_timesteps=self.num_train_timesteps, timestep_spacing=self.timestep_spacing)
+        ddim = DDIMScheduler(num_train_timesteps=self.num_train_timesteps, timestep_spacing=self.timestep_spacing,
+                             steps_offset=self.steps_offset)
         ddim.set_timesteps(num_steps)
         return ddim.timesteps.to(torch.long)
 
-    def grid(self, num_steps: int, final: FinalPoint = "config") -> TimeGrid:
+    def grid(self, num_steps: int, final: FinalPoint | None = None) -> TimeGrid:
         """Evaluation timesteps plus the end point.
 
         ``final``: ``"config"`` uses the config's ``final_alpha_cumprod`` (DDIM ``set_alpha_to_one``),
         ``"zero"`` ends at n = 0 (DPM-Solver ``final_sigmas_type="zero"``), ``"first"`` ends at
-        ``alphas_cumprod[0]`` (``final_sigmas_type="sigma_min"``).
+        ``alphas_cumprod[0]`` (``final_sigmas_type="sigma_min"``); ``None``: :attr:`final_point`.
         """
-        ts = self.timesteps(num_steps)
+        return self.grid_at(self.timesteps(num_steps), final)
+
+    def grid_at(self, timesteps: torch.Tensor, final: FinalPoint | None = None) -> TimeGrid:
+        """The grid on given integer ``timesteps`` (strictly decreasing, in [0, T - 1]) plus the end point."""
+        ts = torch.as_tensor(timesteps, dtype=torch.long)
+        if ts.ndim != 1 or len(ts) < 1 or bool((ts[1:] >= ts[:-1]).any()) or int(ts.min()) < 0 \
+                or int(ts.max()) >= self.num_train_timesteps:
+            raise ValueError(f"timesteps must be strictly decreasing integers in 0..{self.num_train_timesteps - 1}, "
+                             f"got {ts.tolist()}")
+        final = self.final_point if final is None else final
         abar = self.alphas_cumprod[ts]
         if final == "config":
             abar_end = self.final_alpha_cumprod

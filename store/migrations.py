@@ -19,6 +19,7 @@ every earlier version automatically.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -216,6 +217,67 @@ def m0003_previews_jobs_finals(db: sqlite_utils.Database) -> None:
             UNIQUE (preview_id, final_id)
         ) STRICT""",
     ])
+
+
+@migration
+def m0004_checkpoints_per_model(db: sqlite_utils.Database) -> None:
+    """A checkpoint belongs to one model: its identity (key, schedule family, the identity JSON), and
+    the active checkpoint is per model (``checkpoint_assignments``), with explicit transfers labelled.
+
+    Existing checkpoints are assigned to the model their dataset was built with (the training run's
+    ``dataset`` folder holds the dataset's shards), else to the model id they recorded; a store that
+    knew only model ids gets the key ``legacy:<model id>`` (``embedded`` for the embedded model),
+    which the resolver matches by model id. The one global active checkpoint becomes the active
+    checkpoint of its model. A checkpoint whose model cannot be found stays, inactive.
+    """
+    _run(db, [
+        "ALTER TABLE solver_checkpoints ADD COLUMN model_key TEXT",
+        "ALTER TABLE solver_checkpoints ADD COLUMN model_family TEXT",
+        "ALTER TABLE solver_checkpoints ADD COLUMN model_identity TEXT NOT NULL DEFAULT '{}'",
+        """CREATE TABLE checkpoint_assignments (
+            model_key TEXT PRIMARY KEY,
+            checkpoint_id INTEGER NOT NULL REFERENCES solver_checkpoints(id) ON DELETE CASCADE,
+            transferred INTEGER NOT NULL DEFAULT 0 CHECK (transferred IN (0, 1)),
+            assigned_at TEXT NOT NULL
+        ) STRICT""",
+        "CREATE INDEX solver_checkpoints_model ON solver_checkpoints(model_key, id)",
+    ])
+    datasets = [(r[0], [str(Path(p).parent) for p in _json_list(r[1])])
+                for r in db.execute("SELECT model_id, shard_paths FROM datasets ORDER BY id").fetchall()]
+    rows = db.execute(
+        "SELECT c.id, c.model_id, c.active, r.config FROM solver_checkpoints c "
+        "LEFT JOIN training_runs r ON r.id = c.training_run_id ORDER BY c.id"
+    ).fetchall()
+    for checkpoint_id, model_id, active, run_config in rows:
+        config = _json_dict(run_config)
+        folder = (config.get("values") if isinstance(config.get("values"), dict) else config).get("dataset")
+        from_dataset = next((m for m, folders in datasets if folder and str(Path(str(folder))) in folders), None)
+        model_id = from_dataset or model_id
+        if not model_id:
+            log.warning("solver checkpoint #%s records no model and no dataset; it stays unassigned", checkpoint_id)
+            continue
+        key = "embedded" if model_id == "embedded" else f"legacy:{model_id}"
+        db.execute("UPDATE solver_checkpoints SET model_id = ?, model_key = ? WHERE id = ?", [model_id, key, checkpoint_id])
+        if active:
+            db.execute("INSERT OR REPLACE INTO checkpoint_assignments (model_key, checkpoint_id, transferred, assigned_at) "
+                       "VALUES (?, ?, 0, ?)", [key, checkpoint_id, utc_now()])
+    _run(db, ["DROP INDEX solver_checkpoints_one_active", "UPDATE solver_checkpoints SET active = 0"])
+
+
+def _json_list(text: str | None) -> list:
+    try:
+        value = json.loads(text or "[]")
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+def _json_dict(text: str | None) -> dict:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 # -- runner -------------------------------------------------------------------------------------

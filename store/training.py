@@ -1,8 +1,11 @@
 """Solver checkpoints, training runs with per-update metrics, and offline dataset indexes.
 
 Checkpoint weights are safetensors bytes with a sha256 over the whole blob, checked on every load;
-configs and metrics are JSON. At most one checkpoint is active: a partial unique index enforces
-it in the database, and :meth:`TrainingStore.set_active_checkpoint` switches in one transaction.
+configs and metrics are JSON. A checkpoint belongs to the model it was trained on (``model_key``,
+``model_family``, the identity JSON; see ``preview.identity``). Each model has at most one active
+checkpoint (``checkpoint_assignments``, keyed by model key): its own, or, when assigned explicitly
+with :meth:`TrainingStore.assign_checkpoint`, one transferred from another model of the same
+schedule family, which stays labelled as transferred.
 """
 
 from __future__ import annotations
@@ -36,6 +39,24 @@ class Checkpoint:
     training_run_id: int | None
     weights_sha256: str
     created_at: str
+    model_key: str | None = None
+    model_family: str | None = None
+    identity: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The checkpoint in force for one model; ``transferred``: trained on another model."""
+
+    model_key: str
+    checkpoint: Checkpoint
+    transferred: bool
+    assigned_at: str
+
+
+def legacy_key(model_id: str) -> str:
+    """The model key of a checkpoint that recorded only a model id (stores before m0004)."""
+    return "embedded" if model_id == "embedded" else f"legacy:{model_id}"
 
 
 @dataclass(frozen=True)
@@ -79,7 +100,8 @@ class Dataset:
 def _checkpoint(r: Mapping[str, Any]) -> Checkpoint:
     return Checkpoint(id=r["id"], name=r["name"], model_id=r["model_id"], config=json.loads(r["config"]),
                       metrics=json.loads(r["metrics"]), active=bool(r["active"]), training_run_id=r["training_run_id"],
-                      weights_sha256=r["weights_sha256"], created_at=r["created_at"])
+                      weights_sha256=r["weights_sha256"], created_at=r["created_at"], model_key=r["model_key"],
+                      model_family=r["model_family"], identity=json.loads(r["model_identity"]) or None)
 
 
 def _run(r: Mapping[str, Any]) -> TrainingRun:
@@ -87,7 +109,12 @@ def _run(r: Mapping[str, Any]) -> TrainingRun:
                        created_at=r["created_at"], updated_at=r["updated_at"], finished_at=r["finished_at"])
 
 
-_CHECKPOINT_COLUMNS = "id, name, model_id, config, metrics, active, training_run_id, weights_sha256, created_at"
+# ``active``: the checkpoint is in force for its own model (not counting transfers to other models).
+_CHECKPOINT_COLUMNS = (
+    "c.id, c.name, c.model_id, c.config, c.metrics, c.training_run_id, c.weights_sha256, c.created_at, c.model_key, "
+    "c.model_family, c.model_identity, EXISTS (SELECT 1 FROM checkpoint_assignments a WHERE a.checkpoint_id = c.id "
+    "AND a.model_key = c.model_key AND a.transferred = 0) AS active"
+)
 
 
 class TrainingStore(JobStore):
@@ -105,9 +132,26 @@ class TrainingStore(JobStore):
         model_id: str | None = None,
         training_run_id: int | None = None,
         activate: bool = False,
+        identity: Mapping[str, Any] | None = None,
     ) -> int:
-        """Store a solver checkpoint (weights via safetensors, never pickle) and return its id."""
+        """Store a solver checkpoint (weights via safetensors, never pickle) and return its id.
+
+        ``identity``: the model's identity dict (``preview.identity.ModelIdentity.to_dict()``: ``key``,
+        ``family``, ``model_id``, ...); without it the checkpoint is keyed by ``model_id`` alone.
+        ``activate``: make it the active checkpoint of that model.
+        """
         check_text(name, "name", max_len=200)
+        if identity is not None:
+            if not isinstance(identity, Mapping) or not all(isinstance(identity.get(k), str) and identity.get(k)
+                                                            for k in ("key", "family", "model_id")):
+                raise ValueError("identity must be a mapping with non-empty string key, family and model_id")
+            if model_id is not None and model_id != identity["model_id"]:
+                raise ValueError(f"model_id {model_id!r} differs from the identity's {identity['model_id']!r}")
+            model_id = identity["model_id"]
+        model_key = identity["key"] if identity is not None else (legacy_key(model_id) if model_id else None)
+        model_family = identity["family"] if identity is not None else None
+        if activate and model_key is None:
+            raise ValueError("activate: a checkpoint that records no model cannot be active for one (pass model_id or identity)")
         if not isinstance(weights, Mapping) or not weights or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
         ):
@@ -122,24 +166,29 @@ class TrainingStore(JobStore):
                 raise NotFoundError("training_runs", training_run_id)
             cur = db.execute(
                 "INSERT INTO solver_checkpoints (name, model_id, config, weights, weights_sha256, metrics, active, "
-                "training_run_id, created_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
-                [name, model_id, config_json, blob, hashlib.sha256(blob).hexdigest(), metrics_json, training_run_id, utc_now()],
+                "training_run_id, created_at, model_key, model_family, model_identity) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
+                [name, model_id, config_json, blob, hashlib.sha256(blob).hexdigest(), metrics_json, training_run_id, utc_now(),
+                 model_key, model_family, dumps_json(dict(identity or {}), "identity")],
             )
             checkpoint_id = int(cur.lastrowid)  # type: ignore[arg-type]
             if activate:
-                self.set_active_checkpoint(checkpoint_id)
+                db.execute("INSERT OR REPLACE INTO checkpoint_assignments (model_key, checkpoint_id, transferred, "
+                           "assigned_at) VALUES (?, ?, 0, ?)", [model_key, checkpoint_id, utc_now()])
         return checkpoint_id
 
     def get_checkpoint(self, checkpoint_id: int) -> Checkpoint:
         """Checkpoint ``checkpoint_id`` without weights. :raises NotFoundError:"""
-        row = self.query_one(f"SELECT {_CHECKPOINT_COLUMNS} FROM solver_checkpoints WHERE id = ?", [checkpoint_id])
+        row = self.query_one(f"SELECT {_CHECKPOINT_COLUMNS} FROM solver_checkpoints c WHERE c.id = ?", [checkpoint_id])
         if row is None:
             raise NotFoundError("solver_checkpoints", checkpoint_id)
         return _checkpoint(row)
 
-    def list_checkpoints(self) -> list[Checkpoint]:
-        """All checkpoints with their metrics, newest first."""
-        return [_checkpoint(r) for r in self.query(f"SELECT {_CHECKPOINT_COLUMNS} FROM solver_checkpoints ORDER BY id DESC")]
+    def list_checkpoints(self, model_key: str | None = None) -> list[Checkpoint]:
+        """All checkpoints (or those trained on the model ``model_key``) with their metrics, newest first."""
+        if model_key is None:
+            return [_checkpoint(r) for r in self.query(f"SELECT {_CHECKPOINT_COLUMNS} FROM solver_checkpoints c ORDER BY c.id DESC")]
+        return [_checkpoint(r) for r in self.query(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM solver_checkpoints c WHERE c.model_key = ? ORDER BY c.id DESC", [model_key])]
 
     def load_checkpoint_weights(self, checkpoint_id: int) -> dict[str, torch.Tensor]:
         """The checkpoint's tensors, after checking the blob's sha256. :raises BlobIntegrityError:"""
@@ -160,19 +209,74 @@ class TrainingStore(JobStore):
             if cur.rowcount == 0:
                 raise NotFoundError("solver_checkpoints", checkpoint_id)
 
-    def set_active_checkpoint(self, checkpoint_id: int | None) -> None:
-        """Make ``checkpoint_id`` the only active checkpoint (``None``: none active). One transaction."""
-        with self.transaction() as db:
-            if checkpoint_id is not None and not db.execute("SELECT 1 FROM solver_checkpoints WHERE id = ?", [checkpoint_id]).fetchone():
-                raise NotFoundError("solver_checkpoints", checkpoint_id)
-            db.execute("UPDATE solver_checkpoints SET active = 0 WHERE active = 1")
-            if checkpoint_id is not None:
-                db.execute("UPDATE solver_checkpoints SET active = 1 WHERE id = ?", [checkpoint_id])
+    def set_active_checkpoint(self, checkpoint_id: int | None, *, model_key: str | None = None) -> None:
+        """Make ``checkpoint_id`` the active checkpoint of the model it was trained on (one transaction).
 
-    def get_active_checkpoint(self) -> Checkpoint | None:
-        """The active checkpoint, or ``None``."""
-        row = self.query_one(f"SELECT {_CHECKPOINT_COLUMNS} FROM solver_checkpoints WHERE active = 1")
-        return None if row is None else _checkpoint(row)
+        ``None`` with ``model_key``: no checkpoint active for that model; ``None`` alone: none for any.
+        """
+        if checkpoint_id is None:
+            with self.transaction() as db:
+                if model_key is None:
+                    db.execute("DELETE FROM checkpoint_assignments")
+                else:
+                    db.execute("DELETE FROM checkpoint_assignments WHERE model_key = ?", [model_key])
+            return
+        ckpt = self.get_checkpoint(checkpoint_id)
+        if ckpt.model_key is None:
+            raise ValueError(f"checkpoint_id: checkpoint #{checkpoint_id} records no model, so it cannot be active for one")
+        if model_key is not None and model_key != ckpt.model_key:
+            raise ValueError(f"model_key: checkpoint #{checkpoint_id} was trained for {ckpt.model_id}; "
+                             "use assign_checkpoint to use it for another model")
+        self._assign(ckpt.model_key, checkpoint_id, transferred=False)
+
+    def assign_checkpoint(self, checkpoint_id: int, model_key: str, *, family: str) -> bool:
+        """Use checkpoint ``checkpoint_id`` for the model ``model_key`` (of schedule ``family``).
+
+        Returns whether this is a transfer (the checkpoint was trained on another model). A transfer
+        is recorded as such; one across schedule families is refused, and nothing is written.
+        """
+        check_text(model_key, "model_key", max_len=1000)
+        ckpt = self.get_checkpoint(checkpoint_id)
+        transferred = ckpt.model_key != model_key
+        if transferred:
+            if ckpt.model_family is None:
+                raise ValueError(f"checkpoint_id: checkpoint #{checkpoint_id} records no schedule family (an older "
+                                 "checkpoint), so it cannot be transferred to another model")
+            if ckpt.model_family != family:
+                raise ValueError(f"checkpoint_id: checkpoint #{checkpoint_id} was trained on a {ckpt.model_family} model "
+                                 f"({ckpt.model_id}); this model is {family}, another schedule family")
+        self._assign(model_key, checkpoint_id, transferred=transferred)
+        return transferred
+
+    def _assign(self, model_key: str, checkpoint_id: int, *, transferred: bool) -> None:
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM solver_checkpoints WHERE id = ?", [checkpoint_id]).fetchone():
+                raise NotFoundError("solver_checkpoints", checkpoint_id)
+            db.execute("INSERT OR REPLACE INTO checkpoint_assignments (model_key, checkpoint_id, transferred, assigned_at) "
+                       "VALUES (?, ?, ?, ?)", [model_key, checkpoint_id, int(transferred), utc_now()])
+
+    def get_assignment(self, *model_keys: str) -> Assignment | None:
+        """The checkpoint in force for the first of ``model_keys`` that has one, or ``None``."""
+        for key in model_keys:
+            row = self.query_one("SELECT checkpoint_id, transferred, assigned_at FROM checkpoint_assignments "
+                                 "WHERE model_key = ?", [key])
+            if row is not None:
+                return Assignment(key, self.get_checkpoint(row["checkpoint_id"]), bool(row["transferred"]),
+                                  row["assigned_at"])
+        return None
+
+    def list_assignments(self) -> list[Assignment]:
+        """Every model's checkpoint in force, newest assignment first."""
+        rows = self.query("SELECT model_key FROM checkpoint_assignments ORDER BY assigned_at DESC, rowid DESC")
+        return [a for a in (self.get_assignment(r["model_key"]) for r in rows) if a is not None]
+
+    def get_active_checkpoint(self, model_key: str | None = None) -> Checkpoint | None:
+        """The checkpoint in force for ``model_key`` (``None``: the most recently activated one of any model)."""
+        if model_key is not None:
+            found = self.get_assignment(model_key)
+            return None if found is None else found.checkpoint
+        assignments = self.list_assignments()
+        return assignments[0].checkpoint if assignments else None
 
     # -- training runs ------------------------------------------------------------------------
 

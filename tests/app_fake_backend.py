@@ -153,5 +153,13 @@ class FakeBackend:
             raise ValueError(f"Checkpoint id: there is no checkpoint #{checkpoint_id}")
         return "fake"
 
+    def assign_checkpoint(self, checkpoint_id: int) -> str:
+        if checkpoint_id != 1:
+            raise ValueError(f"Checkpoint id: there is no checkpoint #{checkpoint_id}")
+        return "fake, transferred from other"
+
+    def solver_status(self) -> str:
+        return "ConsistencySolver, not yet trained for this model: runs DPM-Solver-2"
+
     def close(self) -> None:
         pass

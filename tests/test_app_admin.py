@@ -84,6 +84,8 @@ def test_admin_commands_are_accepted_by_the_training_clis(admin, monkeypatch):
     (lambda a: next(a.evaluate(True, "x", "0,3", 1)), "Steps"),
     (lambda a: next(a.evaluate(True, "", "3", 1)), "Held-out prompts"),
     (lambda a: a.activate(True, 2), "Checkpoint id"),
+    (lambda a: a.assign(True, 2), "Checkpoint id"),
+    (lambda a: a.assign(True, "x"), "Checkpoint id"),
 ])
 def test_bad_admin_input_names_the_field_and_starts_nothing(admin, call, field):
     with pytest.raises(gr.Error, match=field):

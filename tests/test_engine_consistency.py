@@ -37,20 +37,25 @@ def test_consistency_falls_back_to_shipped_then_zero_init(store, tmp_path, monke
     model = TinyUNetDenoiser(size=8)
     monkeypatch.setattr(solvers, "SHIPPED_CHECKPOINT_DIRS", (tmp_path / "none",))
     zero = solvers.resolve_solver("consistency", model, store)
-    assert zero.checkpoint_id is None and "zero-init" in zero.description
+    assert zero.checkpoint_id is None and "not yet trained for this model: runs DPM-Solver-2" in zero.description
+
+    from preview.identity import model_identity, write_identity
 
     shipped = ConsistencyPolicy()
     with torch.no_grad():
         shipped.net[-1].bias.fill_(0.1)
     shipped.save(tmp_path / "shipped")
     monkeypatch.setattr(solvers, "SHIPPED_CHECKPOINT_DIRS", (tmp_path / "none", tmp_path / "shipped"))
+    assert solvers.resolve_solver("consistency", model, store).description == zero.description  # the embedded model's
+    write_identity(tmp_path / "shipped", model_identity(model))
     picked = solvers.resolve_solver("consistency", model, store)
     assert "shipped" in picked.description and picked.checkpoint_id is None
     grid = picked.solver.grid(4)
     assert torch.equal(picked.solver.table_fn(grid), shipped.eval().coefficient_table(grid))
 
     active = ConsistencyPolicy()
-    ckpt = store.add_checkpoint("active", config=active.config_dict(), weights=active.state_dict(), activate=True)
+    ckpt = store.add_checkpoint("active", config=active.config_dict(), weights=active.state_dict(), activate=True,
+                                identity=model_identity(model).to_dict())
     assert solvers.resolve_solver("consistency", model, store).checkpoint_id == ckpt  # the store's wins
 
 

@@ -104,9 +104,9 @@ def test_results_stream_chunk_by_chunk(store):
 
 
 def test_consistency_solver_resolution(worker, store, monkeypatch):
-    """No checkpoint anywhere: the zero-init policy, which is exactly its base rule (DPM-Solver-2 in
-    eq. 10 form). A checkpoint shipped with the code comes next, and an active checkpoint in the store
-    wins over both and is recorded."""
+    """No checkpoint for this model: the zero-init policy, which is exactly its base rule (DPM-Solver-2 in
+    eq. 10 form); the shipped checkpoint is the embedded model's, so it is not used here. An active
+    checkpoint in the store for this model wins and is recorded."""
     import preview.solvers
     from solver.policy import ConsistencyPolicy
 
@@ -114,22 +114,27 @@ def test_consistency_solver_resolution(worker, store, monkeypatch):
     base = dict(prompts=["a red circle"], seeds=[0, 1], steps=4, guidance=3.0)
     shipped = preview.solvers.shipped_checkpoint_dir()
     assert shipped is not None, "the repository ships a default ConsistencySolver checkpoint"
-    from_shipped = list(engine.run(PreviewRequest(**base)))
+    from_shipped = list(engine.run(PreviewRequest(**base)))  # ... for the embedded model, not this one
     assert from_shipped[0].checkpoint_id is None
-    assert "shipped" in read_png_parameters(store.get_preview(from_shipped[0].preview_id).png)["Preview solver"]
+    assert "not yet trained for this model" in read_png_parameters(
+        store.get_preview(from_shipped[0].preview_id).png)["Preview solver"]
 
     monkeypatch.setattr(preview.solvers, "SHIPPED_CHECKPOINT_DIRS", ())
     zero = list(engine.run(PreviewRequest(**base)))
     rule = list(engine.run(PreviewRequest(**base, solver="rule:dpm2m")))
     assert zero[0].solver == "consistency" and zero[0].checkpoint_id is None
-    assert "zero-init" in read_png_parameters(store.get_preview(zero[0].preview_id).png)["Preview solver"]
+    assert "not yet trained for this model: runs DPM-Solver-2" in read_png_parameters(
+        store.get_preview(zero[0].preview_id).png)["Preview solver"]
     for a, b in zip(zero, rule):
         assert torch.equal(a.pixels, b.pixels)
 
     policy = ConsistencyPolicy()
     with torch.no_grad():
         policy.net[-1].bias.fill_(0.3)  # a trained-looking checkpoint that differs from the base rule
-    ckpt = store.add_checkpoint("test-policy", config=policy.config_dict(), weights=policy.state_dict(), activate=True)
+    from preview.identity import model_identity
+
+    ckpt = store.add_checkpoint("test-policy", config=policy.config_dict(), weights=policy.state_dict(), activate=True,
+                                identity=model_identity(worker.model).to_dict())
     learned = list(engine.run(PreviewRequest(**base)))
     assert learned[0].checkpoint_id == ckpt
     assert store.get_preview(learned[0].preview_id).checkpoint_id == ckpt

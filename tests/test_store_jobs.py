@@ -239,24 +239,43 @@ def test_two_workers_never_claim_one_job(tmp_path: Path) -> None:
     shared.close()
 
 
-def test_checkpoints_one_active_enforced(s: store.Store) -> None:
+def test_checkpoints_one_active_per_model_enforced(s: store.Store) -> None:
     run = s.start_training_run({"lr": 3e-4}, name="ppo")
-    a = s.add_checkpoint("a", config={"steps": 4}, weights={"w": torch.ones(3)}, training_run_id=run, activate=True)
-    b = s.add_checkpoint("b", config={"steps": 4}, weights={"w": torch.zeros(3)}, metrics={"reward": 0.5})
-    assert s.get_active_checkpoint().id == a
+    a = s.add_checkpoint("a", config={"steps": 4}, weights={"w": torch.ones(3)}, training_run_id=run, activate=True,
+                         model_id="m")
+    b = s.add_checkpoint("b", config={"steps": 4}, weights={"w": torch.zeros(3)}, metrics={"reward": 0.5}, model_id="m")
+    assert s.get_active_checkpoint("legacy:m").id == a
     s.set_active_checkpoint(b)
     assert [(c.id, c.active) for c in s.list_checkpoints()] == [(b, True), (a, False)]
     assert s.get_checkpoint(b).metrics == {"reward": 0.5}
     s.set_checkpoint_metrics(a, {"reward": 0.7})
     assert s.get_checkpoint(a).metrics == {"reward": 0.7}
-    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):  # the database itself refuses two
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):  # the database itself refuses two for one model
         with s.transaction() as db:
-            db.execute("UPDATE solver_checkpoints SET active = 1")
-    assert s.get_active_checkpoint().id == b
+            db.execute("INSERT INTO checkpoint_assignments (model_key, checkpoint_id, assigned_at) VALUES ('legacy:m', ?, 'x')", [a])
+    assert s.get_active_checkpoint("legacy:m").id == b
     with pytest.raises(ValueError, match="name 'a' is already used"):
         s.add_checkpoint("a", config={}, weights={"w": torch.ones(1)})
     s.set_active_checkpoint(None)
     assert s.get_active_checkpoint() is None
+
+
+def test_checkpoints_belong_to_their_model_and_transfer_only_within_a_family(s: store.Store) -> None:
+    ident = {"model_id": "A", "key": "ka", "family": "vp/epsilon", "schedule_sha256": "0" * 64}
+    a = s.add_checkpoint("on-a", config={}, weights={"w": torch.ones(1)}, identity=ident, activate=True)
+    assert s.get_active_checkpoint("ka").id == a and s.get_assignment("kb") is None  # model B: nothing
+    with pytest.raises(ValueError, match="checkpoint_id: .*vp/epsilon.*flow/flow_prediction"):
+        s.assign_checkpoint(a, "kf", family="flow/flow_prediction")
+    assert s.get_assignment("kf") is None  # nothing written
+    assert s.assign_checkpoint(a, "kb", family="vp/epsilon") is True
+    found = s.get_assignment("kb")
+    assert found.checkpoint.id == a and found.transferred and found.checkpoint.model_id == "A"
+    assert s.get_assignment("ka").transferred is False
+    s.set_active_checkpoint(None, model_key="kb")
+    assert s.get_assignment("kb") is None and s.get_assignment("ka").checkpoint.id == a
+    with pytest.raises(ValueError, match="activate: .*records no model"):
+        s.add_checkpoint("nomodel", config={}, weights={"w": torch.ones(1)}, activate=True)
+    assert all(c.name != "nomodel" for c in s.list_checkpoints())
 
 
 def test_training_runs_metrics_and_datasets(s: store.Store) -> None:

@@ -75,7 +75,8 @@ def test_eight_concurrent_writers_no_lock_errors(tmp_path: Path) -> None:
     path = tmp_path / "load.sqlite3"
     with store.open_store(path) as s:
         run_id = s.start_training_run({"load": True})
-        checkpoints = [s.add_checkpoint(f"c{i}", config={}, weights={"w": torch.full((2,), float(i))}) for i in range(3)]
+        checkpoints = [s.add_checkpoint(f"c{i}", config={}, weights={"w": torch.full((2,), float(i))}, model_id="m")
+                       for i in range(3)]
 
     ctx = mp.get_context("fork")
     q = ctx.Queue()
@@ -123,6 +124,6 @@ def test_eight_concurrent_writers_no_lock_errors(tmp_path: Path) -> None:
     # No job was claimed twice: one queued->running event per job at most.
     assert count("SELECT count(*) AS n FROM (SELECT job_id FROM refine_job_events WHERE to_state = 'running' "
                  "GROUP BY job_id HAVING count(*) > 1)") == 0
-    assert count("SELECT count(*) AS n FROM solver_checkpoints WHERE active = 1") == 1
+    assert count("SELECT count(*) AS n FROM checkpoint_assignments WHERE model_key = 'legacy:m'") == 1
     assert s.verify_blobs() == []
     shared.close()

@@ -17,6 +17,7 @@ from store.migrations import MIGRATIONS, Migration, apply_migrations
 FINAL_TABLES = {
     "migrations", "prompts", "noise", "generations", "training_runs", "training_metrics", "datasets",
     "solver_checkpoints", "previews", "refine_jobs", "refine_job_events", "finals", "consistency",
+    "checkpoint_assignments",
 }
 
 
@@ -94,6 +95,33 @@ def test_from_every_earlier_version(tmp_path: Path, n: int) -> None:
         s.add_generation(model_id="m", prompt="new", seed=1, height=8, width=8, guidance=1.0)
     assert recorded(path) == [m.name for m in MIGRATIONS]
     assert tables(path) == FINAL_TABLES
+
+
+def test_m0004_assigns_existing_checkpoints_to_their_datasets_model(tmp_path: Path) -> None:
+    """Before m0004 one checkpoint was active for every model; after it, each existing checkpoint
+    belongs to the model its dataset was built with, and the active one only serves that model."""
+    path = tmp_path / "s.sqlite3"
+    n = next(i for i, m in enumerate(MIGRATIONS) if m.name == "m0004_checkpoints_per_model")
+    schema_at(path, n)
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO datasets (name, model_id, reference_sampler, prompt_file_sha256, shard_paths, created_at) "
+                 "VALUES ('d', '/models/sd-a', 'ddim', ?, '[\"/work/ds/shard-0.safetensors\"]', 'x')", ["0" * 64])
+    conn.execute("INSERT INTO training_runs (name, config, state, created_at, updated_at) "
+                 "VALUES ('r', '{\"values\": {\"dataset\": \"/work/ds\"}}', 'done', 'x', 'x')")
+    for name, model_id, active, run in (("from-run", None, 1, 1), ("embedded-one", "embedded", 0, None),
+                                        ("orphan", None, 0, None)):
+        conn.execute("INSERT INTO solver_checkpoints (name, model_id, config, weights, weights_sha256, active, "
+                     "training_run_id, created_at) VALUES (?, ?, '{}', x'00', ?, ?, ?, 'x')", [name, model_id, "0" * 64, active, run])
+    conn.commit()
+    conn.close()
+    with store.open_store(path) as s:
+        assert s.backup_path is not None
+        by_name = {c.name: c for c in s.list_checkpoints()}
+        assert by_name["from-run"].model_id == "/models/sd-a" and by_name["from-run"].model_key == "legacy:/models/sd-a"
+        assert by_name["from-run"].active and not by_name["embedded-one"].active
+        assert by_name["embedded-one"].model_key == "embedded" and by_name["orphan"].model_key is None
+        assert s.get_active_checkpoint("legacy:/models/sd-a").name == "from-run"
+        assert s.get_active_checkpoint("embedded") is None  # the other model's previews are not touched
 
 
 def test_backup_is_a_full_copy_taken_before_migrating(tmp_path: Path) -> None:

@@ -441,10 +441,14 @@ def _centred(v: torch.Tensor) -> torch.Tensor:
 
 
 def save_distilled(policy: ConsistencyPolicy, config: DistillConfig, log: list[dict], folder: Path,
-                   fit: dict[str, Any] | None = None) -> None:
-    """The policy plus ``train_config.json`` (values and field docs) and ``metrics.json`` (the update log
-    and the regression's errors)."""
+                   fit: dict[str, Any] | None = None, model: Any = None) -> None:
+    """The policy plus ``train_config.json`` (values and field docs), ``metrics.json`` (the update log
+    and the regression's errors) and, given ``model``, ``model_identity.json`` (the model it belongs to)."""
     policy.save(folder)
+    if model is not None:
+        from preview.identity import model_identity, write_identity
+
+        write_identity(folder, model_identity(model))
     (folder / "train_config.json").write_text(json.dumps({"values": asdict(config), "docs": {
         f.name: f.metadata.get("doc", "") for f in fields(DistillConfig)}}, indent=1))
     (folder / "metrics.json").write_text(json.dumps({"updates": log, "fit": fit}, indent=1))
@@ -469,7 +473,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     dataset = load_dataset(config.dataset, model_id=model.model_id, reference_solver=FULL_STEP_SOLVER)
     policy, log, fit = distill(config, model, dataset)
     final = Path(config.out) / "final"
-    save_distilled(policy, config, log, final, fit)
+    save_distilled(policy, config, log, final, fit, model=model)
     print(json.dumps({"final": str(final), "updates": len(log), "last": log[-1] if log else None,
                       "fit": None if fit is None else {k: v for k, v in fit.items() if k != "tables"}}))
     return 0

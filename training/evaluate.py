@@ -14,8 +14,9 @@ pairs, so each ConsistencySolver row also carries ``verdict_paired``: against ea
 the pairs only ours gets right (agrees with the final), the pairs only the baseline gets right, and the
 exact two-sided McNemar p-value of that split (a difference of a few pairs is within noise).
 The reference is refine's full-step sampler (``refine.full_step``). ``consistency`` is the solver the
-engine would use (the store's active checkpoint, else the shipped one, else the zero-initialised
-policy); ``consistency:PATH`` a given checkpoint. A policy with a learned time grid is also evaluated
+engine would use for the loaded model (the store's active checkpoint for it, else the one shipped for
+it, else the zero-initialised policy); ``consistency:PATH`` a given checkpoint (refused across schedule
+families). A policy with a learned time grid is also evaluated
 on the fixed grid (``<name>@fixed-grid``).
 
 Summary (in the JSON and on stdout): per solver the smallest K whose adherence is within 2 points of
@@ -75,7 +76,6 @@ def parse_solvers(text: str) -> list[str]:
 
 def resolve_solvers(names: Sequence[str], model: Any, store: Any = None) -> list[NamedSolver]:
     """Solver objects for ``names``; checkpoints are loaded (and checked) here, before any sampling."""
-    from solver.policy import ConsistencyPolicy
     from solver.registry import LMMSolver, get_solver
     from solver.schedules import schedule_from_config
 
@@ -85,10 +85,13 @@ def resolve_solvers(names: Sequence[str], model: Any, store: Any = None) -> list
         if name == "consistency":
             from preview.solvers import resolve_policy
 
-            policy, description, _ = resolve_policy(store)
+            policy, description, _ = resolve_policy(store, model)
             logger.info("consistency = %s", description)
         elif name.startswith("consistency:"):
-            policy = ConsistencyPolicy.load(name.split(":", 1)[1])
+            from preview.solvers import resolve_path_policy
+
+            policy, description = resolve_path_policy(name.split(":", 1)[1], model)
+            logger.info("%s = %s", name, description)
         if policy is None:
             out.append(NamedSolver(name, get_solver(name, model.scheduler_config), False))
             continue

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from preview.identity import model_identity, write_identity
 from solver.policy import ConsistencyPolicy, free_mask
 from solver.schedules import TimeGrid
 from training.config import TrainConfig
@@ -324,6 +325,7 @@ class PPOTrainer:
         tmp = folder.with_name(folder.name + ".tmp")
         tmp.mkdir(exist_ok=True)
         self.policy.save(tmp)
+        write_identity(tmp, model_identity(self.model))  # the model this policy belongs to
         (tmp / TRAIN_CONFIG_NAME).write_text(json.dumps(
             {"values": self.cfg.to_dict(), "docs": TrainConfig.field_docs()}, indent=1))
         save_file(_optimizer_tensors(self.optimizer), str(tmp / OPTIMIZER_NAME))
@@ -364,8 +366,8 @@ class PPOTrainer:
         config = dict(self.policy.config_dict(), model_id=self.model.model_id, train=self.cfg.to_dict())
         weights = {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
         checkpoint_id = self.store.add_checkpoint(name, config=config, weights=weights, metrics=metrics,
-                                                  model_id=self.model.model_id, training_run_id=self.run_id,
-                                                  activate=activate)
+                                                  identity=model_identity(self.model).to_dict(),
+                                                  training_run_id=self.run_id, activate=activate)
         self._stored = (self.update, checkpoint_id)
         return checkpoint_id
 

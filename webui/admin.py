@@ -212,7 +212,20 @@ class Admin:
         except (FieldError, ValueError, LookupError) as exc:
             raise gr.Error(str(exc), title="Check the input") from None
         self.backend.reload_solver()
-        return f"Checkpoint #{cid} ({name}) is now the active ConsistencySolver.", self.backend.checkpoints_table()
+        return (f"Checkpoint #{cid} ({name}) is now the active ConsistencySolver for this model. "
+                f"Previews run: {self.backend.solver_status()}", self.backend.checkpoints_table())
+
+    def assign(self, unlocked: bool, checkpoint_id: Any) -> tuple[str, Any]:
+        """“Use for this model too”: run a checkpoint trained on another model (same schedule family) here."""
+        self._check(unlocked)
+        try:
+            cid = parse_int(checkpoint_id, "Checkpoint id", 1, 2**62)
+            name = self.backend.assign_checkpoint(cid)
+        except (FieldError, ValueError, LookupError) as exc:
+            raise gr.Error(str(exc), title="Check the input") from None
+        self.backend.reload_solver()
+        return (f"This model now runs checkpoint #{cid} ({name}). Previews run: {self.backend.solver_status()}",
+                self.backend.checkpoints_table())
 
     def evaluate(self, unlocked: bool, prompts_text: str | None, steps_text: str | None,
                  seeds: Any) -> Iterator[tuple[str, Any]]:

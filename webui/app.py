@@ -180,10 +180,14 @@ def admin_tab(admin: Admin) -> SimpleNamespace:
                     stop_btn = gr.Button("Stop", variant="stop", scale=0)
                 reward_plot = gr.LinePlot(x="update", y="reward", title="Mean reward per update", height=260)
             with gr.Accordion("3. Checkpoints", open=True):
+                gr.Markdown("A checkpoint belongs to the model it was trained on. **Activate** one trained on "
+                            "this model; **Use for this model too** runs one trained on another model of the "
+                            "same schedule family here, labelled *transferred*.")
                 ckpts = gr.Dataframe(label="Checkpoints", interactive=False, wrap=True)
                 with gr.Row():
                     ckpt_id = gr.Number(label="Checkpoint id")
                     activate_btn = gr.Button("Activate", scale=0)
+                    assign_btn = gr.Button("Use for this model too", scale=0)
             with gr.Accordion("4. Evaluation", open=True):
                 ev_prompts = gr.Textbox(label="Held-out prompts (one per line, not used in training)", lines=3)
                 with gr.Row():
@@ -254,6 +258,8 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
                       ad.ppo_dataset], show_progress="hidden", api_name="admin_poll", **private)
         ad.activate_btn.click(admin.activate, [ad.unlocked, ad.ckpt_id], [ad.proc_status, ad.ckpts],
                               api_name="admin_activate", **private)
+        ad.assign_btn.click(admin.assign, [ad.unlocked, ad.ckpt_id], [ad.proc_status, ad.ckpts],
+                            api_name="admin_assign", **private)
         ad.ev_btn.click(admin.evaluate, [ad.unlocked, ad.ev_prompts, ad.ev_steps, ad.ev_seeds],
                         [ad.ev_table, ad.ev_plot], api_name="admin_evaluate", **private)
     return demo

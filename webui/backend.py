@@ -311,12 +311,47 @@ class EngineBackend:
         return pd.DataFrame({"update": [m.update_index for m in rows],
                              "reward": [float(m.metrics.get(key, nan)) if key else nan for m in rows]})
 
+    def _identity(self) -> Any:
+        from preview.identity import model_identity
+
+        if getattr(self, "_model_identity", None) is None:
+            self._model_identity = model_identity(self.model)
+        return self._model_identity
+
+    def solver_status(self) -> str:
+        """What ``consistency`` runs for the loaded model, in words (e.g. "not yet trained for this model")."""
+        from preview.solvers import resolve_policy
+
+        try:
+            return resolve_policy(self.store, self.model)[1]
+        except ValueError as exc:
+            return f"ConsistencySolver cannot run for this model: {exc}"
+
     def checkpoints_table(self) -> pd.DataFrame:
+        """Every checkpoint with the model it was trained on, what is in force for the loaded model, and
+        the shipped default (the embedded model's)."""
+        from preview.identity import read_identity, short_name
+        from preview.solvers import display_path, shipped_checkpoint_dir
+
+        ident = self._identity()
+        mine = self.store.get_assignment(ident.key, ident.legacy_key)
         rows = []
         for c in self.store.list_checkpoints():
             numbers = {k: v for k, v in c.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            rows.append({"id": c.id, "active": "✔" if c.active else "", "name": c.name, "model": c.model_id or "",
-                         "run": c.training_run_id, "created": c.created_at[:19], **numbers})
+            own = c.model_key in (ident.key, ident.legacy_key)
+            here = ""
+            if mine is not None and mine.checkpoint.id == c.id:
+                here = "✔ transferred here" if mine.transferred else "✔"
+            rows.append({"id": c.id, "this model": here, "active": "✔" if c.active else "", "name": c.name,
+                         "model": "this model" if own else short_name(c.model_id or "unknown"),
+                         "family": c.model_family or "", "run": c.training_run_id, "created": c.created_at[:19],
+                         **numbers})
+        shipped = shipped_checkpoint_dir()
+        if shipped is not None:
+            recorded = read_identity(shipped)
+            rows.append({"id": "shipped", "this model": "✔" if mine is None and shipped_checkpoint_dir(ident) else "",
+                         "name": display_path(shipped), "model": short_name(recorded) if recorded else "embedded",
+                         "family": recorded.family if recorded else ""})
         return pd.DataFrame(rows or [{"id": "", "name": "no checkpoints yet"}])
 
     def datasets(self) -> list[tuple[str, int]]:
@@ -337,13 +372,33 @@ class EngineBackend:
         return Path(d.shard_paths[0]).parent
 
     def activate_checkpoint(self, checkpoint_id: int) -> str:
+        """Make a checkpoint trained on the loaded model the one ``consistency`` runs for it."""
+        from preview.identity import short_name
         from store.errors import NotFoundError
 
+        ident = self._identity()
         try:
             ckpt = self.store.get_checkpoint(checkpoint_id)
         except NotFoundError:
             raise ValueError(f"Checkpoint id: there is no checkpoint #{checkpoint_id}") from None
-        if ckpt.model_id and ckpt.model_id != self.model_name:
-            raise ValueError(f"Checkpoint id: #{checkpoint_id} was trained for {ckpt.model_id}, not {self.model_name}")
+        if ckpt.model_key not in (ident.key, ident.legacy_key):
+            raise ValueError(f"Checkpoint id: #{checkpoint_id} was trained for {short_name(ckpt.model_id or 'an unknown model')}, "
+                             f"not {short_name(ident)}; use “Use for this model too” to transfer it")
         self.store.set_active_checkpoint(checkpoint_id)
         return ckpt.name
+
+    def assign_checkpoint(self, checkpoint_id: int) -> str:
+        """“Use for this model too”: record that the loaded model runs checkpoint ``checkpoint_id``
+        (labelled "transferred from A" when trained on another model); refused across schedule families."""
+        from preview.identity import short_name
+        from store.errors import NotFoundError
+
+        ident = self._identity()
+        try:
+            ckpt = self.store.get_checkpoint(checkpoint_id)
+            transferred = self.store.assign_checkpoint(checkpoint_id, ident.key, family=ident.family)
+        except NotFoundError:
+            raise ValueError(f"Checkpoint id: there is no checkpoint #{checkpoint_id}") from None
+        except ValueError as exc:
+            raise ValueError(f"Checkpoint id: {str(exc).removeprefix('checkpoint_id: ')}") from None
+        return f"{ckpt.name}, transferred from {short_name(ckpt.model_id or '?')}" if transferred else ckpt.name

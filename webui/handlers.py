@@ -99,7 +99,8 @@ class Handlers:
                     last = now
         except ValueError as exc:
             raise _error(exc) from None
-        yield self._grid(run, tiles, f"{len(tiles)} previews in {time.monotonic() - t0:.1f} s. "
+        ran = f" {b.solver_status()}." if settings.solver == "consistency" else ""  # which policy, in words
+        yield self._grid(run, tiles, f"{len(tiles)} previews in {time.monotonic() - t0:.1f} s.{ran} "
                                      "Click tiles to select them, then press Refine.", first=last == 0.0)
 
     def _grid(self, run: str, tiles: list[Tile], status: str, first: bool) -> tuple[Any, dict, Any, str]:
