@@ -131,8 +131,8 @@ else
   COMMON=(--model "$WORK/sd15" --fp16 --size 512)
   MAIN=(--seeds-list 1,4,8,16,32 --seeds 8 --repeats 3 --warmup 1 --refine-steps 100)
   SHORT=(--seeds-list 8 --seeds 8 --repeats 3 --warmup 1 --no-contention)
-  VARIANTS=("--chunk-size 4" "--chunk-size 16" "--preview-decoder $WORK/taesd" "--channels-last"
-            "--sdpa flash" "--sdpa efficient" "--compile" "--sdpa cudnn")
+  VARIANTS=("--chunk-size 4 --seeds-list 1,4,8,16" "--preview-decoder $WORK/taesd" "--channels-last"
+            "--chunk-size 16 --seeds-list 16,32" "--sdpa flash" "--sdpa efficient" "--compile" "--sdpa cudnn")
   MIN_LEFT=60
 fi
 
