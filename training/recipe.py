@@ -148,6 +148,29 @@ def shifted_validation_prompts(n: int = 200, seed: int = 777) -> list[str]:
     return out[:n]
 
 
+FRESH_HELDOUT_PROMPTS = VALIDATION_PROMPTS.parent / "fresh_heldout_prompts.txt"
+
+
+def fresh_heldout_prompts(n: int = 120, seed: int = 20261204) -> list[str]:
+    """``n`` captions of the held-out distribution (as :func:`models.embedded.captions.heldout_scenes`
+    writes them, with a seed no other split uses) that are in none of the other prompt files: not the
+    old held-out file (whose seeds 0-1 chose recipe defaults), not the validation or shifted-validation
+    splits, not the recipe's training prompts. A test set frozen after tuning was done:
+    ``models/embedded/fresh_heldout_prompts.txt`` holds the default 120, evaluated once."""
+    from models.embedded.captions import heldout_scenes
+    from models.embedded.evaluate import load_heldout_prompts
+
+    taken = (set(load_heldout_prompts()) | set(validation_prompts()) | set(shifted_validation_prompts())
+             | set(training_prompts(160)))
+    out: list[str] = []
+    for _, text in heldout_scenes(3 * n, seed=seed):
+        if text not in taken and text not in out:
+            out.append(text)
+    if len(out) < n:
+        raise ValueError(f"n: only {len(out)} distinct captions outside the other prompt files, asked for {n}")
+    return out[:n]
+
+
 BASE_CANDIDATES = ("ddim", "dpm2m", "ab2", "ab3", "ab4")
 SELECTION_ROWS = 32  # training rows the saved checkpoints are scored on (deterministic policy, mean over K)
 SELECTION_MINUTES = 2.0  # time kept for that scoring
