@@ -93,7 +93,7 @@ def prompt_rows(model: Any, prompts: Sequence[str], seeds: Sequence[int], num_st
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     if "category" not in rows[0]:
-        return "\n".join([f"| prompt | right / seeds | wrong |", "|---|---|---|"] + [
+        return "\n".join(["| prompt | right / seeds | wrong |", "|---|---|---|"] + [
             f"| {r['prompt']} | {r['right']} / {r['seeds']} | "
             + "; ".join(f"seed {s}: {', '.join(m)}" for s, m in r["wrong"].items()) + " |" for r in rows])
     cols = ["main_colour", "main_shape", "background", "position", "count"]

@@ -259,7 +259,6 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
 
     from models.base import Conditioning
     from solver.policy import reweight_grid
-    from training.rewards import gradient_mse
 
     cfg = config.validate()
     palette = model_palette(model) if cfg.label_weight else None
@@ -289,13 +288,7 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
     cache: dict[str, Any] = {}
     start = time.perf_counter()
     for update in tqdm(range(cfg.num_updates), desc="distill", disable=not progress):
-        digest = hashlib.sha256(f"{cfg.seed}:{update}".encode()).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        rows = torch.randint(len(dataset), (cfg.batch_size,), generator=gen)
-        if cfg.method == "tables":
-            k = rounds[update % len(rounds)]
-        else:
-            k = int(torch.randint(cfg.min_steps, cfg.max_steps + 1, (1,), generator=gen))
+        rows, k = update_batch(cfg, update, rounds, len(dataset))
         prompts = [dataset.prompts[r] for r in rows.tolist()]
         for p in set(prompts) - set(cache):
             cache[p] = model.encode_prompts([p], dataset.index.negative_prompt)
@@ -304,26 +297,7 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
         x = lmm_rollouts(lambda x, t: differentiable_guided_eps(model, x, t, cond, guidance),
                          dataset.noise[rows].to(model.device), grid,
                          table.to(torch.float32).unsqueeze(0).expand(len(rows), -1, -1))
-        target = dataset.target[rows].to(x.device)
-        mse = (x - target).pow(2).flatten(1).mean(1)
-        loss = torch.log(mse + 1e-10).mean()
-        entry = {}
-        if cfg.ssim_weight:
-            structure = latent_ssim(target, x)
-            loss = loss + cfg.ssim_weight * torch.log(1.0 - structure + 1e-6).mean()
-            entry["ssim"] = float(structure.detach().mean())
-        if cfg.colour_weight:
-            low = (pooled(x) - pooled(target)).pow(2).flatten(1).mean(1)
-            loss = loss + cfg.colour_weight * torch.log(low + 1e-10).mean()
-            entry["psnr_colour"] = float(-10 * torch.log10(low.detach() + 1e-10).mean())
-        if cfg.edge_weight:
-            edges = gradient_mse((target + 1.0) / 2.0, (x + 1.0) / 2.0)
-            loss = loss + cfg.edge_weight * torch.log(edges + 1e-10).mean()
-            entry["psnr_edges"] = float(-10 * torch.log10(edges.detach() + 1e-10).mean())
-        if palette is not None:
-            ce = palette_label_ce(target, x, *palette)
-            loss = loss + cfg.label_weight * torch.log(ce + 1e-6).mean()
-            entry["label_ce"] = float(ce.detach().mean())
+        loss, mse, entry = distill_loss(cfg, x, dataset.target[rows].to(x.device), palette)
         if k in decay:
             a = free[k][0] if cfg.method == "tables" else policy.residual_mean(grid)
             loss = loss + decay[k] * a.pow(2).sum()
@@ -336,16 +310,63 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
                     "grad_norm": float(grad_norm), **entry})
         if cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes:
             break
-    error = None
-    if cfg.method == "tables":
-        fitted = {k: (a.detach(), None if g is None else g.detach()) for k, (a, g) in free.items()}
-        error = fit_policy(policy, schedule, fitted, iterations=cfg.fit_iterations, lr=cfg.fit_learning_rate,
-                           seed=cfg.seed, weights=cfg.fit_weight_map())
-        error["tables"] = {str(k): {"residual": a.tolist(), "grid_log_weights": None if g is None else g.tolist()}
-                           for k, (a, g) in fitted.items()}
-        logger.info("policy regressed onto the fitted tables: max errors coefficients %.4f, grid %.4f",
-                    error["coef_max_error"], error["grid_max_error"])
+    error = regress_onto_tables(policy, schedule, free, cfg) if cfg.method == "tables" else None
     return policy, log, error
+
+
+def update_batch(cfg: DistillConfig, update: int, rounds: list[int], num_rows: int) -> tuple[torch.Tensor, int]:
+    """The rows and step count K of update number ``update``: a pure function of (seed, update), so a run
+    draws the same batches whatever ran before. Method 'tables' takes K round robin from ``rounds``,
+    'policy' draws it."""
+    digest = hashlib.sha256(f"{cfg.seed}:{update}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    rows = torch.randint(num_rows, (cfg.batch_size,), generator=gen)
+    if cfg.method == "tables":
+        return rows, rounds[update % len(rounds)]
+    return rows, int(torch.randint(cfg.min_steps, cfg.max_steps + 1, (1,), generator=gen))
+
+
+def distill_loss(cfg: DistillConfig, x: torch.Tensor, target: torch.Tensor,
+                 palette: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """The module docstring's loss without the pull toward the base rule: mean over rows of log MSE plus
+    each weighted term of ``cfg`` (structure, colour, edges, palette labels when ``palette`` is given).
+    Returns (loss, per-row MSE, {term: value} for the update log)."""
+    from training.rewards import gradient_mse
+
+    mse = (x - target).pow(2).flatten(1).mean(1)
+    loss = torch.log(mse + 1e-10).mean()
+    entry = {}
+    if cfg.ssim_weight:
+        structure = latent_ssim(target, x)
+        loss = loss + cfg.ssim_weight * torch.log(1.0 - structure + 1e-6).mean()
+        entry["ssim"] = float(structure.detach().mean())
+    if cfg.colour_weight:
+        low = (pooled(x) - pooled(target)).pow(2).flatten(1).mean(1)
+        loss = loss + cfg.colour_weight * torch.log(low + 1e-10).mean()
+        entry["psnr_colour"] = float(-10 * torch.log10(low.detach() + 1e-10).mean())
+    if cfg.edge_weight:
+        edges = gradient_mse((target + 1.0) / 2.0, (x + 1.0) / 2.0)
+        loss = loss + cfg.edge_weight * torch.log(edges + 1e-10).mean()
+        entry["psnr_edges"] = float(-10 * torch.log10(edges.detach() + 1e-10).mean())
+    if palette is not None:
+        ce = palette_label_ce(target, x, *palette)
+        loss = loss + cfg.label_weight * torch.log(ce + 1e-6).mean()
+        entry["label_ce"] = float(ce.detach().mean())
+    return loss, mse, entry
+
+
+def regress_onto_tables(policy: ConsistencyPolicy, schedule: Any,
+                        free: dict[int, tuple[torch.Tensor, torch.Tensor | None]], cfg: DistillConfig) -> dict[str, Any]:
+    """Method 'tables', last step: regress the policy's heads onto the fitted (a_K, g_K) (:func:`fit_policy`);
+    returns the regression's largest errors and, under ``tables``, the fitted tables themselves."""
+    fitted = {k: (a.detach(), None if g is None else g.detach()) for k, (a, g) in free.items()}
+    error = fit_policy(policy, schedule, fitted, iterations=cfg.fit_iterations, lr=cfg.fit_learning_rate,
+                       seed=cfg.seed, weights=cfg.fit_weight_map())
+    error["tables"] = {str(k): {"residual": a.tolist(), "grid_log_weights": None if g is None else g.tolist()}
+                       for k, (a, g) in fitted.items()}
+    logger.info("policy regressed onto the fitted tables: max errors coefficients %.4f, grid %.4f",
+                error["coef_max_error"], error["grid_max_error"])
+    return error
 
 
 def fit_policy(policy: ConsistencyPolicy, schedule: Any, fitted: dict[int, tuple[torch.Tensor, torch.Tensor | None]],

@@ -292,14 +292,17 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    summary = run_recipe(args, model)
+    print(json.dumps(summary))
+    return 0
 
+
+def recipe_configs(args: argparse.Namespace, out: Path) -> tuple[Any, Any, list[int], str]:
+    """The PPO settings, the distillation warm start's settings (None without one) and the dataset's seeds
+    and pairing, all validated before anything is built."""
     from training.config import TrainConfig
-    from training.dataset import build_dataset, parse_int_list, sha256_file
+    from training.dataset import parse_int_list
     from training.distill import DistillConfig
-    from training.train import prepare
 
     if args.seeds is None:
         seeds, pairing = list(range(FIRST_SEED, FIRST_SEED + args.num_prompts)), "zip"
@@ -325,25 +328,56 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
             else args.distill_residual_decay,
             fit_weights=default_fit_weights(*steps) if args.distill_fit_weights is None else args.distill_fit_weights,
             max_minutes=args.distill_minutes).validate()
+    return config, distill_settings, seeds, pairing
+
+
+def recipe_model(args: argparse.Namespace) -> Any:
+    """The model the recipe trains a solver for: ``--weights-dir``'s embedded weights, else ``--model``."""
+    if args.weights_dir:
+        from models.embedded.model import load_embedded
+
+        return load_embedded(weights_dir=args.weights_dir)
+    from models.registry import load_model
+
+    return load_model(args.model)
+
+
+def build_recipe_dataset(model: Any, out: Path, num_prompts: int, seeds: list[int], pairing: str) -> None:
+    """The training prompts (written once to ``out/train_prompts.txt``, reused on a resumed run) and their
+    full-step targets in ``out/dataset``."""
+    from training.dataset import build_dataset, sha256_file
+
+    prompts_file = out / "train_prompts.txt"
+    if not prompts_file.exists():
+        prompts_file.write_text("\n".join(training_prompts(num_prompts)) + "\n")
+    prompts = [p for p in prompts_file.read_text().splitlines() if p.strip()]
+    build_dataset(model, prompts, seeds, out / "dataset", prompt_file_sha256=sha256_file(prompts_file),
+                  batch_size=32, shard_size=32, pairing=pairing)
+
+
+def install_policy(final: Path, install: Path, summary: dict[str, Any]) -> None:
+    """Copy the chosen policy's files to ``install``, with ``recipe.json``: how this policy was chosen."""
+    install.mkdir(parents=True, exist_ok=True)
+    for name in ("policy.safetensors", "policy_config.json", "train_config.json", "metrics.json"):
+        shutil.copy2(final / name, install / name)
+    (install / "recipe.json").write_text(json.dumps(summary, indent=1))
+
+
+def run_recipe(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
+    """Steps 1-5 of the module docstring for parsed arguments; returns the summary ``main`` prints."""
+    from training.train import prepare
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config, distill_settings, seeds, pairing = recipe_configs(args, out)
     if model is None:
-        if args.weights_dir:
-            from models.embedded.model import load_embedded
-
-            model = load_embedded(weights_dir=args.weights_dir)
-        else:
-            from models.registry import load_model
-
-            model = load_model(args.model)
+        model = recipe_model(args)
     if distill_settings is not None and distill_settings.label_weight:
         from training.distill import model_palette
 
         model_palette(model)  # a model without the analyzer's palette is refused before the dataset is built
-    prompts_file = out / "train_prompts.txt"
-    if not prompts_file.exists():
-        prompts_file.write_text("\n".join(training_prompts(args.num_prompts)) + "\n")
-    prompts = [p for p in prompts_file.read_text().splitlines() if p.strip()]
-    build_dataset(model, prompts, seeds, out / "dataset", prompt_file_sha256=sha256_file(prompts_file),
-                  batch_size=32, shard_size=32, pairing=pairing)
+    build_recipe_dataset(model, out, args.num_prompts, seeds, pairing)
     t_data = time.perf_counter() - t0
     store = None
     if args.store:
@@ -373,13 +407,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
                "ppo_deterministic_reward": metrics.get("deterministic_reward"),
                "ppo_reward_mean": metrics.get("reward_mean")}
     if args.install:
-        install = Path(args.install)
-        install.mkdir(parents=True, exist_ok=True)
-        for name in ("policy.safetensors", "policy_config.json", "train_config.json", "metrics.json"):
-            shutil.copy2(final / name, install / name)
-        (install / "recipe.json").write_text(json.dumps(summary, indent=1))  # how this policy was chosen
-    print(json.dumps(summary))
-    return 0
+        install_policy(final, Path(args.install), summary)
+    return summary
 
 
 if __name__ == "__main__":
