@@ -47,6 +47,22 @@ def test_shifted_validation_prompts_are_the_committed_file_of_heldout_combinatio
     assert all((q.main_colour, q.main_shape, q.background) in HELDOUT_COMBOS for q in parsed)
 
 
+def test_fresh_heldout_prompts_are_the_committed_file_disjoint_from_every_other_split():
+    from models.embedded.captions import HELDOUT_COMBOS
+    from models.embedded.parse import parse_prompt
+    from training.recipe import (FRESH_HELDOUT_PROMPTS, SHIFTED_VALIDATION_PROMPTS, VALIDATION_PROMPTS,
+                                 fresh_heldout_prompts)
+
+    prompts = fresh_heldout_prompts()
+    assert prompts == FRESH_HELDOUT_PROMPTS.read_text().splitlines() and len(set(prompts)) == 120
+    others = set(open("models/embedded/heldout_prompts.txt").read().splitlines())
+    others |= set(VALIDATION_PROMPTS.read_text().splitlines()) | set(SHIFTED_VALIDATION_PROMPTS.read_text().splitlines())
+    others |= set(training_prompts(160))
+    assert not set(prompts) & others
+    parsed = [parse_prompt(p) for p in prompts]
+    assert all((q.main_colour, q.main_shape, q.background) in HELDOUT_COMBOS for q in parsed)
+
+
 def test_recipe_runs_end_to_end_and_installs_the_policy(tmp_path, capsys):
     rc = main(["--out", str(tmp_path / "run"), "--num-prompts", "3", "--num-updates", "2",
                "--group-size", "2", "--groups-per-update", "2", "--min-steps", "3", "--max-steps", "4",

@@ -182,6 +182,50 @@ def _shard_rows(path: Path) -> list[list[Any]] | None:
 # ------------------------------------------------------------------------------------------------
 # Build
 # ------------------------------------------------------------------------------------------------
+def check_build_arguments(model: Any, prompts: Sequence[str], seeds: Sequence[int], shard_size: int,
+                          batch_size: int, pairing: str, guidance: float | None) -> float:
+    """:func:`build_dataset`'s arguments checked before anything is written (a ValueError naming the field);
+    returns the guidance to use (the model's default when ``guidance`` is None)."""
+    from store.noise import check_seed
+
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not prompts:
+        raise ValueError("prompts: no prompt given")
+    for s in seeds:
+        check_seed(s)
+    check_pairing(prompts, seeds, pairing)
+    if guidance is None:
+        guidance = float(getattr(model, "default_guidance", 5.0))
+    if not (isinstance(guidance, (int, float)) and 0 <= guidance < float("inf")):
+        raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
+    return guidance
+
+
+def open_dataset_folder(folder: Path, index: DatasetIndex, write_index: bool) -> None:
+    """Create ``folder`` for ``index`` (writing the index when ``write_index`` and none is there), or reuse
+    it to finish a build: a folder whose index has other settings is refused."""
+    if (folder / INDEX_NAME).exists():
+        old = DatasetIndex.read(folder)
+        same = {k: v for k, v in asdict(old).items() if k not in ("shards", "complete")}
+        if same != {k: v for k, v in asdict(index).items() if k not in ("shards", "complete")}:
+            raise ValueError(f"out: {str(folder)!r} holds a dataset built with other settings; choose another folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    if write_index and not (folder / INDEX_NAME).exists():
+        index.write(folder)
+
+
+def write_shard(folder: Path, i: int, pairs: Sequence[Sequence[Any]], noise: torch.Tensor, targets: torch.Tensor) -> None:
+    """Shard ``i`` (noise, targets, and its (prompt, seed) rows as metadata), written to a temporary file
+    and renamed into place, so an interrupted build never leaves half a shard."""
+    tmp = folder / (shard_name(i) + ".tmp")
+    save_file({"noise": noise.contiguous(), "target": targets.contiguous()}, str(tmp),
+              metadata={"rows": json.dumps([list(p) for p in pairs])})
+    os.replace(tmp, folder / shard_name(i))
+
+
 def build_dataset(
     model: Any,
     prompts: Sequence[str],
@@ -211,22 +255,10 @@ def build_dataset(
     from tqdm.auto import tqdm
 
     from refine.full_step import DEFAULT_STEPS, FULL_STEP_SOLVER, check_full_steps, sample_full_step
-    from store.noise import check_seed, make_noise
+    from store.noise import make_noise
 
     reference_steps = check_full_steps(DEFAULT_STEPS if reference_steps is None else reference_steps, "reference_steps")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not prompts:
-        raise ValueError("prompts: no prompt given")
-    for s in seeds:
-        check_seed(s)
-    check_pairing(prompts, seeds, pairing)
-    if guidance is None:
-        guidance = float(getattr(model, "default_guidance", 5.0))
-    if not (isinstance(guidance, (int, float)) and 0 <= guidance < float("inf")):
-        raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
+    guidance = check_build_arguments(model, prompts, seeds, shard_size, batch_size, pairing, guidance)
     height, width = height or model.default_size[0], width or model.default_size[1]
     model.check_size(height, width)
     shape = list(model.latent_shape(height, width))
@@ -238,14 +270,7 @@ def build_dataset(
         prompt_file_sha256=prompt_file_sha256, prompts=list(prompts), seeds=[int(s) for s in seeds], shard_size=shard_size,
         pairing=pairing,
     )
-    if (folder / INDEX_NAME).exists():
-        old = DatasetIndex.read(folder)
-        same = {k: v for k, v in asdict(old).items() if k not in ("shards", "complete")}
-        if same != {k: v for k, v in asdict(index).items() if k not in ("shards", "complete")}:
-            raise ValueError(f"out: {str(folder)!r} holds a dataset built with other settings; choose another folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    if process_index == 0 and not (folder / INDEX_NAME).exists():
-        index.write(folder)
+    open_dataset_folder(folder, index, write_index=process_index == 0)
 
     mine = [i for i in range(index.num_shards) if i % num_processes == process_index]
     todo = [i for i in mine if _shard_rows(folder / shard_name(i)) != [list(p) for p in index.pairs(i)]]
@@ -261,10 +286,7 @@ def build_dataset(
             x0 = sample_full_step(model, cond, noise[lo : lo + len(chunk)], guidance, reference_steps)
             targets.append(x0.float().cpu())
             bar.update(len(chunk))
-        tmp = folder / (shard_name(i) + ".tmp")
-        save_file({"noise": noise.contiguous(), "target": torch.cat(targets).contiguous()}, str(tmp),
-                  metadata={"rows": json.dumps([list(p) for p in pairs])})
-        os.replace(tmp, folder / shard_name(i))
+        write_shard(folder, i, pairs, noise, torch.cat(targets))
     bar.close()
     if wait is not None:
         wait()

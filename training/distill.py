@@ -10,25 +10,12 @@ the coefficients produced (the chain rule through the denoiser, which is frozen 
 
 The log makes each term a relative error per row (PSNR-like); ``ssim_weight`` lambda (default 0) adds the
 structure term, SSIM of the two latents read as images in [-1, 1] (the embedded model's latent is its image).
-``residual_decay`` ('K:rho,...', default none) pulls K's coefficients w = b + a toward the base rule b:
-the tables are fitted on the recipe's 160 rows, and their mid-trajectory extrapolation (w_0 > 1 on the
-newest epsilon) overshoots the main object's hue on prompts unlike those (an orange star read as red);
-its measurements are in training.recipe's docstring. ``label_weight`` nu (default 0, embedded model only)
-adds nu log CE of the scene analyzer's palette labels (:func:`palette_label_ce`); a K = 5 table trained
-with nu = 1 (75 updates) scored verdict agreement 91.5% on the validation set and 90.6% on the held-out
-set, against 91.7% and 90.0% without it, so it stays off: the hue flips happen on rows unlike the training
-rows, where the training rows' labels already agree.
-``edge_weight`` xi (default 0) adds xi log MSE of the Sobel gradients (:func:`training.rewards.gradient_mse`,
-the gradient part of the h1_psnr reward): the shipped policy's K = 5 previews have less edge energy than
-DDIM's (mean |finite difference| 0.092 against 0.095, the 40-step finals 0.100) and their remaining flipped
-verdicts are main shapes (cross read as diamond and back). A K = 5 table trained with xi = 1 and the
-default pull (75 updates, regressed with the shipped run's other tables) scored 93.3% verdict agreement on
-the validation split and 93.0% on the shifted one, against 94.3% and 93.75% without it, and lower PSNR and
-SSIM on both, so it stays off.
-``colour_weight`` mu (default 0) adds mu log MSE of the 4 x 4 block means, the colour of a region, which the
-scene analyzer reads (its main-colour flips at K = 5 are where our previews lose to DDIM's): a K = 5 table
-trained with mu = 1 lifted verdict agreement at K = 5 from 90.2% to 91.7% on a validation set (600 pairs)
-and lowered SSIM from 0.852 to 0.849, one run each, so it stays off by default.
+``residual_decay`` ('K:rho,...', default none) pulls K's coefficients w = b + a toward the base rule b
+(+ rho sum(a^2)). ``label_weight`` nu (default 0, embedded model only) adds nu log CE of the scene
+analyzer's palette labels (:func:`palette_label_ce`). ``edge_weight`` xi (default 0) adds xi log MSE of the
+Sobel gradients (:func:`training.rewards.gradient_mse`, the gradient part of the h1_psnr reward).
+``colour_weight`` mu (default 0) adds mu log MSE of the 4 x 4 block means, the colour of a region, which
+the scene analyzer reads. Why each default is what it is: ``training/results/experiments.md``.
 
 With ``time_grid`` the grid is learned too: during training its timesteps stay real-valued
 (``ConsistencyPolicy.relaxed_time_grid``), alpha_t and sigma_t come from the schedule's continuous
@@ -265,16 +252,13 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
 
     method ``tables`` (default): every K of the step range has its own free residuals a_K (K, m - 1) and grid
     log-weights g_K (K,), each with its own Adam; updates go round robin over K. The policy's two heads
-    are then regressed onto the fitted (a_K, g_K) (:func:`fit_policy`). On the embedded model, in 8-10
-    minutes on the 2-core CPU, this scored 23.85 dB at K = 4 on 80 held-out prompts, against 23.14 dB for
-    descending on the shared MLP (whose one gradient step must serve every K at once) and 22.85 for DDIM.
+    are then regressed onto the fitted (a_K, g_K) (:func:`fit_policy`).
     method ``policy``: gradient descent on the policy's parameters, one random K per update.
     """
     from tqdm.auto import tqdm
 
     from models.base import Conditioning
     from solver.policy import reweight_grid
-    from training.rewards import gradient_mse
 
     cfg = config.validate()
     palette = model_palette(model) if cfg.label_weight else None
@@ -304,13 +288,7 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
     cache: dict[str, Any] = {}
     start = time.perf_counter()
     for update in tqdm(range(cfg.num_updates), desc="distill", disable=not progress):
-        digest = hashlib.sha256(f"{cfg.seed}:{update}".encode()).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        rows = torch.randint(len(dataset), (cfg.batch_size,), generator=gen)
-        if cfg.method == "tables":
-            k = rounds[update % len(rounds)]
-        else:
-            k = int(torch.randint(cfg.min_steps, cfg.max_steps + 1, (1,), generator=gen))
+        rows, k = update_batch(cfg, update, rounds, len(dataset))
         prompts = [dataset.prompts[r] for r in rows.tolist()]
         for p in set(prompts) - set(cache):
             cache[p] = model.encode_prompts([p], dataset.index.negative_prompt)
@@ -319,26 +297,7 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
         x = lmm_rollouts(lambda x, t: differentiable_guided_eps(model, x, t, cond, guidance),
                          dataset.noise[rows].to(model.device), grid,
                          table.to(torch.float32).unsqueeze(0).expand(len(rows), -1, -1))
-        target = dataset.target[rows].to(x.device)
-        mse = (x - target).pow(2).flatten(1).mean(1)
-        loss = torch.log(mse + 1e-10).mean()
-        entry = {}
-        if cfg.ssim_weight:
-            structure = latent_ssim(target, x)
-            loss = loss + cfg.ssim_weight * torch.log(1.0 - structure + 1e-6).mean()
-            entry["ssim"] = float(structure.detach().mean())
-        if cfg.colour_weight:
-            low = (pooled(x) - pooled(target)).pow(2).flatten(1).mean(1)
-            loss = loss + cfg.colour_weight * torch.log(low + 1e-10).mean()
-            entry["psnr_colour"] = float(-10 * torch.log10(low.detach() + 1e-10).mean())
-        if cfg.edge_weight:
-            edges = gradient_mse((target + 1.0) / 2.0, (x + 1.0) / 2.0)
-            loss = loss + cfg.edge_weight * torch.log(edges + 1e-10).mean()
-            entry["psnr_edges"] = float(-10 * torch.log10(edges.detach() + 1e-10).mean())
-        if palette is not None:
-            ce = palette_label_ce(target, x, *palette)
-            loss = loss + cfg.label_weight * torch.log(ce + 1e-6).mean()
-            entry["label_ce"] = float(ce.detach().mean())
+        loss, mse, entry = distill_loss(cfg, x, dataset.target[rows].to(x.device), palette)
         if k in decay:
             a = free[k][0] if cfg.method == "tables" else policy.residual_mean(grid)
             loss = loss + decay[k] * a.pow(2).sum()
@@ -351,16 +310,63 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
                     "grad_norm": float(grad_norm), **entry})
         if cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes:
             break
-    error = None
-    if cfg.method == "tables":
-        fitted = {k: (a.detach(), None if g is None else g.detach()) for k, (a, g) in free.items()}
-        error = fit_policy(policy, schedule, fitted, iterations=cfg.fit_iterations, lr=cfg.fit_learning_rate,
-                           seed=cfg.seed, weights=cfg.fit_weight_map())
-        error["tables"] = {str(k): {"residual": a.tolist(), "grid_log_weights": None if g is None else g.tolist()}
-                           for k, (a, g) in fitted.items()}
-        logger.info("policy regressed onto the fitted tables: max errors coefficients %.4f, grid %.4f",
-                    error["coef_max_error"], error["grid_max_error"])
+    error = regress_onto_tables(policy, schedule, free, cfg) if cfg.method == "tables" else None
     return policy, log, error
+
+
+def update_batch(cfg: DistillConfig, update: int, rounds: list[int], num_rows: int) -> tuple[torch.Tensor, int]:
+    """The rows and step count K of update number ``update``: a pure function of (seed, update), so a run
+    draws the same batches whatever ran before. Method 'tables' takes K round robin from ``rounds``,
+    'policy' draws it."""
+    digest = hashlib.sha256(f"{cfg.seed}:{update}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    rows = torch.randint(num_rows, (cfg.batch_size,), generator=gen)
+    if cfg.method == "tables":
+        return rows, rounds[update % len(rounds)]
+    return rows, int(torch.randint(cfg.min_steps, cfg.max_steps + 1, (1,), generator=gen))
+
+
+def distill_loss(cfg: DistillConfig, x: torch.Tensor, target: torch.Tensor,
+                 palette: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """The module docstring's loss without the pull toward the base rule: mean over rows of log MSE plus
+    each weighted term of ``cfg`` (structure, colour, edges, palette labels when ``palette`` is given).
+    Returns (loss, per-row MSE, {term: value} for the update log)."""
+    from training.rewards import gradient_mse
+
+    mse = (x - target).pow(2).flatten(1).mean(1)
+    loss = torch.log(mse + 1e-10).mean()
+    entry = {}
+    if cfg.ssim_weight:
+        structure = latent_ssim(target, x)
+        loss = loss + cfg.ssim_weight * torch.log(1.0 - structure + 1e-6).mean()
+        entry["ssim"] = float(structure.detach().mean())
+    if cfg.colour_weight:
+        low = (pooled(x) - pooled(target)).pow(2).flatten(1).mean(1)
+        loss = loss + cfg.colour_weight * torch.log(low + 1e-10).mean()
+        entry["psnr_colour"] = float(-10 * torch.log10(low.detach() + 1e-10).mean())
+    if cfg.edge_weight:
+        edges = gradient_mse((target + 1.0) / 2.0, (x + 1.0) / 2.0)
+        loss = loss + cfg.edge_weight * torch.log(edges + 1e-10).mean()
+        entry["psnr_edges"] = float(-10 * torch.log10(edges.detach() + 1e-10).mean())
+    if palette is not None:
+        ce = palette_label_ce(target, x, *palette)
+        loss = loss + cfg.label_weight * torch.log(ce + 1e-6).mean()
+        entry["label_ce"] = float(ce.detach().mean())
+    return loss, mse, entry
+
+
+def regress_onto_tables(policy: ConsistencyPolicy, schedule: Any,
+                        free: dict[int, tuple[torch.Tensor, torch.Tensor | None]], cfg: DistillConfig) -> dict[str, Any]:
+    """Method 'tables', last step: regress the policy's heads onto the fitted (a_K, g_K) (:func:`fit_policy`);
+    returns the regression's largest errors and, under ``tables``, the fitted tables themselves."""
+    fitted = {k: (a.detach(), None if g is None else g.detach()) for k, (a, g) in free.items()}
+    error = fit_policy(policy, schedule, fitted, iterations=cfg.fit_iterations, lr=cfg.fit_learning_rate,
+                       seed=cfg.seed, weights=cfg.fit_weight_map())
+    error["tables"] = {str(k): {"residual": a.tolist(), "grid_log_weights": None if g is None else g.tolist()}
+                       for k, (a, g) in fitted.items()}
+    logger.info("policy regressed onto the fitted tables: max errors coefficients %.4f, grid %.4f",
+                error["coef_max_error"], error["grid_max_error"])
+    return error
 
 
 def fit_policy(policy: ConsistencyPolicy, schedule: Any, fitted: dict[int, tuple[torch.Tensor, torch.Tensor | None]],
@@ -374,26 +380,8 @@ def fit_policy(policy: ConsistencyPolicy, schedule: Any, fitted: dict[int, tuple
     Pure regression: no model calls.
 
     The grid head reads only the end points of each increment, and those overlap across K, so it cannot
-    hold every K's table (max error about 0.2): the regression blends neighbouring K. On a 14-minute run's
-    own 160 training rows that blend scored 0.25 dB *above* the exact K = 4 table and 0.47 dB below the
-    exact K = 5 one. A grid head that also read the step count (4 / K) held every table (error 0.001) but
-    lost at K = 4 and, extrapolated to K = 8, fell 4 dB; it was not kept.
-
-    A tighter fit (``fit_iterations`` 6000, ``fit_learning_rate`` 3e-2) on the tables of an earlier recipe
-    run (step range 3..6), held-out set (480 pairs): within 0.06 dB and 0.001 SSIM at K = 3..5, K = 6
-    28.08 dB / SSIM 0.877 against 27.88 / 0.868, K = 8 30.52 against 29.78; verdict agreement within half
-    a point at K = 3..6. Over 14 more distillation runs (step ranges 3..6 and 3..8, regressed both ways)
-    the tighter fit was within 0.05 dB (mean) of the default at K = 3..5, +0.17 dB at K = 6, and at K = 8
-    better in 9 runs but far worse in some of the 3..6 ones, which extrapolate there. The defaults stay.
-
-    ``weights``: on a validation set (300 training-grammar prompts that neither training nor the held-out
-    file holds, noise seeds 2-3: 600 pairs), the 3..8 tables of the stop-14 recipe run regressed with K = 7
-    and 8 at weight 1 / 0.2 / 0.05 / left out scored verdict agreement 90.0 / 91.5 / 92.2 / 93.2 at K = 5
-    (DDIM: 92.7) and SSIM 0.852 / 0.853 / 0.845 / 0.845; four fit seeds at weight 1 gave 90.0-91.2. On the
-    tables of three more 3..8 runs, leaving K = 7, 8 out moved K = 5 from 92.0 to 93.8, 92.5 to 92.5 and 90.7
-    to 92.0.
-    Left out of the coefficient head alone: 91.8 (SSIM 0.851); of the grid head alone: 91.5 (0.845). The
-    tables of K = 7 and 8 pull K = 5's coefficients and grid toward their own, and that costs verdicts."""
+    hold every K's table (max error about 0.2): the regression blends neighbouring K. The measurements
+    behind the defaults (iterations, learning rate, weights) are in ``training/results/experiments.md``."""
     from solver.policy import free_mask, reweight_grid, step_features
 
     torch.manual_seed(seed)

@@ -166,6 +166,34 @@ def _batched(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def similarity_measures(reference: torch.Tensor, previews: torch.Tensor, model_measures: dict[str, Any],
+                        ref_features: dict[str, Any]) -> dict[str, float]:
+    """One row's similarity to the references: each pixel measure's mean and standard error of the mean,
+    and each model-based measure's mean (``ref_features`` holds the references' features per measure)."""
+    from training.rewards import PIXEL_MEASURES as FUNCTIONS
+
+    out: dict[str, float] = {}
+    for name in PIXEL_MEASURES:
+        values = FUNCTIONS[name][0](reference, previews)
+        out[name] = float(values.mean())
+        out[f"{name}_sem"] = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
+    for name, sim in model_measures.items():
+        out[name] = float(sim.compare(ref_features[name], sim.features(previews)).mean())
+    return out
+
+
+def add_paired_verdicts(results: list[dict[str, Any]], agree: dict[tuple[str, int], torch.Tensor],
+                        solvers: Sequence[NamedSolver]) -> None:
+    """Give each ConsistencySolver row (not its fixed-grid variant) ``verdict_paired``: against every
+    baseline at the same K, :func:`paired_verdicts` of the per-pair agreement with the final."""
+    is_consistency = {s.name: s.is_consistency for s in solvers}
+    for row in results:
+        name, k = row["solver"], row["steps"]
+        if is_consistency[name] and "@" not in name and (name, k) in agree:
+            row["verdict_paired"] = {b: paired_verdicts(agree[(name, k)], agree[(b, k)])
+                                     for b, theirs in is_consistency.items() if not theirs and (b, k) in agree}
+
+
 @torch.no_grad()
 def evaluate(
     model: Any,
@@ -187,7 +215,6 @@ def evaluate(
 
     from refine.full_step import DEFAULT_STEPS, FULL_STEP_SOLVER, check_full_steps, sample_full_step
     from store.noise import make_noise
-    from training.rewards import PIXEL_MEASURES as FUNCTIONS
 
     reference_steps = check_full_steps(DEFAULT_STEPS if reference_steps is None else reference_steps, "reference_steps")
     guidance = float(getattr(model, "default_guidance", 5.0)) if guidance is None else float(guidance)
@@ -223,12 +250,7 @@ def evaluate(
             previews = run(sample, named.solver.nfe(k))
             row: dict[str, Any] = {"solver": named.name, "steps": k, "nfe": named.solver.nfe(k),
                                    "seconds": round(time.perf_counter() - start, 3)}
-            for name in PIXEL_MEASURES:
-                values = FUNCTIONS[name][0](reference, previews)
-                row[name] = float(values.mean())
-                row[f"{name}_sem"] = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
-            for name, sim in model_measures.items():
-                row[name] = float(sim.compare(ref_features[name], sim.features(previews)).mean())
+            row.update(similarity_measures(reference, previews, model_measures, ref_features))
             if judge is not None:
                 verdicts, readings = _verdicts(judge(previews, all_prompts))
                 row["adherence"] = 100.0 * float(verdicts.float().mean())
@@ -237,12 +259,7 @@ def evaluate(
                 row["verdict_flips"] = verdict_flips(ref_verdicts, verdicts, ref_readings, readings)
             results.append(row)
     bar.close()
-    is_consistency = {s.name: s.is_consistency for s in solvers}
-    for row in results:
-        name, k = row["solver"], row["steps"]
-        if is_consistency[name] and "@" not in name and (name, k) in agree:
-            row["verdict_paired"] = {b: paired_verdicts(agree[(name, k)], agree[(b, k)])
-                                     for b, theirs in is_consistency.items() if not theirs and (b, k) in agree}
+    add_paired_verdicts(results, agree, solvers)
     doc: dict[str, Any] = {
         "model": model.model_id,
         "reference": {"solver": FULL_STEP_SOLVER, "steps": reference_steps},

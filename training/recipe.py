@@ -5,76 +5,31 @@
 1. Training prompts: ``--num-prompts`` captions drawn from the embedded model's *training* distribution
    (scene grammar with the training templates, the held-out (colour, shape, background) combinations
    excluded), so evaluation on ``models/embedded/heldout_prompts.txt`` stays held out.
-   Twice as many (320, runs/recipe10) cost 4.5 minutes of targets instead of 2 and did not generalise
-   better: K = 5 at 92.1% verdict agreement on the held-out set but SSIM 0.841 (under DEIS's 0.843) and
-   25.94 dB, K = 4 23.45 dB (dev harness on the held-out references); 160 stays the default.
 2. Offline dataset with refine's 40-step full-step targets (resumable). By default prompt i gets seed
-   1000 + i: every row has its own noise, and the evaluation's seeds (0-3) are never trained on. The
-   earlier recipe trained on seeds 0-1 of 64 prompts, 2 noises in all, and its learned K = 4 grid did
-   not carry over to other noises: on seeds 7-8 of 60 held-out prompts it scored 23.04 dB where the
-   same coefficients on the fixed grid scored 23.19.
+   1000 + i: every row has its own noise, and the evaluation's seeds (0-3) are never trained on.
 3. Warm start by distillation (training.distill, the paper's "Ours-Distill"): ``--distill-minutes`` of
    gradient descent through the unrolled few-step sampler, coefficients and time grid together, per K
    (K = 4, the app's default preview, and K = 5, where the baselines come closest, get two turns per
-   round), then the policy regressed onto the fitted tables. Gradients are exact where PPO only
-   estimates them from a few rollouts: in the earlier recipe (both trained on seeds 0-1), 12 minutes of
-   it scored 23.44 dB at K = 4 on the held-out prompts, where 15 minutes of PPO from the base rule had
-   scored 22.84 (DDIM: 23.11). The loss adds a structure term, log MSE + 2 log(1 - SSIM)
-   (``--distill-ssim-weight``), and the step range is 3..8, the previews the app offers: in a screen of
-   distillation runs on this recipe's dataset (same update counts as on the CPU, evaluated on the
-   held-out set, each run's tables regressed two ways), training on 3..6 left K = 8 to extrapolation:
-   3 of 20 policies beat DEIS there on PSNR and SSIM, none of the 14 with the structure term. On 3..8
-   all 8 did, and all 8 won SSIM at K = 6 (15 of 20 on 3..6). Verdict agreement at K = 5 is the cost:
-   on 3..8, K = 5 gets 75 updates instead of 121, and 1 of 8 policies reached DDIM's 92.5% there
-   (on 3..6 with the structure term at lambda 2, 5 of 6 did, but they lost SSIM at K = 5). Most of
-   that cost is the regression, not the update count: the heads cannot hold every K's table, and the
-   tables of K = 7 and 8 pull K = 5's toward their own. So they weigh 0.05 in it
-   (``--distill-fit-weights``, default ``default_fit_weights``): on a validation set (600 training-grammar
-   pairs, neither trained on nor held out) the previous run's tables scored 90.0% at K = 5 regressed
-   with weight 1 and 92.2% with 0.05 (DDIM: 92.7%), and the next run (runs/recipe6) 93.7% (SSIM 0.855).
-   Replacing K = 5's table with a fresh one (75 updates of K = 5 alone) moved nothing (90.2%); see
-   ``training.distill.fit_policy``.
-   The distillation also pulls K = 5's table toward the base rule, + rho sum(a^2) of its coefficient
-   residuals with rho = 3 (``--distill-residual-decay``, default ``default_residual_decay``: '5:3').
-   Fitted on 160 rows without it, the K = 5 table extrapolates the newest epsilon mid-trajectory (w_0 up
-   to 1.28) and overshoots the main object's hue on prompts unlike the training rows (orange stars read
-   as red, orange discs as yellow: 9 of the previous policy's 45 flipped verdicts at K = 5 on the
-   held-out set, none of DDIM's). Screened on the validation set with a fresh K = 5 table (75 updates of
-   K = 5 alone) regressed with the previous run's other tables, rho = 0 / 0.3 / 1 / 3 / 10 scored 91.7 /
-   92.8 / 93.2 / 94.5 / 94.0% verdict agreement at K = 5, 26.97 / 27.03 / 27.07 / 27.18 / 26.94 dB and
-   SSIM 0.848 / 0.847 / 0.845 / 0.846 / 0.839. Where the pull goes was settled by whole recipe runs:
-   rho = 3 at every K (runs/recipe7) lost K = 6 (validation set: 28.09 dB / SSIM 0.862 against 28.83 /
-   0.875), and ``3:3,4:3,5:3`` (runs/recipe8) reached 93.1% at K = 5 on the held-out set but fell to
-   86.0% at K = 4 (DDIM: 86.7%; 64 shape flips against 52: K = 4 needs its extrapolation for
-   silhouettes) and below DEIS at K = 8 (``training/results/residual_decay_eval.json``). On K = 5 alone
-   (the committed run) K = 4 keeps its table and the K = 5 colour flips are gone (0, from 9).
-   Weighing K = 5's table more in the regression (3 or 10 instead of 1) lifted the held-out verdict
-   agreement to 92.3 / 92.9% but cost SSIM at K = 5 (0.837 / 0.834, under DEIS's 0.843), and on a second
-   set of held-out-distribution prompts (200 captions of the held-out combinations not in the held-out
-   file, seeds 2-3) weight 10 lowered verdict agreement (93.3 -> 92.0%); it stays 1.
+   round), then the policy regressed onto the fitted tables. The loss adds a structure term, log MSE +
+   2 log(1 - SSIM) (``--distill-ssim-weight``); the step range is 3..8, the previews the app offers. In
+   the regression the tables of K >= 7 weigh 0.05 (``--distill-fit-weights``, default
+   ``default_fit_weights``), and K = 5's table is pulled toward the base rule, + rho sum(a^2) of its
+   coefficient residuals with rho = 3 (``--distill-residual-decay``, default ``default_residual_decay``:
+   '5:3'); see ``training.distill.fit_policy``.
 4. PPO (training.ppo) from the distilled policy for the rest of the time budget, on the reward, at a
-   fine-tuning learning rate (3e-4, target KL 0.05), checkpointing as it goes. At 3e-3 its first update
-   had approx KL 58 and lowered the reward; at 3e-4, 67 updates (3 minutes) scored within 0.16 of the
-   distilled policy on 32 training rows, so on this CPU budget PPO refines the policy little and the
-   selection below decides.
+   fine-tuning learning rate (3e-4, target KL 0.05), checkpointing as it goes.
 5. The distilled policy and every saved PPO checkpoint are scored on training rows (deterministic policy,
    mean reward over the step range) and the best one is written to ``--install`` (default
    ``training/checkpoints/default``, which the preview engine loads for ``consistency`` when the store has
    no active checkpoint); ``recipe.json`` there records the scores.
 
-In the committed run (runs/recipe9, step range 3..8) distillation made 318 updates (K = 3..8: 40, 79,
-79, 40, 40, 40) and PPO, whose K = 7 and 8 rollouts are long, had time for two; that PPO checkpoint
-scored best on the training rows (25.46 against 25.31 for the distilled policy) and was installed. On
-the held-out set (240 prompts x seeds 0-3, ``training/results/embedded_eval.json``) it beats every baseline
-on PSNR and SSIM at K = 3..6, is level with DEIS at K = 8, and its verdict agreement at K = 5 equals
-DDIM's (92.7%, 25 pairs each way); the previous policy, without the pull, was 9 pairs under DDIM there on
-seeds 0-1 alone (90.6% against 92.5%; this one 91.9%), with 9 main-colour flips there (this one: none there,
-1 on seeds 0-3).
+The learned time grid is on by default (``--no-time-grid`` for coefficients only); the coefficients are
+fitted to the grid they were learned with.
 
-The learned time grid is on by default (``--no-time-grid`` for coefficients only): on the held-out set
-(seeds 0-1, unseen) the shipped policy's learned grid beat the same coefficients on the fixed grid at
-every K (K = 4: 23.76 vs 20.04 dB, K = 6: 28.29 vs 27.43, K = 8: 30.59 vs 30.22); the coefficients
-are fitted to the grid they were learned with.
+The prompt splits the recipe is tuned and tested on are functions here, each frozen in a file under
+``models/embedded/``: :func:`validation_prompts`, :func:`shifted_validation_prompts` and
+:func:`fresh_heldout_prompts`. Why each default is what it is (the screens and runs that chose them) is
+in ``training/results/experiments.md``; the measured results of the shipped policy are in the README.
 """
 
 from __future__ import annotations
@@ -150,6 +105,29 @@ def shifted_validation_prompts(n: int = 200, seed: int = 777) -> list[str]:
     return out[:n]
 
 
+FRESH_HELDOUT_PROMPTS = VALIDATION_PROMPTS.parent / "fresh_heldout_prompts.txt"
+
+
+def fresh_heldout_prompts(n: int = 120, seed: int = 20261204) -> list[str]:
+    """``n`` captions of the held-out distribution (as :func:`models.embedded.captions.heldout_scenes`
+    writes them, with a seed no other split uses) that are in none of the other prompt files: not the
+    old held-out file (whose seeds 0-1 chose recipe defaults), not the validation or shifted-validation
+    splits, not the recipe's training prompts. A test set frozen after tuning was done:
+    ``models/embedded/fresh_heldout_prompts.txt`` holds the default 120, evaluated once."""
+    from models.embedded.captions import heldout_scenes
+    from models.embedded.evaluate import load_heldout_prompts
+
+    taken = (set(load_heldout_prompts()) | set(validation_prompts()) | set(shifted_validation_prompts())
+             | set(training_prompts(160)))
+    out: list[str] = []
+    for _, text in heldout_scenes(3 * n, seed=seed):
+        if text not in taken and text not in out:
+            out.append(text)
+    if len(out) < n:
+        raise ValueError(f"n: only {len(out)} distinct captions outside the other prompt files, asked for {n}")
+    return out[:n]
+
+
 BASE_CANDIDATES = ("ddim", "dpm2m", "ab2", "ab3", "ab4")
 SELECTION_ROWS = 32  # training rows the saved checkpoints are scored on (deterministic policy, mean over K)
 SELECTION_MINUTES = 2.0  # time kept for that scoring
@@ -171,7 +149,7 @@ def default_residual_decay(min_steps: int, max_steps: int) -> str:
     """The distillation's default pull toward the base rule: rho = PULL_RHO on each K of PULLED_STEPS that
     the step range holds ('5:3' for the default 3..8, '' for a range without K = 5). Unpulled, K = 5's
     table extrapolates the newest epsilon mid-trajectory and flips the main colour on unseen prompts; the
-    pull on K = 3, 4 or on every K costs those K more than it gives (the module docstring has the screen)."""
+    pull on K = 3, 4 or on every K costs those K more than it gives (the screen is in training/results/experiments.md)."""
     return ",".join(f"{k}:{PULL_RHO:g}" for k in PULLED_STEPS if min_steps <= k <= max_steps)
 
 
@@ -316,14 +294,17 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    summary = run_recipe(args, model)
+    print(json.dumps(summary))
+    return 0
 
+
+def recipe_configs(args: argparse.Namespace, out: Path) -> tuple[Any, Any, list[int], str]:
+    """The PPO settings, the distillation warm start's settings (None without one) and the dataset's seeds
+    and pairing, all validated before anything is built."""
     from training.config import TrainConfig
-    from training.dataset import build_dataset, parse_int_list, sha256_file
+    from training.dataset import parse_int_list
     from training.distill import DistillConfig
-    from training.train import prepare
 
     if args.seeds is None:
         seeds, pairing = list(range(FIRST_SEED, FIRST_SEED + args.num_prompts)), "zip"
@@ -349,25 +330,56 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
             else args.distill_residual_decay,
             fit_weights=default_fit_weights(*steps) if args.distill_fit_weights is None else args.distill_fit_weights,
             max_minutes=args.distill_minutes).validate()
+    return config, distill_settings, seeds, pairing
+
+
+def recipe_model(args: argparse.Namespace) -> Any:
+    """The model the recipe trains a solver for: ``--weights-dir``'s embedded weights, else ``--model``."""
+    if args.weights_dir:
+        from models.embedded.model import load_embedded
+
+        return load_embedded(weights_dir=args.weights_dir)
+    from runtime.cli import model_from_args
+
+    return model_from_args(args)
+
+
+def build_recipe_dataset(model: Any, out: Path, num_prompts: int, seeds: list[int], pairing: str) -> None:
+    """The training prompts (written once to ``out/train_prompts.txt``, reused on a resumed run) and their
+    full-step targets in ``out/dataset``."""
+    from training.dataset import build_dataset, sha256_file
+
+    prompts_file = out / "train_prompts.txt"
+    if not prompts_file.exists():
+        prompts_file.write_text("\n".join(training_prompts(num_prompts)) + "\n")
+    prompts = [p for p in prompts_file.read_text().splitlines() if p.strip()]
+    build_dataset(model, prompts, seeds, out / "dataset", prompt_file_sha256=sha256_file(prompts_file),
+                  batch_size=32, shard_size=32, pairing=pairing)
+
+
+def install_policy(final: Path, install: Path, summary: dict[str, Any]) -> None:
+    """Copy the chosen policy's files to ``install``, with ``recipe.json``: how this policy was chosen."""
+    install.mkdir(parents=True, exist_ok=True)
+    for name in ("policy.safetensors", "policy_config.json", "train_config.json", "metrics.json"):
+        shutil.copy2(final / name, install / name)
+    (install / "recipe.json").write_text(json.dumps(summary, indent=1))
+
+
+def run_recipe(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
+    """Steps 1-5 of the module docstring for parsed arguments; returns the summary ``main`` prints."""
+    from training.train import prepare
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config, distill_settings, seeds, pairing = recipe_configs(args, out)
     if model is None:
-        if args.weights_dir:
-            from models.embedded.model import load_embedded
-
-            model = load_embedded(weights_dir=args.weights_dir)
-        else:
-            from runtime.cli import model_from_args
-
-            model = model_from_args(args)
+        model = recipe_model(args)
     if distill_settings is not None and distill_settings.label_weight:
         from training.distill import model_palette
 
         model_palette(model)  # a model without the analyzer's palette is refused before the dataset is built
-    prompts_file = out / "train_prompts.txt"
-    if not prompts_file.exists():
-        prompts_file.write_text("\n".join(training_prompts(args.num_prompts)) + "\n")
-    prompts = [p for p in prompts_file.read_text().splitlines() if p.strip()]
-    build_dataset(model, prompts, seeds, out / "dataset", prompt_file_sha256=sha256_file(prompts_file),
-                  batch_size=32, shard_size=32, pairing=pairing)
+    build_recipe_dataset(model, out, args.num_prompts, seeds, pairing)
     t_data = time.perf_counter() - t0
     store = None
     if args.store:
@@ -397,13 +409,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
                "ppo_deterministic_reward": metrics.get("deterministic_reward"),
                "ppo_reward_mean": metrics.get("reward_mean")}
     if args.install:
-        install = Path(args.install)
-        install.mkdir(parents=True, exist_ok=True)
-        for name in ("policy.safetensors", "policy_config.json", "train_config.json", "metrics.json"):
-            shutil.copy2(final / name, install / name)
-        (install / "recipe.json").write_text(json.dumps(summary, indent=1))  # how this policy was chosen
-    print(json.dumps(summary))
-    return 0
+        install_policy(final, Path(args.install), summary)
+    return summary
 
 
 if __name__ == "__main__":

@@ -285,7 +285,16 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("resumed from %s at step %d", ckpt_path, start)
     if args.ckpt:
         os.makedirs(args.ckpt, exist_ok=True)
+    train_steps(model, opt, ema, data, abar, args, start, ckpt_path)
+    write_weights(out, ema, unet_config, args, device, start)
+    print(f"wrote {os.path.join(out, WEIGHTS_FILE)} ({n_params / 1e6:.2f}M parameters, EMA) after {args.steps} steps")
 
+
+def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor], data: "Batches",
+                abar: torch.Tensor, args: argparse.Namespace, start: int, ckpt_path: str | None) -> None:
+    """Steps ``start`` .. ``args.steps`` - 1: learning-rate schedule, one optimiser step, the EMA update,
+    a running loss logged every 50 steps, and a checkpoint (plus that step's EMA weights) every
+    ``args.ckpt_every`` steps and at the end when ``ckpt_path`` is given."""
     params = list(model.parameters())
     float_keys = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point]
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", mininterval=10)
@@ -308,6 +317,11 @@ def main(argv: list[str] | None = None) -> None:
             save_checkpoint(ckpt_path, model, ema, opt, step + 1)
             save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(args.ckpt, f"ema_{step + 1:06d}.safetensors"))
 
+
+def write_weights(out: str, ema: dict[str, torch.Tensor], unet_config: dict, args: argparse.Namespace,
+                  device: torch.device, start: int) -> None:
+    """The EMA weights (safetensors) and ``config.json`` (network, schedule, text encoder, guidance, and how
+    the weights were trained, with the command that reproduces them) in ``out``."""
     os.makedirs(out, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(out, WEIGHTS_FILE))
     config = {
@@ -327,7 +341,6 @@ def main(argv: list[str] | None = None) -> None:
     }
     with open(os.path.join(out, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2)
-    print(f"wrote {os.path.join(out, WEIGHTS_FILE)} ({n_params / 1e6:.2f}M parameters, EMA) after {args.steps} steps")
 
 
 if __name__ == "__main__":
