@@ -48,16 +48,44 @@ def _load_sd(source: str, single_file: Path | None, device: Any, dtype: Any, opt
     )
 
 
+def _load_sdxl(source: str, single_file: Path | None, device: Any, dtype: Any, options: LoadOptions, local_only: bool) -> Denoiser:
+    from models.sdxl import StableDiffusionXLDenoiser
+
+    if single_file is not None:
+        return StableDiffusionXLDenoiser.from_single_file(
+            single_file, config=options.config, device=device, dtype=dtype, options=options  # type: ignore[arg-type]
+        )
+    return StableDiffusionXLDenoiser.from_pretrained(
+        source, device=device, dtype=dtype, options=options, local_files_only=local_only
+    )
+
+
+def _load_flow(kind: str) -> Callable[..., Denoiser]:
+    def load(source: str, single_file: Path | None, device: Any, dtype: Any, options: LoadOptions, local_only: bool) -> Denoiser:
+        if kind == "flux":
+            from models.flux import FluxDenoiser as backend
+        else:
+            from models.sd3 import StableDiffusion3Denoiser as backend  # type: ignore[assignment]
+        if single_file is not None:
+            raise UnsupportedModelError(
+                f"{single_file.name}: single-file {backend.family_name} checkpoints are not supported yet; "
+                "pass the diffusers folder (model_index.json) instead"
+            )
+        return backend.from_pretrained(source, device=device, dtype=dtype, options=options, local_files_only=local_only)
+
+    return load
+
+
 # Pipeline class name (model_index.json "_class_name") -> backend loader.
 BACKENDS: dict[str, Callable[..., Denoiser]] = {
     "StableDiffusionPipeline": _load_sd,
+    "StableDiffusionXLPipeline": _load_sdxl,
+    "StableDiffusion3Pipeline": _load_flow("sd3"),
+    "FluxPipeline": _load_flow("flux"),
 }
 # Known architectures with no backend yet: the name a user recognises.
 PLANNED: dict[str, str] = {
-    "StableDiffusionXLPipeline": "SDXL",
     "StableDiffusionXLImg2ImgPipeline": "SDXL refiner",
-    "StableDiffusion3Pipeline": "Stable Diffusion 3 (flow matching)",
-    "FluxPipeline": "FLUX (flow matching)",
     "StableDiffusionInpaintPipeline": "Stable Diffusion inpainting",
     "StableDiffusionUpscalePipeline": "Stable Diffusion upscaler",
 }

@@ -88,7 +88,7 @@ class StableDiffusionDenoiser(Denoiser):
         device: str | torch.device | None = None,
         options: LoadOptions | None = None,
     ) -> None:
-        check_sd_compatible(pipe, model_id)
+        self.check_compatible(pipe, model_id)
         options = options or LoadOptions()
         self.pipe = pipe
         self.model_id = model_id
@@ -116,6 +116,18 @@ class StableDiffusionDenoiser(Denoiser):
         self.scheduler_config = dict(pipe.scheduler.config)
         self.schedule = VPSchedule.from_config(self.scheduler_config)
 
+    pipeline_class = "StableDiffusionPipeline"  # the diffusers pipeline whose parts this backend uses
+
+    @staticmethod
+    def check_compatible(pipe: Any, model_id: str) -> None:
+        check_sd_compatible(pipe, model_id)
+
+    @classmethod
+    def _pipeline_class(cls) -> Any:
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_class)
+
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
@@ -128,18 +140,11 @@ class StableDiffusionDenoiser(Denoiser):
         local_files_only: bool = True,
     ) -> "StableDiffusionDenoiser":
         """Load a hub id or a local diffusers folder (safetensors weights only; no safety checker)."""
-        from diffusers import StableDiffusionPipeline
-
         options = options or LoadOptions()
         dev, dtype = resolve_device_dtype(device, dtype, options.fp16)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(name_or_path),
-            dtype=dtype,
-            local_files_only=local_files_only,
-            use_safetensors=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        pipe = cls._pipeline_class().from_pretrained(
+            str(name_or_path), dtype=dtype, local_files_only=local_files_only, use_safetensors=True,
+            **cls._load_kwargs(),
         )
         return cls(pipe, str(name_or_path), device=dev, options=options)
 
@@ -154,20 +159,16 @@ class StableDiffusionDenoiser(Denoiser):
         options: LoadOptions | None = None,
     ) -> "StableDiffusionDenoiser":
         """Load an A1111 / Civitai style ``.safetensors`` checkpoint with the configs of a local folder."""
-        from diffusers import StableDiffusionPipeline
-
         options = options or LoadOptions()
         dev, dtype = resolve_device_dtype(device, dtype, options.fp16)
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=str(config),
-            dtype=dtype,
-            local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        pipe = cls._pipeline_class().from_single_file(
+            str(path), config=str(config), dtype=dtype, local_files_only=True, **cls._load_kwargs()
         )
         return cls(pipe, Path(path).name, device=dev, options=options)
+
+    @classmethod
+    def _load_kwargs(cls) -> dict[str, Any]:
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     # --- the Denoiser interface --------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
