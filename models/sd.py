@@ -35,6 +35,7 @@ class LoadOptions:
     - ``cpu_offload``: keep each part on the CPU until it runs (``enable_model_cpu_offload``; needs CUDA).
     - ``config``: a local diffusers folder with the configs of a single-file checkpoint (nothing is fetched).
     - ``local_files_only``: None = decide from HF_HUB_OFFLINE and the network; True never fetches.
+    - ``true_cfg_scale``: FLUX only: > 1 adds a negative-prompt pass (true CFG) when a negative prompt is given.
     """
 
     fp16: bool | None = None
@@ -43,6 +44,7 @@ class LoadOptions:
     cpu_offload: bool = False
     config: str | os.PathLike | None = None
     local_files_only: bool | None = None
+    true_cfg_scale: float = 1.0
 
 
 def resolve_device_dtype(
