@@ -42,6 +42,7 @@ class FlowPipelineDenoiser(Denoiser):
 
     pipeline_class = ""
     family_name = ""
+    optional_parts: tuple[str, ...] = ()  # parts a folder may leave out (null in model_index.json)
 
     def _setup(self, pipe: Any, model_id: str, device: Any, options: LoadOptions | None) -> None:
         options = options or LoadOptions()
@@ -75,8 +76,11 @@ class FlowPipelineDenoiser(Denoiser):
 
         options = options or LoadOptions()
         dev, dtype = resolve_device_dtype(device, dtype, options.fp16)
-        pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(
-            str(name_or_path), dtype=dtype, local_files_only=local_files_only, use_safetensors=True
+        pipeline = getattr(diffusers, cls.pipeline_class)
+        index = pipeline.load_config(str(name_or_path), local_files_only=local_files_only)
+        absent = {part: None for part in cls.optional_parts if not _present(index.get(part))}
+        pipe = pipeline.from_pretrained(
+            str(name_or_path), dtype=dtype, local_files_only=local_files_only, use_safetensors=True, **absent
         )
         return cls(pipe, str(name_or_path), device=dev, options=options)
 
@@ -98,3 +102,8 @@ class FlowPipelineDenoiser(Denoiser):
             self.vae.to(torch.float32)
             images = self.vae.decode(z.to(self.device, torch.float32)).sample.float()
         return (images / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def _present(entry: Any) -> bool:
+    """A model_index.json entry names a part (["library", "Class"]), not [null, null] or nothing."""
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
