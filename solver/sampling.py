@@ -54,7 +54,7 @@ def iter_lmm(eps_fn: EpsFn, x_T: torch.Tensor, grid: TimeGrid, table: torch.Tens
     for i in range(num_steps):
         if bool((table[i, min(i + 1, order) :] != 0).any()):
             raise ValueError(f"table row {i} uses more than the {i + 1} epsilons available at step {i}")
-    alpha, sigma, n = grid.alpha.tolist(), grid.sigma.tolist(), grid.n.tolist()
+    alpha, n = grid.alpha.tolist(), grid.n.tolist()
     rows = table.tolist()
     history: deque[torch.Tensor] = deque(maxlen=order)
     if alpha[0] == 0.0:  # a flow grid starting at t = 1: n_0 = inf (solver.schedules.FlowSchedule)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline
 
 from models.registry import load_model
 from models.sd3 import StableDiffusion3Denoiser

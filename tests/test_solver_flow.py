@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from models.base import Conditioning, Denoiser
 from solver.coefficients import RULES
@@ -208,7 +208,7 @@ def test_a_dynamic_shift_config_without_mu_is_refused_naming_mu():
         schedule_from_config(config)
 
 
-def test_schedule_family_and_policy_refused_on_the_other_family():
+def test_schedule_family_and_policy_refused_on_the_other_family(tmp_path):
     assert schedule_family(SD3_CONFIG) == "flow" and schedule_family(FLUX_CONFIG) == "flow"
     vp = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
     assert schedule_family(vp) == "vp"
@@ -217,6 +217,10 @@ def test_schedule_family_and_policy_refused_on_the_other_family():
     get_solver("consistency", vp, policy=policy)  # accepted on its own family
     with pytest.raises(ValueError, match="trained on a 'vp' schedule"):
         get_solver("consistency", SD3_CONFIG, policy=policy)
-    policy.schedule_family = "flow"
-    grid = get_solver("consistency", SD3_CONFIG, policy=policy).grid(4)
+    ConsistencyPolicy(schedule_family="flow").save(tmp_path / "flow-policy")  # recorded in policy_config.json
+    assert ConsistencyPolicy.load(tmp_path / "flow-policy").schedule_family == "flow"
+    with pytest.raises(ValueError, match="trained on a 'flow' schedule and the model's schedule is 'vp'"):
+        get_solver(f"consistency:{tmp_path / 'flow-policy'}", vp)
+    grid = get_solver(f"consistency:{tmp_path / 'flow-policy'}", SD3_CONFIG).grid(4)
     assert grid.alpha[0] == 0.0 and FlowSchedule.from_config(SD3_CONFIG).grid(4).timesteps.equal(grid.timesteps)
+    assert "schedule_family" not in ConsistencyPolicy().config_dict()  # unrecorded: accepted on either family
