@@ -17,7 +17,10 @@ On a flow-matching model (SD3, FLUX; ``solver.schedules.FlowSchedule``) the same
 diffusers' flow schedulers: ``euler`` (and ``ddim``, identical there) is the model's own
 ``FlowMatchEulerDiscreteScheduler`` with its pipeline's shift / ``mu`` / sigmas, ``dpmpp2m`` and
 ``unipc`` are DPM-Solver++ 2M and UniPC with ``use_flow_sigmas=True,
-prediction_type="flow_prediction"``; the others have no flow version and are refused.
+prediction_type="flow_prediction"``. diffusers' DPM-Solver-2 (``algorithm_type="dpmsolver"``) takes no
+flow prediction, so ``dpm2m`` (refine's full-step sampler) is the same multistep DPM-Solver-2 as eq.-10
+weights (``rule:dpm2m``, ``solver.coefficients.dpm_solver_2m_table``); ``deis`` and ``plms`` have no flow
+version and are refused.
 
 On a VP model every baseline is built from the model's own scheduler config (so betas and final alpha match),
 with ``timestep_spacing="trailing"``, ``prediction_type="epsilon"`` (the samplers pass epsilon) and
@@ -128,7 +131,7 @@ class FlowDiffusersSolver(Solver):
         )
 
 
-FLOW_BASELINES = ("ddim", "euler", "dpmpp2m", "unipc")  # ddim = euler on a flow schedule
+FLOW_BASELINES = ("ddim", "euler", "dpmpp2m", "unipc", "dpm2m")  # ddim = euler on a flow schedule
 
 
 def _flow_baseline(name: str, schedule: FlowSchedule) -> FlowDiffusersSolver:
@@ -136,6 +139,8 @@ def _flow_baseline(name: str, schedule: FlowSchedule) -> FlowDiffusersSolver:
 
     if name in ("ddim", "euler"):
         return FlowDiffusersSolver(name=name, schedule=schedule)
+    if name == "dpm2m":  # diffusers' "dpmsolver" has no flow_prediction: the same multistep DPM-Solver-2 as eq.-10 weights
+        return LMMSolver(name=name, schedule=schedule, table_fn=RULES["dpm2m"])
     config = schedule.config
     common = {
         "num_train_timesteps": schedule.num_train_timesteps,

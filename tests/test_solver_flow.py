@@ -197,9 +197,15 @@ def test_flow_baselines_are_diffusers_schedulers(config, name):
 
 
 def test_baselines_with_no_flow_version_are_refused():
-    for name in ("dpm2m", "deis", "plms"):
+    for name in ("deis", "plms"):
         with pytest.raises(ValueError, match="no flow-matching version"):
             get_solver(name, SD3_CONFIG)
+
+
+def test_dpm2m_on_a_flow_model_is_the_eq10_dpm_solver_2_table():
+    solver = get_solver("dpm2m", SD3_CONFIG)  # refine's full-step sampler
+    grid = solver.grid(12)
+    assert torch.equal(solver.table_fn(grid), RULES["dpm2m"](grid)) and grid.alpha[0] == 0.0
 
 
 def test_a_dynamic_shift_config_without_mu_is_refused_naming_mu():
