@@ -1,5 +1,6 @@
 """``python -m preview --model <tiny SDXL / FLUX / SD3 folder> --seeds 0-3 --steps 4``: 4 JSON lines, and the
-same seeds twice give identical PNGs. Family detection reads the folder's model_index.json."""
+same seeds twice give identical PNGs; ``python -m refine --preview-id`` refines one. Family detection reads
+the folder's model_index.json."""
 
 import hashlib
 import json
@@ -9,6 +10,7 @@ import pytest
 
 from models.registry import load_model
 from preview.__main__ import main
+from refine.__main__ import main as refine_main
 from tests.tiny_flux import save_tiny_flux
 from tests.tiny_sd3 import save_tiny_sd3
 from tests.tiny_sdxl import save_tiny_sdxl
@@ -38,3 +40,10 @@ def test_preview_cli_prints_four_lines_and_repeats_exactly(family, tmp_path, cap
     assert len(first) == 4 and [r["seed"] for r in first] == [0, 1, 2, 3]
     assert [digest(r["path"]) for r in first] == [digest(r["path"]) for r in second]
     assert len({digest(r["path"]) for r in first}) == 4  # different seeds, different images
+    # refine the first preview (full-step dpm2m from the same noise) through the refine CLI
+    code = refine_main(["--model", str(folder), "--preview-id", str(first[0]["preview_id"]), "--steps", "6",
+                        "--out", str(tmp_path / "final"), "--db", str(tmp_path / "a.sqlite")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    final = json.loads(captured.out.strip().splitlines()[-1])
+    assert final["seed"] == 0 and Path(final["path"]).is_file()
