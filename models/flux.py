@@ -52,6 +52,7 @@ class FluxDenoiser(FlowPipelineDenoiser):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         config = dict(self.pipe.scheduler.config)
+        config.setdefault("_class_name", type(self.pipe.scheduler).__name__)  # a scheduler built in memory has none
         f = self.vae_scale_factor
         image_seq_len = (height // f // 2) * (width // f // 2)
         config["mu"] = calculate_shift(

@@ -49,6 +49,7 @@ class StableDiffusion3Denoiser(FlowPipelineDenoiser):
     def scheduler_config_for(self, height: int, width: int) -> dict[str, Any]:
         """The scheduler config; with ``use_dynamic_shifting`` plus the pipeline's ``mu`` for H x W."""
         config = dict(self.pipe.scheduler.config)
+        config.setdefault("_class_name", type(self.pipe.scheduler).__name__)  # a scheduler built in memory has none
         if config.get("use_dynamic_shifting"):
             from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
