@@ -162,12 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     b, c, h, w = latents.shape
     packed = pipe._pack_latents(latents, b, c, h, w).to(device, dtype)
 
+    parts: list[dict] = []
+
     def ours() -> float:
         sync(device)
         start = time.perf_counter()
         results = list(engine.run(request))
         sync(device)
         assert len(results) == args.seeds
+        parts.append(results[0].timings_ms)  # the chunk's encode / sample / decode / device times
         return time.perf_counter() - start
 
     def theirs() -> float:
@@ -198,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_ours_over_pipeline": round(t_ours / t_theirs, 3), "ours_all_s": [round(v, 3) for v in ours_s],
         "pipeline_all_s": [round(v, 3) for v in theirs_s], "build_s": round(build_s, 1),
         "transformer_reinit_small_normal": reinit,
+        "ours_parts_ms_last": {k: round(v, 1) for k, v in parts[-1].items()},
     }
     print(f"{args.seeds} seeds at {size}x{size}, K={args.steps}: ours {t_ours:.3f} s, FluxPipeline {t_theirs:.3f} s "
           f"-> ratio {t_ours / t_theirs:.3f}")
