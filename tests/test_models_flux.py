@@ -128,10 +128,13 @@ def test_schnell_ignores_guidance_and_packs_its_latents(schnell_folder):
 
 
 def test_determinism_across_grid_sizes(dev):
-    """A row's result does not depend on which other rows share its batch."""
+    """A row's result does not depend on the other rows of its batch: alone or in a grid of 3, the same
+    sample up to CPU kernels' batch-dependent rounding (as tests/test_models_sd.py allows)."""
     x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     cond = dev.encode_prompts(["a cat", "a dog", "a tree"])
     solver = get_solver("rule:ab2", dev.scheduler_config_for(SIZE, SIZE))
     full = solver.sample(lambda x, t: dev.guided_eps(x, t, cond, GUIDANCE), x, 4)
-    one = solver.sample(lambda x, t: dev.guided_eps(x, t, cond.select([1]), GUIDANCE), x[1:2], 4)
-    assert (full[1:2] - one).abs().max().item() < 1e-5
+    alone = solver.sample(lambda x, t: dev.guided_eps(x, t, cond.select([1]), GUIDANCE), x[1:2], 4)
+    assert (full[1:2] - alone).abs().max().item() < 1e-4
+    other = solver.sample(lambda x, t: dev.guided_eps(x, t, cond.select([0]), GUIDANCE), x[1:2], 4)
+    assert (other - alone).abs().max().item() > 1e-3  # the prompt does reach the sample
