@@ -1,7 +1,8 @@
 """The one interface every base model keeps: encode prompts, guided epsilon, decode.
 
 Solver, preview, refine and training talk to a model only through :class:`Denoiser`, so Stable
-Diffusion, the embedded default model and later SDXL / flow-matching backends are interchangeable.
+Diffusion (``models.sd``), SDXL (``models.sdxl``), the flow-matching SD3 (``models.sd3``) and FLUX
+(``models.flux``) backends and the embedded default model are interchangeable.
 """
 
 from __future__ import annotations
