@@ -1,20 +1,21 @@
 """The one interface every base model keeps: encode prompts, guided epsilon, decode.
 
 Solver, preview, refine and training talk to a model only through :class:`Denoiser`, so Stable
-Diffusion, the embedded default model and later SDXL / flow-matching backends are interchangeable.
+Diffusion (``models.sd``), SDXL (``models.sdxl``), the flow-matching SD3 (``models.sd3``) and FLUX
+(``models.flux``) backends and the embedded default model are interchangeable.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
-from solver.outputs import to_epsilon
-from solver.schedules import Schedule
+from solver.outputs import flow_start_denoised, to_epsilon
+from solver.schedules import Schedule, schedule_family
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class Conditioning:
     negative_prompts: list[str]
     cond_mask: torch.Tensor | None = None
     uncond_mask: torch.Tensor | None = None
+    cond_extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row extras (pooled embeds...)
+    uncond_extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.cond.shape[0])
@@ -48,6 +51,8 @@ class Conditioning:
             negative_prompts=[self.negative_prompts[i] for i in idx.tolist()],
             cond_mask=pick(self.cond_mask),
             uncond_mask=pick(self.uncond_mask),
+            cond_extra={k: pick(v) for k, v in self.cond_extra.items()},
+            uncond_extra={k: pick(v) for k, v in self.uncond_extra.items()},
         )
 
     @staticmethod
@@ -62,6 +67,8 @@ class Conditioning:
             negative_prompts=[s for p in parts for s in p.negative_prompts],
             cond_mask=cat_opt([p.cond_mask for p in parts]),
             uncond_mask=cat_opt([p.uncond_mask for p in parts]),
+            cond_extra={k: torch.cat([p.cond_extra[k] for p in parts]) for k in parts[0].cond_extra},
+            uncond_extra={k: torch.cat([p.uncond_extra[k] for p in parts]) for k in parts[0].uncond_extra},
         )
 
 
@@ -95,7 +102,10 @@ class Denoiser(ABC):
     def model_output(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """The raw network output (its own prediction type) for a batch at timestep t."""
+        """The raw network output (its own prediction type) for a batch at timestep t.
+
+        A backend whose conditioning has extras (``Conditioning.cond_extra``: pooled embeddings, time ids)
+        also takes ``extra=`` (a dict of (B, ...) tensors, rows matching ``x``)."""
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -113,37 +123,66 @@ class Denoiser(ABC):
                     f"{name} must be a multiple of {self.size_multiple} for {self.model_id}, got {value}"
                 )
 
+    def scheduler_config_for(self, height: int, width: int) -> dict[str, Any]:
+        """The scheduler config for images of height x width (FLUX's shift depends on the size)."""
+        return self.scheduler_config
+
+    @property
+    def schedule_family(self) -> str:
+        """``"vp"`` or ``"flow"`` (``solver.schedules.schedule_family``)."""
+        return schedule_family(self.schedule)
+
+    def solver_output(self, out: torch.Tensor, x: torch.Tensor, alpha: Any, sigma: Any) -> torch.Tensor:
+        """The raw model output as the solver takes it: eps, except at alpha = 0 (the flow start t = 1),
+        where eps = x carries no model information and the denoised x0_hat is returned instead
+        (``solver.schedules.FlowSchedule`` derives the first step from it). float32."""
+        eps = to_epsilon(out, x, alpha, sigma, self.schedule.prediction_type)
+        if self.schedule.kind != "flow":
+            return eps
+        if not torch.is_tensor(alpha):
+            return flow_start_denoised(out, x) if alpha == 0.0 else eps
+        start = alpha == 0.0
+        return torch.where(start, flow_start_denoised(out, x), eps) if bool(start.any()) else eps
+
+    def _time_inputs(self, x: torch.Tensor, t: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+        """(alpha, sigma, t, t for the [uncond; cond] pair): floats for one t, (B, 1, ...) tensors per row."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != x.shape[0]):
+            raise ValueError(f"t must be one timestep or one per row ({x.shape[0]}), got shape {tuple(t.shape)}")
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        if t.ndim == 0:
+            return alpha.item(), sigma.item(), t, t
+        view = (-1,) + (1,) * (x.ndim - 1)
+        alpha = alpha.to(torch.float32).view(view).to(self.device)
+        sigma = sigma.to(torch.float32).view(view).to(self.device)
+        t = t.to(self.device)
+        return alpha, sigma, t, torch.cat([t, t])
+
     @torch.no_grad()
     def guided_eps(self, x: torch.Tensor, t: torch.Tensor | int | float, cond: Conditioning, guidance: float) -> torch.Tensor:
         """Classifier-free-guided epsilon, eps_u + w (eps_c - eps_u), in one batched model call.
 
         ``t`` is one timestep for the whole batch, or one per row (B,) (a learned time grid gives each
         rollout its own). ``guidance`` <= 1 with 1 meaning "conditional only" skips the unconditional
-        half. Returns float32 on ``x``'s device.
+        half. Returns float32 on ``x``'s device. On a flow schedule at t = 1 (alpha = 0) the guided
+        x0_hat is returned instead of eps (see :meth:`solver_output`).
         """
         if len(cond) != x.shape[0]:
             raise ValueError(f"conditioning has {len(cond)} rows but x has batch {x.shape[0]}")
-        t = torch.as_tensor(t, dtype=torch.float64)
-        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != x.shape[0]):
-            raise ValueError(f"t must be one timestep or one per row ({x.shape[0]}), got shape {tuple(t.shape)}")
-        alpha, sigma = self.schedule.alpha_sigma(t)
-        if t.ndim == 0:
-            alpha, sigma, t_pair = alpha.item(), sigma.item(), t
-        else:
-            view = (-1,) + (1,) * (x.ndim - 1)
-            alpha = alpha.to(torch.float32).view(view).to(self.device)
-            sigma = sigma.to(torch.float32).view(view).to(self.device)
-            t = t.to(self.device)
-            t_pair = torch.cat([t, t])
+        alpha, sigma, t, t_pair = self._time_inputs(x, t)
         x32 = x.to(self.device, torch.float32)  # the state, full precision, beside the model output
         xin = x32.to(self.dtype)
         if guidance == 1.0:
-            out = self.model_output(xin, t, cond.cond, cond.cond_mask)
-            return to_epsilon(out, x32, alpha, sigma, self.schedule.prediction_type).to(x.device)
+            extra = {"extra": cond.cond_extra} if cond.cond_extra else {}
+            out = self.model_output(xin, t, cond.cond, cond.cond_mask, **extra)
+            return self.solver_output(out, x32, alpha, sigma).to(x.device)
         context = torch.cat([cond.uncond, cond.cond])
         mask = None if cond.cond_mask is None else torch.cat([cond.uncond_mask, cond.cond_mask])  # type: ignore[list-item]
-        out = self.model_output(torch.cat([xin, xin]), t_pair, context, mask)
-        pair = (lambda v: v) if t.ndim == 0 else (lambda v: torch.cat([v, v]))  # noqa: E731
-        eps = to_epsilon(out, torch.cat([x32, x32]), pair(alpha), pair(sigma), self.schedule.prediction_type)
+        extra = {}
+        if cond.cond_extra:
+            extra = {"extra": {k: torch.cat([cond.uncond_extra[k], v]) for k, v in cond.cond_extra.items()}}
+        out = self.model_output(torch.cat([xin, xin]), t_pair, context, mask, **extra)
+        pair = (lambda v: v) if not torch.is_tensor(alpha) else (lambda v: torch.cat([v, v]))  # noqa: E731
+        eps = self.solver_output(out, torch.cat([x32, x32]), pair(alpha), pair(sigma))
         eps_u, eps_c = eps.chunk(2)
         return (eps_u + guidance * (eps_c - eps_u)).to(x.device)

@@ -48,24 +48,58 @@ def _load_sd(source: str, single_file: Path | None, device: Any, dtype: Any, opt
     )
 
 
+def _load_sdxl(source: str, single_file: Path | None, device: Any, dtype: Any, options: LoadOptions, local_only: bool) -> Denoiser:
+    from models.sdxl import StableDiffusionXLDenoiser
+
+    if single_file is not None:
+        return StableDiffusionXLDenoiser.from_single_file(
+            single_file, config=options.config, device=device, dtype=dtype, options=options  # type: ignore[arg-type]
+        )
+    return StableDiffusionXLDenoiser.from_pretrained(
+        source, device=device, dtype=dtype, options=options, local_files_only=local_only
+    )
+
+
+def _load_flow(kind: str) -> Callable[..., Denoiser]:
+    def load(source: str, single_file: Path | None, device: Any, dtype: Any, options: LoadOptions, local_only: bool) -> Denoiser:
+        if kind == "flux":
+            from models.flux import FluxDenoiser as backend
+        else:
+            from models.sd3 import StableDiffusion3Denoiser as backend  # type: ignore[assignment]
+        if single_file is not None:
+            raise UnsupportedModelError(
+                f"{single_file.name}: single-file {backend.family_name} checkpoints are not supported yet; "
+                "pass the diffusers folder (model_index.json) instead"
+            )
+        return backend.from_pretrained(source, device=device, dtype=dtype, options=options, local_files_only=local_only)
+
+    return load
+
+
 # Pipeline class name (model_index.json "_class_name") -> backend loader.
 BACKENDS: dict[str, Callable[..., Denoiser]] = {
     "StableDiffusionPipeline": _load_sd,
+    "StableDiffusionXLPipeline": _load_sdxl,
+    "StableDiffusion3Pipeline": _load_flow("sd3"),
+    "FluxPipeline": _load_flow("flux"),
 }
 # Known architectures with no backend yet: the name a user recognises.
 PLANNED: dict[str, str] = {
-    "StableDiffusionXLPipeline": "SDXL",
     "StableDiffusionXLImg2ImgPipeline": "SDXL refiner",
-    "StableDiffusion3Pipeline": "Stable Diffusion 3 (flow matching)",
-    "FluxPipeline": "FLUX (flow matching)",
     "StableDiffusionInpaintPipeline": "Stable Diffusion inpainting",
     "StableDiffusionUpscalePipeline": "Stable Diffusion upscaler",
 }
-# Markers of single-file checkpoints (original key layouts) of architectures with no backend yet.
+# Markers of single-file checkpoints (original key layouts): pipeline class -> key prefixes.
 _SINGLE_FILE_MARKERS: dict[str, tuple[str, ...]] = {
-    "SDXL": ("conditioner.embedders.",),
-    "Stable Diffusion 3 (flow matching)": ("joint_blocks.", "model.diffusion_model.joint_blocks.", "text_encoders."),
-    "FLUX (flow matching)": ("double_blocks.", "model.diffusion_model.double_blocks."),
+    "StableDiffusionXLPipeline": ("conditioner.embedders.",),
+    "StableDiffusion3Pipeline": ("joint_blocks.", "model.diffusion_model.joint_blocks.", "text_encoders."),
+    "FluxPipeline": ("double_blocks.", "model.diffusion_model.double_blocks."),
+}
+FAMILY_NAMES = {
+    "StableDiffusionPipeline": "Stable Diffusion 1.x/2.x",
+    "StableDiffusionXLPipeline": "SDXL",
+    "StableDiffusion3Pipeline": "Stable Diffusion 3",
+    "FluxPipeline": "FLUX",
 }
 _SD_UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 
@@ -156,38 +190,60 @@ def _load_single_file(path: Path, device: Any, dtype: Any, options: LoadOptions)
     if suffix != ".safetensors":
         raise ModelLoadError(f"{path.name}: unknown model file type {suffix!r}; expected a .safetensors checkpoint")
     if options.config is None:
+        family = single_file_family(path)
+        what = f"of {FAMILY_NAMES[family]}" if family else "whose family cannot be recognised from its keys"
         raise ModelLoadError(
-            f"{path.name} is a single-file checkpoint: pass config=FOLDER (--config), a local diffusers folder of the "
-            "same architecture whose configs describe it (nothing is fetched)"
+            f"config: {path.name} is a single-file checkpoint {what}: pass config=FOLDER (--config), a local diffusers "
+            "folder of the same architecture whose configs describe it (nothing is fetched)"
         )
     config = Path(options.config).expanduser()
     if not config.is_dir():
         raise ModelLoadError(f"config {str(config)!r} is not a folder")
     class_name = _folder_class_name(config)
-    _check_single_file_architecture(path)
+    family = single_file_family(path)
+    if family is None:
+        raise UnsupportedModelError(
+            f"{path.name} is not a Stable Diffusion 1.x/2.x checkpoint in the original layout (no {_SD_UNET_KEY}), "
+            "nor one of SDXL, Stable Diffusion 3 or FLUX"
+        )
+    if class_name in BACKENDS and class_name != family:
+        raise ModelLoadError(
+            f"config: {config} describes a {class_name} ({FAMILY_NAMES[class_name]}) but {path.name} is a checkpoint "
+            f"of {FAMILY_NAMES[family]}; pass a config folder of the same family"
+        )
+    if family in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        _check_unet_channels(path)
     return _build(class_name, str(path), path, device, dtype, options, True)
 
 
-def _check_single_file_architecture(path: Path) -> None:
+def single_file_family(path: Path) -> str | None:
+    """The pipeline class a single-file checkpoint's keys belong to, or None when no family matches."""
+    keys = _safetensors_keys(path)
+    for class_name, prefixes in _SINGLE_FILE_MARKERS.items():
+        if any(k.startswith(prefixes) for k in keys):
+            return class_name
+    return "StableDiffusionPipeline" if _SD_UNET_KEY in keys else None
+
+
+def _safetensors_keys(path: Path) -> list[str]:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            in_channels = f.get_slice(_SD_UNET_KEY).get_shape()[1] if _SD_UNET_KEY in keys else None
+            return list(f.keys())
     except Exception as e:  # safetensors raises its own SafetensorError for a damaged header
         raise ModelLoadError(f"{path.name} is not a readable safetensors file: {e}") from e
-    for arch, prefixes in _SINGLE_FILE_MARKERS.items():
-        if any(k.startswith(prefixes) for k in keys):
-            raise UnsupportedModelError(f"{path.name} is a checkpoint of {arch}, which is not supported yet")
-    if _SD_UNET_KEY not in keys:
-        raise UnsupportedModelError(
-            f"{path.name} is not a Stable Diffusion 1.x/2.x checkpoint in the original layout (no {_SD_UNET_KEY})"
-        )
+
+
+def _check_unet_channels(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        in_channels = f.get_slice(_SD_UNET_KEY).get_shape()[1] if _SD_UNET_KEY in f.keys() else 4
     if in_channels != 4:
         raise UnsupportedModelError(
             f"{path.name}'s UNet takes {in_channels} input channels (an inpainting or depth model?); "
-            "only text-to-image Stable Diffusion is supported"
+            "only text-to-image models are supported"
         )
 
 

@@ -35,6 +35,7 @@ class LoadOptions:
     - ``cpu_offload``: keep each part on the CPU until it runs (``enable_model_cpu_offload``; needs CUDA).
     - ``config``: a local diffusers folder with the configs of a single-file checkpoint (nothing is fetched).
     - ``local_files_only``: None = decide from HF_HUB_OFFLINE and the network; True never fetches.
+    - ``true_cfg_scale``: FLUX only: > 1 adds a negative-prompt pass (true CFG) when a negative prompt is given.
     """
 
     fp16: bool | None = None
@@ -43,6 +44,7 @@ class LoadOptions:
     cpu_offload: bool = False
     config: str | os.PathLike | None = None
     local_files_only: bool | None = None
+    true_cfg_scale: float = 1.0
 
 
 def resolve_device_dtype(
@@ -88,7 +90,7 @@ class StableDiffusionDenoiser(Denoiser):
         device: str | torch.device | None = None,
         options: LoadOptions | None = None,
     ) -> None:
-        check_sd_compatible(pipe, model_id)
+        self.check_compatible(pipe, model_id)
         options = options or LoadOptions()
         self.pipe = pipe
         self.model_id = model_id
@@ -119,6 +121,18 @@ class StableDiffusionDenoiser(Denoiser):
 
     fixed_text_length = True  # encode_prompt pads every prompt to the tokenizer's 77: batching is exact
 
+    pipeline_class = "StableDiffusionPipeline"  # the diffusers pipeline whose parts this backend uses
+
+    @staticmethod
+    def check_compatible(pipe: Any, model_id: str) -> None:
+        check_sd_compatible(pipe, model_id)
+
+    @classmethod
+    def _pipeline_class(cls) -> Any:
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_class)
+
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
@@ -131,18 +145,11 @@ class StableDiffusionDenoiser(Denoiser):
         local_files_only: bool = True,
     ) -> "StableDiffusionDenoiser":
         """Load a hub id or a local diffusers folder (safetensors weights only; no safety checker)."""
-        from diffusers import StableDiffusionPipeline
-
         options = options or LoadOptions()
         dev, dtype = resolve_device_dtype(device, dtype, options.fp16)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(name_or_path),
-            dtype=dtype,
-            local_files_only=local_files_only,
-            use_safetensors=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        pipe = cls._pipeline_class().from_pretrained(
+            str(name_or_path), dtype=dtype, local_files_only=local_files_only, use_safetensors=True,
+            **cls._load_kwargs(),
         )
         return cls(pipe, str(name_or_path), device=dev, options=options)
 
@@ -157,20 +164,16 @@ class StableDiffusionDenoiser(Denoiser):
         options: LoadOptions | None = None,
     ) -> "StableDiffusionDenoiser":
         """Load an A1111 / Civitai style ``.safetensors`` checkpoint with the configs of a local folder."""
-        from diffusers import StableDiffusionPipeline
-
         options = options or LoadOptions()
         dev, dtype = resolve_device_dtype(device, dtype, options.fp16)
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=str(config),
-            dtype=dtype,
-            local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        pipe = cls._pipeline_class().from_single_file(
+            str(path), config=str(config), dtype=dtype, local_files_only=True, **cls._load_kwargs()
         )
         return cls(pipe, Path(path).name, device=dev, options=options)
+
+    @classmethod
+    def _load_kwargs(cls) -> dict[str, Any]:
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     # --- the Denoiser interface --------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:

@@ -55,8 +55,11 @@ def adams_bashforth_table(grid: TimeGrid, order: int) -> torch.Tensor:
         raise ValueError(f"order must be an integer in 1..{MAX_ADAMS_ORDER}, got {order!r}")
     n = grid.n
     table = torch.zeros(grid.num_steps, order, dtype=torch.float64)
+    finite = torch.isfinite(n)
     for i in range(grid.num_steps):
         k = min(i + 1, order)
+        while k > 1 and not bool(finite[i + 1 - k]):  # a point at n = inf (flow start) has weight 0 in the limit
+            k -= 1
         table[i, :k] = adams_weights(n[i + 1 - k : i + 1].flip(0), float(n[i + 1]))
     return table
 

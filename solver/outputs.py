@@ -42,3 +42,15 @@ def to_epsilon(
     if prediction_type == "sample":
         return (x - alpha * out) / sigma
     return x + alpha * out
+
+
+def flow_start_denoised(model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x0_hat = x - v at the flow start t = 1 (alpha = 0), where eps = x carries no model information.
+
+    ``Denoiser.guided_eps`` returns this there instead of eps; the solver's first step is then the
+    limit of eq. 10 (derivation in ``solver.schedules.FlowSchedule``). float32.
+    """
+    out = model_output.float()
+    if torch.isnan(out).any():
+        raise ValueError("model_output contains NaN")
+    return x.float() - out

@@ -98,8 +98,14 @@ class ConsistencyPolicy(nn.Module):
         hidden: int = 64,
         init_log_std: float = -3.0,
         time_grid: bool = False,
+        schedule_family: str | None = None,
     ) -> None:
         super().__init__()
+        if schedule_family not in (None, "vp", "flow"):
+            raise ValueError(f"schedule_family must be 'vp', 'flow' or None, got {schedule_family!r}")
+        # The schedule family ("vp" / "flow") the policy was trained on; None = not recorded. Checked by
+        # solver.registry.check_policy_family: a policy is refused on the other family.
+        self.schedule_family = schedule_family
         self.order = check_order(order)
         if base not in RULES:
             raise ValueError(f"base must be one of {sorted(RULES)}, got {base!r}")
@@ -281,7 +287,7 @@ class ConsistencyPolicy(nn.Module):
             "init_log_std": self.init_log_std,
             "time_grid": self.learn_time_grid,
             "lambda_scale": LAMBDA_SCALE,
-        }
+        } | ({} if self.schedule_family is None else {"schedule_family": self.schedule_family})
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``policy.safetensors`` (weights) and ``policy_config.json`` into ``directory``."""
@@ -316,6 +322,7 @@ class ConsistencyPolicy(nn.Module):
             hidden=config["hidden"],
             init_log_std=config["init_log_std"],
             time_grid=config["time_grid"],
+            schedule_family=config.get("schedule_family"),
         )
         state = load_file(weights_path)
         expected = set(policy.state_dict())

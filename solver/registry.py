@@ -13,7 +13,16 @@ Names:
   ``unipc``, ``deis``, ``plms`` (``PNDMScheduler`` with ``skip_prk_steps``: its first step repeats a
   timestep, so K steps cost K + 1 model evaluations; unstable below about 20 steps), ``euler``.
 
-Every baseline is built from the model's own scheduler config (so betas and final alpha match),
+On a flow-matching model (SD3, FLUX; ``solver.schedules.FlowSchedule``) the same names mean
+diffusers' flow schedulers: ``euler`` (and ``ddim``, identical there) is the model's own
+``FlowMatchEulerDiscreteScheduler`` with its pipeline's shift / ``mu`` / sigmas, ``dpmpp2m`` and
+``unipc`` are DPM-Solver++ 2M and UniPC with ``use_flow_sigmas=True,
+prediction_type="flow_prediction"``. diffusers' DPM-Solver-2 (``algorithm_type="dpmsolver"``) takes no
+flow prediction, so ``dpm2m`` (refine's full-step sampler) is the same multistep DPM-Solver-2 as eq.-10
+weights (``rule:dpm2m``, ``solver.coefficients.dpm_solver_2m_table``); ``deis`` and ``plms`` have no flow
+version and are refused.
+
+On a VP model every baseline is built from the model's own scheduler config (so betas and final alpha match),
 with ``timestep_spacing="trailing"``, ``prediction_type="epsilon"`` (the samplers pass epsilon) and
 x0 clipping/thresholding off (the ODE comparison is unclipped, like eq. 10).
 """
@@ -28,8 +37,8 @@ import torch
 
 from solver.coefficients import RULES
 from solver.policy import ConsistencyPolicy
-from solver.sampling import EpsFn, SamplerStep, iter_diffusers, iter_lmm
-from solver.schedules import Schedule, TimeGrid, schedule_from_config
+from solver.sampling import EpsFn, SamplerStep, iter_diffusers, iter_flow_diffusers, iter_lmm
+from solver.schedules import FlowSchedule, Schedule, TimeGrid, schedule_family, schedule_from_config
 
 
 class Solver:
@@ -89,6 +98,67 @@ class DiffusersSolver(Solver):
         return num_steps + self.extra_nfe
 
 
+@dataclass
+class FlowDiffusersSolver(Solver):
+    """A diffusers flow-matching scheduler on a :class:`FlowSchedule` (fresh instance per run).
+
+    ``FlowMatchEulerDiscreteScheduler`` gets the model's own config and the pipeline's
+    ``set_timesteps`` arguments; DPM-Solver++ 2M and UniPC get ``use_flow_sigmas=True``,
+    ``prediction_type="flow_prediction"``, the model's ``shift`` and (FLUX) its dynamic ``mu``.
+    """
+
+    name: str
+    schedule: FlowSchedule
+    scheduler_class: type | None = None  # None: the model's own FlowMatchEulerDiscreteScheduler
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def make_scheduler(self) -> Any:
+        if self.scheduler_class is None:
+            return self.schedule.scheduler()
+        return self.scheduler_class(**self.overrides)
+
+    def set_timesteps_kwargs(self, num_steps: int) -> dict[str, Any]:
+        if self.scheduler_class is None:
+            return self.schedule.set_timesteps_kwargs(num_steps)
+        kwargs: dict[str, Any] = {"num_inference_steps": num_steps}
+        if self.schedule.mu is not None:
+            kwargs["mu"] = self.schedule.mu
+        return kwargs
+
+    def iterate(self, eps_fn: EpsFn, noise: torch.Tensor, num_steps: int) -> Iterator[SamplerStep]:
+        return iter_flow_diffusers(
+            eps_fn, noise, self.make_scheduler(), self.set_timesteps_kwargs(num_steps), self.schedule.num_train_timesteps
+        )
+
+
+FLOW_BASELINES = ("ddim", "euler", "dpmpp2m", "unipc", "dpm2m")  # ddim = euler on a flow schedule
+
+
+def _flow_baseline(name: str, schedule: FlowSchedule) -> FlowDiffusersSolver:
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    if name in ("ddim", "euler"):
+        return FlowDiffusersSolver(name=name, schedule=schedule)
+    if name == "dpm2m":  # diffusers' "dpmsolver" has no flow_prediction: the same multistep DPM-Solver-2 as eq.-10 weights
+        return LMMSolver(name=name, schedule=schedule, table_fn=RULES["dpm2m"])
+    config = schedule.config
+    common = {
+        "num_train_timesteps": schedule.num_train_timesteps,
+        "use_flow_sigmas": True,
+        "prediction_type": "flow_prediction",
+        "flow_shift": schedule.shift,
+        "use_dynamic_shifting": bool(config.get("use_dynamic_shifting", False)),
+        "time_shift_type": config.get("time_shift_type", "exponential"),
+        "solver_order": 2,
+    }
+    if name == "dpmpp2m":
+        return FlowDiffusersSolver(
+            name=name, schedule=schedule, scheduler_class=DPMSolverMultistepScheduler,
+            overrides={**common, "algorithm_type": "dpmsolver++"},
+        )
+    return FlowDiffusersSolver(name=name, schedule=schedule, scheduler_class=UniPCMultistepScheduler, overrides=common)
+
+
 def _baselines() -> dict[str, tuple[type, dict[str, Any], int]]:
     from diffusers import (
         DDIMScheduler,
@@ -116,6 +186,19 @@ RULE_PREFIX = "rule:"
 CONSISTENCY = "consistency"
 
 
+def check_policy_family(policy: ConsistencyPolicy, schedule: Schedule) -> None:
+    """Refuse a policy trained on one schedule family ("vp" / "flow") for a model of the other.
+
+    A policy records its family as ``policy.schedule_family`` (None: not recorded, accepted).
+    """
+    trained_on = getattr(policy, "schedule_family", None)
+    if trained_on is not None and trained_on != schedule_family(schedule):
+        raise ValueError(
+            f"policy: this ConsistencySolver policy was trained on a {trained_on!r} schedule and the model's "
+            f"schedule is {schedule_family(schedule)!r}; train a policy for this model family"
+        )
+
+
 def solver_names() -> list[str]:
     """Every accepted name (``consistency:PATH`` is ``consistency`` with a checkpoint directory)."""
     return [CONSISTENCY, *(RULE_PREFIX + r for r in RULES), IPNDM, *BASELINES]
@@ -133,6 +216,7 @@ def get_solver(name: str, scheduler_config: Mapping[str, Any], policy: Consisten
         if policy is None:
             raise ValueError("policy is required for name 'consistency' (or use 'consistency:PATH')")
         schedule = schedule_from_config(config)
+        check_policy_family(policy, schedule)
         return LMMSolver(
             name=name,
             schedule=schedule,
@@ -145,8 +229,13 @@ def get_solver(name: str, scheduler_config: Mapping[str, Any], policy: Consisten
         return LMMSolver(name=name, schedule=schedule_from_config(config), table_fn=RULES[IPNDM])
     if name in BASELINES:
         schedule = schedule_from_config(config)
-        if schedule.kind != "vp":
-            raise ValueError(f"name {name!r}: diffusers baselines are wired for VP (DDPM-family) schedules only")
+        if isinstance(schedule, FlowSchedule):
+            if name not in FLOW_BASELINES:
+                raise ValueError(
+                    f"name {name!r} has no flow-matching version in diffusers; for a flow model use one of "
+                    f"{list(FLOW_BASELINES)}"
+                )
+            return _flow_baseline(name, schedule)
         scheduler_class, specific, extra_nfe = _baselines()[name]
         overrides = {
             "timestep_spacing": "trailing",

@@ -58,8 +58,45 @@ def iter_lmm(eps_fn: EpsFn, x_T: torch.Tensor, grid: TimeGrid, table: torch.Tens
     alpha, n = grid.alpha.tolist(), grid.n.tolist()
     rows = table.tolist()
     history: deque[torch.Tensor] = deque(maxlen=order)
+    if alpha[0] == 0.0:  # a flow grid starting at t = 1: n_0 = inf (solver.schedules.FlowSchedule)
+        yield from _iter_lmm_from_pure_noise(eps_fn, x_T, grid, rows, history)
+        return
+    if any(a == 0.0 for a in alpha[1:]):
+        raise ValueError("only the first grid point may have alpha = 0 (n = inf)")
     y = x_T.float() / alpha[0]
     for i in range(num_steps):
+        t = grid.timesteps[i]
+        eps = eps_fn(y * alpha[i], t).float()
+        history.appendleft(eps)
+        denoised = y - n[i] * eps
+        y = lmm_step(y, n[i], n[i + 1], list(history), rows[i])
+        if i == num_steps - 1:
+            _check_final(y, num_steps)
+        yield SamplerStep(i=i, num_steps=num_steps, t=t, x=y * alpha[i + 1], denoised=denoised)
+
+
+def _iter_lmm_from_pure_noise(
+    eps_fn: EpsFn, x_T: torch.Tensor, grid: TimeGrid, rows: list[list[float]], history: deque
+) -> Iterator[SamplerStep]:
+    """eq. 10 on a grid whose first point has alpha_0 = 0, n_0 = inf (flow matching at t = 1).
+
+    There ``eps_fn`` returns the denoised x0_hat (``Denoiser.guided_eps``'s convention at alpha = 0)
+    and eps_0 = x_T / sigma_0 exactly; step 0 is the limit y_1 = x0_hat + n_1 eps_0 of
+    y_1 = y_0 + (n_1 - n_0) eps_0 (derivation: ``solver.schedules.FlowSchedule``). Its row must be
+    w = (1, 0, ...), which every rule and policy gives at step 0 (one epsilon, sum w = 1).
+    """
+    alpha, sigma, n = grid.alpha.tolist(), grid.sigma.tolist(), grid.n.tolist()
+    if rows[0][0] != 1.0 or any(w != 0.0 for w in rows[0][1:]):
+        raise ValueError(f"step 0 from n = inf must be the DDIM step w = (1, 0, ...), got {rows[0]}")
+    num_steps = grid.num_steps
+    t = grid.timesteps[0]
+    x_T = x_T.float()
+    denoised = eps_fn(x_T, t).float()
+    eps = x_T / sigma[0]
+    history.appendleft(eps)
+    y = denoised + n[1] * eps
+    yield SamplerStep(i=0, num_steps=num_steps, t=t, x=y * alpha[1], denoised=denoised)
+    for i in range(1, num_steps):
         t = grid.timesteps[i]
         eps = eps_fn(y * alpha[i], t).float()
         history.appendleft(eps)
@@ -104,3 +141,35 @@ def iter_diffusers(eps_fn: EpsFn, x_T: torch.Tensor, scheduler: Any, num_steps: 
             _check_final(x, total)
         yield SamplerStep(i=i, num_steps=total, t=t, x=x, denoised=denoised)
 
+
+def iter_flow_diffusers(
+    eps_fn: EpsFn,
+    x_T: torch.Tensor,
+    scheduler: Any,
+    set_timesteps_kwargs: dict[str, Any],
+    num_train_timesteps: int = 1000,
+) -> Iterator[SamplerStep]:
+    """A diffusers flow-matching scheduler's own loop (``prediction_type="flow_prediction"``).
+
+    ``eps_fn`` returns eps (or x0_hat at t = 1, see ``Denoiser.guided_eps``); the scheduler gets the
+    velocity back, v = (eps - x) / (1 - t) with t = timestep / num_train_timesteps, the same t the
+    model saw (at t = 1: v = x - x0_hat). ``set_timesteps_kwargs`` are the pipeline's own arguments
+    (``FlowSchedule.set_timesteps_kwargs``, or ``mu`` / ``num_inference_steps`` for DPM / UniPC).
+    """
+    scheduler.set_timesteps(**set_timesteps_kwargs, device=x_T.device)
+    timesteps = scheduler.timesteps
+    t_host = timesteps.detach().cpu().tolist()  # read once: no device sync per step
+    total = len(timesteps)
+    x = x_T.float()
+    for i, t in enumerate(timesteps):
+        s = float(t_host[i]) / num_train_timesteps
+        out = eps_fn(x, t).float()
+        if s >= 1.0:
+            denoised, v = out, x - out
+        else:
+            v = (out - x) / (1.0 - s)
+            denoised = x - s * v
+        x = scheduler.step(v, t, x).prev_sample.float()
+        if i == total - 1:
+            _check_final(x, total)
+        yield SamplerStep(i=i, num_steps=total, t=t, x=x, denoised=denoised)

@@ -13,7 +13,7 @@ this package walks a :class:`TimeGrid` of ``n`` values.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 import torch
@@ -171,35 +171,96 @@ class VPSchedule:
 
 @dataclass(frozen=True)
 class FlowSchedule:
-    """Rectified-flow schedule: x_t = (1 - sigma) x0 + sigma eps, sigma in [0, 1], with a time shift.
+    """Rectified-flow schedule (SD3, FLUX): x_t = (1 - t) x0 + t eps with t = sigma in [0, 1].
 
-    alpha = 1 - sigma. The model timestep is ``sigma * num_train_timesteps`` as in diffusers'
-    FlowMatchEulerDiscreteScheduler. The shifted sigma is ``shift * s / (1 + (shift - 1) * s)``.
-    sigma = 1 (alpha = 0, n = inf) is not a point the (y, n) solver can stand on, so ``sigma_max``
-    must be below 1; the default matches the first training timestep 999/1000.
+    In the paper's coordinates alpha = 1 - t and sigma = t, so
+
+        y = x / (1 - t),    n = t / (1 - t),    eps = x + (1 - t) v    (v = eps - x0, the model's velocity)
+
+    The model timestep is ``t * num_train_timesteps``. The grid is diffusers' own:
+    ``FlowMatchEulerDiscreteScheduler.set_timesteps`` on the model's scheduler config, with the
+    static ``shift`` of the config (SD3) or the resolution-dependent ``mu`` (``use_dynamic_shifting``,
+    FLUX; computed by the backend exactly as its pipeline does and kept in the config as ``"mu"``),
+    and FLUX's explicit ``sigmas = linspace(1, 1/K, K)`` when the config says ``"sigmas": "linear"``.
+
+    **The start point t = 1.** These grids start at t_0 = 1, where alpha_0 = 0 and n_0 = inf: y_0 is
+    not a number, and eps_0 = x_0 / sigma_0 = x_0 carries no information about the model. The first
+    step is the limit of eq. 10 as n_0 -> inf. Step 0 has one epsilon, so its row is w_1 = 1 (every
+    row sums to 1) and eq. 10 reads
+
+        y_1 = y_0 + (n_1 - n_0) eps_0 = (y_0 - n_0 eps_0) + n_1 eps_0 = x0_hat + n_1 eps_0,
+
+    where y_0 - n_0 eps_0 = (x_0 - sigma_0 eps_0) / alpha_0 = x0_hat is the denoised estimate, finite
+    in the limit: x0_hat = x_t - t v -> x_0 - v_0. Multiplying by alpha_1 = 1 - t_1 (eps_0 = x_0):
+
+        x_1 = (1 - t_1) (x_0 - v_0) + t_1 x_0 = x_0 + (t_1 - t_0) v_0,
+
+    exactly FlowMatchEulerDiscreteScheduler's Euler step. So at alpha = 0 the solver needs x0_hat,
+    not eps: ``Denoiser.guided_eps`` returns the guided x0_hat at such a point (the only model
+    information there) and ``solver.sampling.iter_lmm`` takes the step above. Later steps are
+    ordinary eq.-10 steps; a multistep rule's weight on eps_0 at n_0 = inf has limit 0 (DPM-Solver's
+    r = inf, Adams' Lagrange point at infinity), so the rules in ``solver.coefficients`` drop it.
     """
 
     shift: float = 1.0
-    sigma_max: float = 0.999
     num_train_timesteps: int = 1000
     prediction_type: str = "flow_prediction"
+    mu: float | None = None
+    linear_sigmas: bool = False
+    config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     kind = "flow"
 
     def __post_init__(self) -> None:
         if not (self.shift > 0 and math.isfinite(self.shift)):
             raise ValueError(f"shift must be a positive finite number, got {self.shift!r}")
-        if not 0.0 < self.sigma_max < 1.0:
-            raise ValueError(f"sigma_max must be in (0, 1), got {self.sigma_max!r}")
+        if self.mu is not None and not math.isfinite(self.mu):
+            raise ValueError(f"mu must be a finite number, got {self.mu!r}")
+        if self.config.get("use_dynamic_shifting") and self.mu is None:
+            raise ValueError(
+                "mu: the scheduler config has use_dynamic_shifting=True, so the resolution-dependent shift mu "
+                "must be given (the backend computes it for the image size)"
+            )
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "FlowSchedule":
-        return cls(shift=float(config.get("shift", 1.0)), num_train_timesteps=int(config.get("num_train_timesteps", 1000)))
+        """From a FlowMatchEulerDiscreteScheduler config, plus the backend's ``"mu"`` / ``"sigmas"`` keys."""
+        sigmas = config.get("sigmas")
+        if sigmas not in (None, "linear"):
+            raise ValueError(f"sigmas must be absent or 'linear' (FLUX's linspace(1, 1/K, K)), got {sigmas!r}")
+        mu = config.get("mu")
+        return cls(
+            shift=float(config.get("shift", 1.0)),
+            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+            mu=None if mu is None else float(mu),
+            linear_sigmas=sigmas == "linear",
+            config=dict(config),
+        )
 
-    def shifted(self, s: torch.Tensor) -> torch.Tensor:
-        return self.shift * s / (1.0 + (self.shift - 1.0) * s)
+    def scheduler(self) -> Any:
+        """diffusers' FlowMatchEulerDiscreteScheduler for this schedule (the backend's keys removed)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        config = {k: v for k, v in self.config.items() if k not in FLOW_EXTRA_KEYS and not k.startswith("_")}
+        config.setdefault("shift", self.shift)
+        config.setdefault("num_train_timesteps", self.num_train_timesteps)
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+    def set_timesteps_kwargs(self, num_steps: int) -> dict[str, Any]:
+        """The arguments the model's pipeline passes to ``set_timesteps`` for ``num_steps`` steps."""
+        import numpy as np
+
+        kwargs: dict[str, Any] = {}
+        if self.linear_sigmas:
+            kwargs["sigmas"] = np.linspace(1.0, 1.0 / num_steps, num_steps)
+        else:
+            kwargs["num_inference_steps"] = num_steps
+        if self.mu is not None:
+            kwargs["mu"] = self.mu
+        return kwargs
 
     def alpha_sigma(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha = 1 - t, sigma = t at model timesteps (t in [0, num_train_timesteps]), float64."""
         sigma = torch.as_tensor(t, dtype=torch.float64) / self.num_train_timesteps
         return 1.0 - sigma, sigma
 
@@ -207,27 +268,48 @@ class FlowSchedule:
         """Flow timesteps are already real-valued: the same as :meth:`alpha_sigma`, differentiable in t."""
         return self.alpha_sigma(t)
 
-    def timesteps(self, num_steps: int) -> torch.Tensor:
-        _check_num_steps(num_steps, self.num_train_timesteps)
-        s = torch.linspace(self.sigma_max, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
-        return self.shifted(s) * self.num_train_timesteps
-
     def grid(self, num_steps: int, final: FinalPoint = "zero") -> TimeGrid:
+        """diffusers' own sigmas for ``num_steps`` steps (K + 1 points, the last t = 0)."""
         if final not in ("zero", "config"):
             raise ValueError(f"a flow schedule always ends at sigma = 0; final must be 'zero', got {final!r}")
-        ts = self.timesteps(num_steps)
-        sigma = torch.cat([ts / self.num_train_timesteps, torch.zeros(1, dtype=torch.float64)])
+        _check_num_steps(num_steps, self.num_train_timesteps)
+        scheduler = self.scheduler()
+        scheduler.set_timesteps(**self.set_timesteps_kwargs(num_steps))
+        sigma = scheduler.sigmas.to(torch.float64).cpu()
+        ts = scheduler.timesteps.to(torch.float64).cpu()
+        if sigma.shape[0] != num_steps + 1 or float(sigma[-1]) != 0.0:
+            raise ValueError(f"the scheduler config gives {sigma.shape[0] - 1} steps ending at {float(sigma[-1])}")
         return TimeGrid(timesteps=ts, alpha=1.0 - sigma, sigma=sigma)
+
+    def timesteps(self, num_steps: int) -> torch.Tensor:
+        return self.grid(num_steps).timesteps
+
+
+FLOW_EXTRA_KEYS = ("mu", "sigmas")  # keys a backend adds to a flow scheduler config (see FlowSchedule)
 
 
 Schedule = VPSchedule | FlowSchedule
 
 
+def schedule_family(config: Mapping[str, Any] | VPSchedule | FlowSchedule) -> str:
+    """``"vp"`` or ``"flow"``: the family of a schedule, or of a model's scheduler config.
+
+    A policy trained on one family is refused on the other (the timesteps mean different things).
+    """
+    if isinstance(config, (VPSchedule, FlowSchedule)):
+        return config.kind
+    return "flow" if _is_flow_config(config) else "vp"
+
+
 def schedule_from_config(config: Mapping[str, Any]) -> Schedule:
     """A VP schedule for DDPM-family configs, a flow schedule for flow-matching configs."""
     class_name = str(config.get("_class_name", ""))
-    if "FlowMatch" in class_name or config.get("prediction_type") == "flow_prediction":
+    if _is_flow_config(config):
         return FlowSchedule.from_config(config)
     if "beta_schedule" in config or "trained_betas" in config or class_name:
         return VPSchedule.from_config(config)
     raise ValueError(f"unknown schedule: config {dict(config)!r} is neither a VP nor a flow-matching scheduler config")
+
+
+def _is_flow_config(config: Mapping[str, Any]) -> bool:
+    return "FlowMatch" in str(config.get("_class_name", "")) or config.get("prediction_type") == "flow_prediction"

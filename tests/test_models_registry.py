@@ -84,19 +84,41 @@ def test_single_file_needs_a_local_config_folder(tmp_path):
         load_model(str(ckpt), options=LoadOptions(config=tmp_path))
 
 
-@pytest.mark.parametrize(
-    ("key", "arch"),
-    [
-        ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias", "SDXL"),
-        ("model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias", "Stable Diffusion 3"),
-        ("double_blocks.0.img_attn.norm.key_norm.scale", "FLUX"),
-    ],
-)
-def test_single_file_of_an_unsupported_architecture(tmp_path, key, arch):
+MARKERS = [
+    ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias", "StableDiffusionXLPipeline", "SDXL"),
+    ("model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias", "StableDiffusion3Pipeline",
+     "Stable Diffusion 3"),
+    ("double_blocks.0.img_attn.norm.key_norm.scale", "FluxPipeline", "FLUX"),
+]
+
+
+@pytest.mark.parametrize(("key", "class_name", "arch"), MARKERS)
+def test_single_file_of_another_family_than_its_config(tmp_path, key, class_name, arch):
     ckpt = _sd_like_checkpoint(tmp_path / "m.safetensors", {key: torch.zeros(2)})
     config = _folder(tmp_path, "StableDiffusionPipeline")
-    with pytest.raises(UnsupportedModelError, match=f"is a checkpoint of {arch}.*, which is not supported yet") as err:
+    with pytest.raises(ModelLoadError, match=f"^config: .* but m.safetensors is a checkpoint of {arch}; pass a config") as err:
         load_model(str(ckpt), options=LoadOptions(config=config))
+    _one_sentence(err)
+    with pytest.raises(ModelLoadError, match=f"^config: m.safetensors is a single-file checkpoint of {arch}: pass config="):
+        load_model(str(ckpt))
+
+
+def test_single_file_of_an_unrecognised_family_needs_config_and_nothing_is_written(tmp_path):
+    ckpt = tmp_path / "m.safetensors"
+    save_file({"encoder.weight": torch.zeros(2)}, str(ckpt))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ModelLoadError, match="^config: m.safetensors is a single-file checkpoint whose family cannot be "
+                                             "recognised from its keys: pass config=FOLDER") as err:
+        load_model(str(ckpt))
+    _one_sentence(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(("key", "class_name", "arch"), MARKERS[1:])
+def test_single_file_flow_checkpoints_are_not_supported_yet(tmp_path, key, class_name, arch):
+    ckpt = _sd_like_checkpoint(tmp_path / "m.safetensors", {key: torch.zeros(2)}, sd=False)
+    with pytest.raises(UnsupportedModelError, match=f"single-file {arch} checkpoints are not supported yet") as err:
+        load_model(str(ckpt), options=LoadOptions(config=_folder(tmp_path, class_name)))
     _one_sentence(err)
 
 
@@ -123,10 +145,8 @@ def test_damaged_safetensors(tmp_path):
 @pytest.mark.parametrize(
     ("class_name", "message"),
     [
-        ("StableDiffusionXLPipeline", r"is a StableDiffusionXLPipeline \(SDXL\), which is not supported yet"),
-        ("StableDiffusion3Pipeline", r"StableDiffusion3Pipeline \(Stable Diffusion 3 \(flow matching\)\), which is not"),
-        ("FluxPipeline", r"is a FluxPipeline \(FLUX \(flow matching\)\), which is not supported yet"),
-        ("KandinskyPipeline", "is a KandinskyPipeline model; supported: StableDiffusionPipeline"),
+        ("StableDiffusionXLImg2ImgPipeline", r"is a StableDiffusionXLImg2ImgPipeline \(SDXL refiner\), which is not supported"),
+        ("KandinskyPipeline", "is a KandinskyPipeline model; supported: StableDiffusionPipeline, StableDiffusionXLPipeline"),
     ],
 )
 def test_folder_of_an_unsupported_architecture(tmp_path, class_name, message):

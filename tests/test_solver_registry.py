@@ -110,5 +110,5 @@ def test_bad_names_are_refused_with_the_valid_list():
         get_solver("consistency", SD_CONFIG)
     with pytest.raises(ValueError, match="no policy checkpoint"):
         get_solver("consistency:/nonexistent/dir", SD_CONFIG)
-    with pytest.raises(ValueError, match="VP"):
-        get_solver("unipc", {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
+    with pytest.raises(ValueError, match="no flow-matching version"):
+        get_solver("deis", {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})

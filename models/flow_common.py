@@ -1,0 +1,109 @@
+"""What the flow-matching backends (SD3, FLUX) share: loading a pipeline's parts, prompt checks, decode."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import torch
+
+from models.base import Denoiser
+from models.sd import LoadOptions, _as_prompt_list, resolve_device_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def prompt_lists(prompts: Sequence[str] | str, negative_prompts: Sequence[str] | str) -> tuple[list[str], list[str]]:
+    """(prompts, negatives), one negative per prompt; an empty prompt is refused naming it."""
+    prompts = _as_prompt_list(prompts, "prompt")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise ValueError(f"prompt {i} is empty; describe the image (the unconditional branch uses the negative prompt)")
+    if isinstance(negative_prompts, str):
+        negatives = [negative_prompts] * len(prompts)
+    else:
+        negatives = _as_prompt_list(negative_prompts, "negative_prompt")
+    if len(negatives) != len(prompts):
+        raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+    return prompts, negatives
+
+
+def unique_rows(texts: list[str], encode: Any) -> list[torch.Tensor]:
+    """``encode(unique_texts)`` -> tensors with one row per unique text; returns them with one row per text."""
+    unique = list(dict.fromkeys(texts))
+    outs = encode(unique)
+    index = torch.tensor([unique.index(t) for t in texts])
+    return [o.index_select(0, index.to(o.device)) for o in outs]
+
+
+class FlowPipelineDenoiser(Denoiser):
+    """Base of the flow-matching backends: a diffusers pipeline used as a container of its parts."""
+
+    pipeline_class = ""
+    family_name = ""
+    optional_parts: tuple[str, ...] = ()  # parts a folder may leave out (null in model_index.json)
+
+    def _setup(self, pipe: Any, model_id: str, device: Any, options: LoadOptions | None) -> None:
+        options = options or LoadOptions()
+        self.pipe, self.model_id, self.options = pipe, model_id, options
+        self.transformer, self.vae = pipe.transformer, pipe.vae
+        self.dtype = self.transformer.dtype
+        requested = torch.device(device) if device is not None else None
+        if options.cpu_offload:
+            if requested is None or requested.type != "cuda":
+                raise ValueError("cpu_offload needs a CUDA device (device='cuda')")
+            pipe.enable_model_cpu_offload(device=requested)
+        elif requested is not None:
+            pipe.to(requested)
+        self.device = pipe._execution_device if options.cpu_offload else self.transformer.device
+        self.vae.enable_slicing()
+        if options.vae_tiling:
+            self.vae.enable_tiling()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        options: LoadOptions | None = None,
+        local_files_only: bool = True,
+    ) -> Any:
+        """Load a hub id or a local diffusers folder (safetensors weights only)."""
+        import diffusers
+
+        options = options or LoadOptions()
+        dev, dtype = resolve_device_dtype(device, dtype, options.fp16)
+        pipeline = getattr(diffusers, cls.pipeline_class)
+        index = pipeline.load_config(str(name_or_path), local_files_only=local_files_only)
+        absent = {part: None for part in cls.optional_parts if not _present(index.get(part))}
+        pipe = pipeline.from_pretrained(
+            str(name_or_path), dtype=dtype, local_files_only=local_files_only, use_safetensors=True, **absent
+        )
+        return cls(pipe, str(name_or_path), device=dev, options=options)
+
+    def __init__(self, pipe: Any, model_id: str, *, device: Any = None, options: LoadOptions | None = None) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) -> images in [0, 1] (float32, CPU): z / scaling_factor + shift_factor."""
+        if latents.ndim != 4:
+            raise ValueError(f"latents must have shape (B, C, h, w), got {tuple(latents.shape)}")
+        cfg = self.vae.config
+        z = latents.float() / cfg.scaling_factor
+        if getattr(cfg, "shift_factor", None):
+            z = z + cfg.shift_factor
+        images = self.vae.decode(z.to(self.device, self.vae.dtype)).sample.float()
+        if not torch.isfinite(images).all() and self.vae.dtype != torch.float32:
+            logger.warning("the %s VAE produced NaN/inf for %s; decoding in float32 from now on", self.vae.dtype, self.model_id)
+            self.vae.to(torch.float32)
+            images = self.vae.decode(z.to(self.device, torch.float32)).sample.float()
+        return (images / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def _present(entry: Any) -> bool:
+    """A model_index.json entry names a part (["library", "Class"]), not [null, null] or nothing."""
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
