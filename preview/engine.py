@@ -240,7 +240,7 @@ class PreviewEngine:
         before anything is written. Closing the generator early cancels chunks not yet started.
         """
         req = self.validate(request)
-        solver = resolve_solver(req.solver, self.model, self.store)
+        solver = resolve_solver(req.solver, self.model, self.store, (req.height, req.width))
         return self._stream(req, solver)
 
     def _stream(self, req: PreviewRequest, solver: ResolvedSolver) -> Iterator[PreviewResult]:

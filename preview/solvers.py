@@ -136,20 +136,22 @@ def resolve_path_policy(path: str, model: Any) -> tuple[ConsistencyPolicy, str]:
     return policy, f"ConsistencySolver from {path}, {how}"
 
 
-def resolve_solver(name: str, model: Any, store: Any) -> ResolvedSolver:
-    """The solver for a validated ``name`` on ``model``'s schedule."""
+def resolve_solver(name: str, model: Any, store: Any, size: tuple[int, int] | None = None) -> ResolvedSolver:
+    """The solver for a validated ``name`` on ``model``'s schedule for images of ``size`` = (height, width)
+    (FLUX's and dynamically shifted SD3's time grids depend on the size: ``Denoiser.scheduler_config_for``)."""
+    config = model.scheduler_config if size is None else model.scheduler_config_for(*size)
     if name == CONSISTENCY:
         policy, description, checkpoint_id = resolve_policy(store, model)
-        return ResolvedSolver(get_solver(CONSISTENCY, model.scheduler_config, policy=policy), CONSISTENCY,
+        return ResolvedSolver(get_solver(CONSISTENCY, config, policy=policy), CONSISTENCY,
                               description, checkpoint_id)
     if name.startswith(CONSISTENCY + ":"):
         try:
             policy, description = resolve_path_policy(name[len(CONSISTENCY) + 1:], model)
         except ValueError as exc:
             raise ValueError(str(exc) if str(exc).startswith("solver:") else f"solver: {exc}") from None
-        return ResolvedSolver(get_solver(CONSISTENCY, model.scheduler_config, policy=policy), name, description)
+        return ResolvedSolver(get_solver(CONSISTENCY, config, policy=policy), name, description)
     try:
-        solver = get_solver(name, model.scheduler_config)
+        solver = get_solver(name, config)
     except ValueError as exc:  # consistency:PATH with no checkpoint there
         raise ValueError(f"solver: {exc}") from None
     return ResolvedSolver(solver, name, name)

@@ -34,11 +34,12 @@ def check_full_steps(num_steps: int, field: str = "steps") -> int:
     return num_steps
 
 
-def full_step_solver(model: Denoiser):
-    """The solver object of the full-step sampler for ``model``'s training schedule."""
+def full_step_solver(model: Denoiser, size: tuple[int, int] | None = None):
+    """The solver object of the full-step sampler for ``model``'s training schedule, for images of
+    ``size`` = (height, width) where the model's time grid depends on it (``Denoiser.scheduler_config_for``)."""
     from solver.registry import get_solver
 
-    return get_solver(FULL_STEP_SOLVER, model.scheduler_config)
+    return get_solver(FULL_STEP_SOLVER, model.scheduler_config if size is None else model.scheduler_config_for(*size))
 
 
 def iterate_full_step(
@@ -47,6 +48,7 @@ def iterate_full_step(
     noise: torch.Tensor,
     guidance: float,
     num_steps: int = DEFAULT_STEPS,
+    size: tuple[int, int] | None = None,
 ) -> Iterator:
     """Yield one ``SamplerStep`` per guided model call; the last step's ``x`` is the final latent.
 
@@ -56,9 +58,10 @@ def iterate_full_step(
         noise: x_T, (B, C, h, w) float32, from the store (one CPU generator per seed).
         guidance: classifier-free guidance scale w.
         num_steps: N, 1..200.
+        size: the image's (height, width) in pixels, for models whose time grid depends on it (FLUX).
     """
     check_full_steps(num_steps, "num_steps")
-    solver = full_step_solver(model)
+    solver = full_step_solver(model, size)
     x_T = noise.to(model.device, torch.float32)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -272,7 +272,8 @@ class RefineService:
         yield  # setup is one unit of device work, each model step another: a waiting preview goes between
         x = None
         last_write = 0.0
-        for record in iterate_full_step(model, cond, noise, generation.guidance, job.steps):
+        for record in iterate_full_step(model, cond, noise, generation.guidance, job.steps,
+                                         (generation.height, generation.width)):
             x = record.x
             step = min(record.i + 1, job.steps)
             # Progress is a write (a commit, an fsync): at most every PROGRESS_WRITE_S. The cancel flag is

@@ -138,3 +138,22 @@ def test_determinism_across_grid_sizes(dev):
     assert (full[1:2] - alone).abs().max().item() < 1e-4
     other = solver.sample(lambda x, t: dev.guided_eps(x, t, cond.select([0]), GUIDANCE), x[1:2], 4)
     assert (other - alone).abs().max().item() > 1e-3  # the prompt does reach the sample
+
+
+def test_previews_and_refines_take_the_grid_of_their_own_image_size(dev, pipe):
+    """The preview solver and the full-step sampler are built for the request's size, not the default's:
+    at a size other than the default, their grids are the ones FluxPipeline runs at that size."""
+    from preview.solvers import resolve_solver
+    from refine.full_step import full_step_solver
+
+    size = 2 * dev.default_size[0]
+    calls = capture(pipe, prompt="a", num_inference_steps=4, height=size, width=size, output_type="latent",
+                    generator=torch.Generator().manual_seed(0))
+    seen = torch.stack([c["t"][0] for c in calls]).double() * 1000
+    preview = resolve_solver("rule:ddim", dev, None, (size, size)).solver
+    assert torch.allclose(preview.grid(4).timesteps, seen, atol=1e-3)
+    assert not torch.allclose(resolve_solver("rule:ddim", dev, None).solver.grid(4).timesteps, seen, atol=1e-3)
+    full = full_step_solver(dev, (size, size))
+    default = full_step_solver(dev)
+    assert not torch.allclose(full.grid(8).timesteps, default.grid(8).timesteps)
+    assert torch.allclose(full.grid(8).timesteps, FlowSchedule.from_config(dev.scheduler_config_for(size, size)).grid(8).timesteps)
