@@ -230,3 +230,27 @@ def test_schedule_family_and_policy_refused_on_the_other_family(tmp_path):
     grid = get_solver(f"consistency:{tmp_path / 'flow-policy'}", SD3_CONFIG).grid(4)
     assert grid.alpha[0] == 0.0 and FlowSchedule.from_config(SD3_CONFIG).grid(4).timesteps.equal(grid.timesteps)
     assert "schedule_family" not in ConsistencyPolicy().config_dict()  # unrecorded: accepted on either family
+
+
+def test_training_rollouts_take_the_same_first_step_from_t_1():
+    """training.rollout runs eq. 10 for R rollouts with their own tables; on a flow grid starting at
+    t = 1 it takes the sampler's limit step there, so each rollout equals iter_lmm with its table."""
+    from training.rollout import lmm_rollouts
+
+    grid = FlowSchedule.from_config(SD3_CONFIG).grid(5)
+    names = ["ddim", "ab2", "ab3", "dpm2m"]
+    rows = [RULES[r](grid).float() for r in names]
+    m = max(t.shape[1] for t in rows)
+    tables = torch.stack([torch.nn.functional.pad(t, (0, m - t.shape[1])) for t in rows])
+    x_T = torch.randn(len(names), 3, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    def eps_fn(x, t, index=None):  # the Denoiser convention: x0_hat at t = 1, eps below
+        s = float(t) / 1000.0
+        x0 = torch.tanh(x) * 0.8 + 0.1 * torch.sin(x * (1.0 + s))
+        return x0 if s >= 1.0 else (x - (1.0 - s) * x0) / s
+
+    ours = lmm_rollouts(eps_fn, x_T, grid, tables)
+    for r, name in enumerate(names):
+        one = sample_lmm(eps_fn, x_T[r : r + 1], grid, rows[r])
+        assert torch.allclose(ours[r : r + 1], one, atol=1e-5), name
+    assert torch.isfinite(ours).all()

@@ -55,8 +55,13 @@ def lmm_rollouts(
     n = torch.stack([g.n for g in grid_list]).to(torch.float32).expand(R, -1)
     w = tables.to(torch.float32).to(x_T.device)
     history: list[torch.Tensor] = []  # most recent first
-    y = x_T.float() / alpha[:, 0].view(view).to(x_T.device)
-    for i in range(num_steps):
+    start = 0
+    if bool((alpha[:, 0] == 0).any()):  # flow matching from t = 1: n_0 = inf (solver.schedules.FlowSchedule)
+        y = _first_step_from_pure_noise(eps_fn, x_T, grid_list, shared, alpha, n, w, history, view)
+        start = 1
+    else:
+        y = x_T.float() / alpha[:, 0].view(view).to(x_T.device)
+    for i in range(start, num_steps):
         t = grid_list[0].timesteps[i] if shared else torch.stack([g.timesteps[i] for g in grid_list])
         x = y * alpha[:, i].view(view).to(y.device)
         if group_size is not None and group_size > 1 and shared and _groups_identical(x, group_size):
@@ -64,12 +69,32 @@ def lmm_rollouts(
             eps = eps_fn(x[rep], t, index=rep).float().repeat_interleave(group_size, 0)
         else:
             eps = eps_fn(x, t).float()
-        if torch.isnan(eps).any():
-            raise ValueError(f"model_output contains NaN at step {i}")
         history.insert(0, eps)
         del history[order:]
         y = lmm_step(y, n[:, i], n[:, i + 1], history, w[:, i, : len(history)])
+    if not bool(torch.isfinite(y).all()):  # one host sync, after the loop (a NaN in any eps reaches y)
+        raise ValueError(f"model_output contains NaN or inf (the rollouts are not finite after {num_steps} steps)")
     return y * alpha[:, num_steps].view(view).to(y.device)
+
+
+def _first_step_from_pure_noise(eps_fn: EpsFn, x_T: torch.Tensor, grid_list: list[TimeGrid], shared: bool,
+                                alpha: torch.Tensor, n: torch.Tensor, w: torch.Tensor, history: list[torch.Tensor],
+                                view: tuple[int, ...]) -> torch.Tensor:
+    """Step 0 of eq. 10 from alpha_0 = 0 (n_0 = inf), as ``solver.sampling.iter_lmm`` takes it: the limit
+    y_1 = x0_hat + n_1 eps_0 with eps_0 = x_T / sigma_0, where ``eps_fn`` returns x0_hat at alpha = 0
+    (``Denoiser.guided_eps``). Every rollout must start there, and its step-0 row must be w = (1, 0, ...)."""
+    if not bool((alpha[:, 0] == 0).all()):
+        raise ValueError("either every rollout's grid starts at alpha = 0 (t = 1) or none does")
+    first = w[:, 0]
+    if not bool((first[:, 0] == 1).all() and (first[:, 1:] == 0).all()):
+        raise ValueError("step 0 from n = inf must be the DDIM step w = (1, 0, ...) in every table")
+    t = grid_list[0].timesteps[0] if shared else torch.stack([g.timesteps[0] for g in grid_list])
+    sigma_0 = torch.stack([g.sigma[0] for g in grid_list]).to(torch.float32).expand(x_T.shape[0])
+    x_T = x_T.float()
+    denoised = eps_fn(x_T, t).float()
+    eps = x_T / sigma_0.view(view).to(x_T.device)
+    history.insert(0, eps)
+    return denoised + n[:, 1].view(view).to(x_T.device) * eps
 
 
 def _groups_identical(x: torch.Tensor, group_size: int) -> bool:
