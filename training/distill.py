@@ -174,8 +174,16 @@ def differentiable_guided_eps(model: Any, x: torch.Tensor, t: torch.Tensor, cond
 
     A real-valued (floating) ``t``, as on a relaxed learned grid, enters the network as a float and
     alpha_t, sigma_t come from the schedule's continuous interpolation, so d eps / d t flows back to
-    the time grid as well. One scalar timestep for the whole batch.
+    the time grid as well. One scalar timestep for the whole batch. Conditioning extras (SDXL's and
+    SD3's pooled embeddings and time ids) go to the network as ``guided_eps`` passes them, and on a flow
+    schedule at t = 1 the output is x0_hat (``Denoiser.solver_output``). A backend with a guidance of its
+    own (FLUX's distilled guidance embedding overrides ``guided_eps``) is refused: use PPO for it.
     """
+    from models.base import Denoiser
+
+    if isinstance(model, Denoiser) and type(model).guided_eps is not Denoiser.guided_eps:
+        raise ValueError(f"model: distillation needs the plain classifier-free guidance of Denoiser.guided_eps; "
+                         f"{type(model).__name__} guides its own way (train it with PPO: python -m training.train)")
     raw = getattr(type(model).model_output, "__wrapped__", type(model).model_output)
     if torch.is_tensor(t) and t.is_floating_point():
         t = t.to(torch.float64)
@@ -186,9 +194,16 @@ def differentiable_guided_eps(model: Any, x: torch.Tensor, t: torch.Tensor, cond
     x32 = x.to(model.device, torch.float32)
     context = torch.cat([cond.uncond, cond.cond])
     mask = None if cond.cond_mask is None else torch.cat([cond.uncond_mask, cond.cond_mask])
-    out = raw(model, torch.cat([x32, x32]).to(model.dtype), t, context, mask)
+    extra = {}
+    if getattr(cond, "cond_extra", None):
+        extra = {"extra": {k: torch.cat([cond.uncond_extra[k], v]) for k, v in cond.cond_extra.items()}}
+    out = raw(model, torch.cat([x32, x32]).to(model.dtype), t, context, mask, **extra)
     alpha, sigma = alpha.to(torch.float32).to(model.device), sigma.to(torch.float32).to(model.device)
-    eps = to_epsilon(out, torch.cat([x32, x32]), alpha, sigma, model.schedule.prediction_type)
+    solver_output = getattr(model, "solver_output", None)
+    if solver_output is not None:
+        eps = solver_output(out, torch.cat([x32, x32]), alpha, sigma)
+    else:
+        eps = to_epsilon(out, torch.cat([x32, x32]), alpha, sigma, model.schedule.prediction_type)
     eps_u, eps_c = eps.chunk(2)
     return eps_u + guidance * (eps_c - eps_u)
 
