@@ -56,24 +56,34 @@ class NamedSolver:
     is_consistency: bool
 
 
-def parse_solvers(text: str) -> list[str]:
-    """Comma list of solver-registry names (``consistency[:PATH]``, ``rule:*``, baselines)."""
-    from solver.registry import solver_names
+def parse_solvers(text: str, tuned_file: str | None = None) -> list[str]:
+    """Comma list of solver-registry names (``consistency[:PATH]``, ``rule:*``, baselines, baselines with
+    options ``NAME[key=value,...]`` whose commas do not split, ``tuned:FAMILY``); ``tuned`` expands to
+    ``tuned:best`` (the best tuned baseline at each K, the comparison row) and ``tuned:FAMILY`` for every
+    family of the tuned file. Every name is checked here, before any model is loaded."""
+    from solver.registry import TUNED_PREFIX, check_name, read_tuned, split_solver_list
 
-    names = [s.strip() for s in str(text).split(",") if s.strip()]
+    names = split_solver_list(text)
     if not names:
         raise ValueError("solvers: empty list")
-    known = set(solver_names())
+    expanded: list[str] = []
     for name in names:
-        if name not in known and not name.startswith("consistency:"):
-            raise ValueError(f"solvers: unknown solver {name!r}; known: {', '.join(sorted(known))} or consistency:PATH")
-    if len(set(names)) != len(names):
+        if name == "tuned":
+            expanded += [TUNED_PREFIX + f for f in read_tuned(tuned_file)["best"]]
+        else:
+            try:
+                expanded.append(check_name(name))
+            except ValueError as exc:
+                raise ValueError(f"solvers: {exc}") from None
+    if len(set(expanded)) != len(expanded):
         raise ValueError(f"solvers: repeated names in {text!r}")
-    return names
+    return expanded
 
 
-def resolve_solvers(names: Sequence[str], model: Any, store: Any = None) -> list[NamedSolver]:
-    """Solver objects for ``names``; checkpoints are loaded (and checked) here, before any sampling."""
+def resolve_solvers(names: Sequence[str], model: Any, store: Any = None, tuned_file: str | None = None,
+                    steps: Sequence[int] = ()) -> list[NamedSolver]:
+    """Solver objects for ``names``; checkpoints are loaded (and checked) here, before any sampling, and so
+    is the tuned file of ``tuned:*`` names (its model and K range against ``model`` and ``steps``)."""
     from solver.policy import ConsistencyPolicy
     from solver.registry import LMMSolver, get_solver
     from solver.schedules import schedule_from_config
@@ -81,6 +91,12 @@ def resolve_solvers(names: Sequence[str], model: Any, store: Any = None) -> list
     out = []
     for name in names:
         policy = None
+        if name.startswith("tuned:"):
+            from solver.registry import check_tuned, read_tuned, tuned_solver
+
+            check_tuned(read_tuned(tuned_file), model.model_id, steps, model.scheduler_config)
+            out.append(NamedSolver(name, tuned_solver(name, model.scheduler_config, tuned_file, model.model_id), False))
+            continue
         if name == "consistency":
             from preview.solvers import resolve_policy
 
@@ -219,6 +235,8 @@ def evaluate(
             previews = run(sample, named.solver.nfe(k))
             row: dict[str, Any] = {"solver": named.name, "steps": k, "nfe": named.solver.nfe(k),
                                    "seconds": round(time.perf_counter() - start, 3)}
+            if hasattr(named.solver, "config_name"):  # a tuned baseline: the configuration it ran at this K
+                row["config"] = named.solver.config_name(k)
             for name in PIXEL_MEASURES:
                 values = FUNCTIONS[name][0](reference, previews)
                 row[name] = float(values.mean())
@@ -371,6 +389,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--store", default=None, help="store holding the active checkpoint ('' = none; default path)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--tuned-file", default=None,
+                        help="tuned baselines JSON for 'tuned' / 'tuned:FAMILY' (default: training/results/tuned_baselines.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
@@ -384,7 +404,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         prompts = prompts[: args.max_prompts]
     seeds = parse_int_list(args.seeds, "seeds", 0, 2**32 - 1)
     steps = parse_int_list(args.steps, "steps", 1, MAX_PREVIEW_STEPS)
-    names = parse_solvers(args.solvers)
+    names = parse_solvers(args.solvers, args.tuned_file)
     if args.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {args.batch_size}")
     from training.config import _parse_mapping
@@ -405,7 +425,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         from models.registry import load_model
 
         model = load_model(args.model)
-    solvers = resolve_solvers(names, model, store)
+    solvers = resolve_solvers(names, model, store, tuned_file=args.tuned_file, steps=steps)
     doc = evaluate(model, prompts, seeds, steps, solvers, guidance=args.guidance, reference_steps=args.reference_steps,
                    model_measures=model_measures, judge=load_judge(model), batch_size=args.batch_size)
     doc["prompts"] = str(args.prompts)
