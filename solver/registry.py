@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -358,6 +359,16 @@ def check_tuned(doc: Mapping[str, Any], model_id: str | None, steps: Sequence[in
         raise ValueError(f"{source}: tuned for K = {have}, not K = {missing}; tune those step counts first")
 
 
+def check_steps_covered(doc: Mapping[str, Any], source: str) -> list[int]:
+    """The K range a tuned file covers; a file whose ``best`` lacks one of its own ``steps``: ValueError."""
+    steps = [int(k) for k in doc["steps"]]
+    for family, per_k in doc["best"].items():
+        missing = [k for k in steps if str(k) not in per_k]
+        if missing:
+            raise ValueError(f"{source}: family {family!r} has no entry for K = {missing}")
+    return steps
+
+
 @dataclass
 class TunedSolver(Solver):
     """The configuration tuned on the validation split for each step count K (a baseline name per K)."""
@@ -392,3 +403,24 @@ def tuned_solver(name: str, scheduler_config: Mapping[str, Any], tuned_file: str
     per_step = {int(k): get_solver(entry["name"] if isinstance(entry, dict) else entry, scheduler_config)
                 for k, entry in doc["best"][family].items()}
     return TunedSolver(name=name, per_step=per_step)
+
+
+def tuned_tables(doc: Mapping[str, Any], scheduler_config: Mapping[str, Any], steps: Sequence[int],
+                 order: int) -> dict[int, tuple[str, TimeGrid, torch.Tensor]]:
+    """Per K of ``steps``: (name, grid, table) of the best tuned baseline (by validation PSNR, over the families'
+    tuned configurations) that is exactly an eq.-10 table of order ``order`` on its grid
+    (:func:`solver.coefficients.scheduler_table`); a K with none is left out."""
+    from solver.coefficients import scheduler_table
+
+    out: dict[int, tuple[str, TimeGrid, torch.Tensor]] = {}
+    for k in steps:
+        entries = [v[str(k)] for f, v in doc["best"].items() if f != TUNED_BEST and str(k) in v]
+        for entry in sorted(entries, key=lambda e: (-e.get("psnr", -math.inf), -e.get("ssim", -math.inf))):
+            solver = get_solver(entry["name"], scheduler_config)
+            try:
+                grid, table = scheduler_table(solver.make_scheduler(), k, order=order)
+            except ValueError:
+                continue
+            out[int(k)] = (entry["name"], grid, table)
+            break
+    return out

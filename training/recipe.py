@@ -165,12 +165,32 @@ def default_fit_weights(min_steps: int, max_steps: int) -> str:
     return ",".join(f"{k}:{LONG_PREVIEW_WEIGHT:g}" for k in range(first, max_steps + 1))
 
 
+DEFAULT_TUNED = "training/results/tuned_baselines.json"
+
+
 def default_residual_decay(min_steps: int, max_steps: int) -> str:
     """The distillation's default pull toward the base rule: rho = PULL_RHO on each K of PULLED_STEPS that
     the step range holds ('5:3' for the default 3..8, '' for a range without K = 5). Unpulled, K = 5's
     table extrapolates the newest epsilon mid-trajectory and flips the main colour on unseen prompts; the
     pull on K = 3, 4 or on every K costs those K more than it gives (the module docstring has the screen)."""
     return ",".join(f"{k}:{PULL_RHO:g}" for k in PULLED_STEPS if min_steps <= k <= max_steps)
+
+
+def warm_start_final(tuned_file: str, model: Any, order: int, k: int = 4) -> str:
+    """The end point ('zero', 'first' or 'config') of the best tuned eq.-10 rule at K = ``k`` in ``tuned_file``:
+    the policy's grid ends there, so its warm start is that rule exactly."""
+    from solver.registry import read_tuned, tuned_tables
+
+    doc = read_tuned(tuned_file)
+    found = tuned_tables(doc, model.scheduler_config, [k], order)
+    if k not in found:
+        return "config"
+    n_end = float(found[k][1].n[-1])
+    schedule = model.schedule
+    for final in ("zero", "first", "config"):
+        if abs(float(schedule.grid(k, final=final).n[-1]) - n_end) <= 1e-6 * max(1.0, n_end):
+            return final
+    return "config"
 
 
 def mean_reward(trainer: Any, rows: int) -> float:
@@ -308,6 +328,14 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--distill-fit-weights", default=None,
                         help="weight of each K's fitted table in the regression onto the policy, 'K:W,...' (others 1; "
                              f"'' = all 1); default: {LONG_PREVIEW_WEIGHT} for every K above {LONG_PREVIEW_FROM - 1}")
+    parser.add_argument("--warm-start", default=DEFAULT_TUNED if Path(DEFAULT_TUNED).is_file() else "",
+                        help="tuned-baselines JSON (training.tune_baselines): the distillation starts each K it tunes "
+                             "from the best tuned rule that is an eq.-10 table, grid and start included ('' = from the "
+                             "base rule)")
+    parser.add_argument("--learn-start", action=argparse.BooleanOptionalAction, default=True,
+                        help="learn where sampling starts (the first timestep may lie below T, as leading spacing does)")
+    parser.add_argument("--final", default="auto", choices=("auto", "config", "first", "zero"),
+                        help="end point of the policy's grid; auto: the warm start's K = 4 rule's (else config)")
     parser.add_argument("--num-updates", type=int, default=10_000, help="upper bound; the time budget usually stops first")
     parser.add_argument("--base", default="auto", help="base rule of the policy, or 'auto': the best of "
                         f"{', '.join(BASE_CANDIDATES)} on the training rows before training")
@@ -346,7 +374,13 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
             residual_decay=default_residual_decay(*steps) if args.distill_residual_decay is None
             else args.distill_residual_decay,
             fit_weights=default_fit_weights(*steps) if args.distill_fit_weights is None else args.distill_fit_weights,
+            learn_start=bool(args.learn_start and args.time_grid), warm_start=args.warm_start,
+            final="config" if args.final == "auto" else args.final,
             max_minutes=args.distill_minutes).validate()
+        if args.warm_start:
+            from solver.registry import check_steps_covered, read_tuned
+
+            check_steps_covered(read_tuned(args.warm_start), args.warm_start)  # a malformed file: refused here
     if model is None:
         if args.weights_dir:
             from models.embedded.model import load_embedded
@@ -356,6 +390,14 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
             from models.registry import load_model
 
             model = load_model(args.model)
+    if distill_settings is not None and distill_settings.warm_start:
+        from solver.registry import check_tuned, read_tuned
+
+        check_tuned(read_tuned(distill_settings.warm_start), model.model_id, (), model.scheduler_config,
+                    source=f"warm_start {distill_settings.warm_start!r}")  # another model's file: before any compute
+        if args.final == "auto":
+            distill_settings.final = warm_start_final(distill_settings.warm_start, model, config.order)
+            logger.info("policy grid end point: %s (the warm start's K = 4 rule)", distill_settings.final)
     if distill_settings is not None and distill_settings.label_weight:
         from training.distill import model_palette
 
