@@ -225,7 +225,7 @@ def evaluate(
     ref_features = {name: sim.features(reference) for name, sim in model_measures.items()}
     all_prompts = [p for p, _ in pairs]
     ref_verdicts, ref_readings = _verdicts(judge(reference, all_prompts)) if judge is not None else (None, None)
-    results, agree = [], {}
+    results, agree, per_pair = [], {}, {}
     for named in solvers:
         for k in steps:
             def sample(cond: Any, noise: torch.Tensor, n: int, solver: Any = named.solver, k: int = k) -> torch.Tensor:
@@ -239,6 +239,7 @@ def evaluate(
                 row["config"] = named.solver.config_name(k)
             for name in PIXEL_MEASURES:
                 values = FUNCTIONS[name][0](reference, previews)
+                per_pair[(named.name, k, name)] = values.double().cpu()
                 row[name] = float(values.mean())
                 row[f"{name}_sem"] = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
             for name, sim in model_measures.items():
@@ -257,6 +258,7 @@ def evaluate(
         if is_consistency[name] and "@" not in name and (name, k) in agree:
             row["verdict_paired"] = {b: paired_verdicts(agree[(name, k)], agree[(b, k)])
                                      for b, theirs in is_consistency.items() if not theirs and (b, k) in agree}
+    add_paired_differences(results, per_pair, is_consistency)
     doc: dict[str, Any] = {
         "model": model.model_id,
         "reference": {"solver": FULL_STEP_SOLVER, "steps": reference_steps},
@@ -270,6 +272,57 @@ def evaluate(
         doc["reference"]["adherence"] = 100.0 * float(ref_verdicts.float().mean())
     doc["summary"] = summarize(doc)
     return doc
+
+
+TUNED_BEST_NAME = "tuned:best"  # the comparison row: the best tuned baseline at this K (tuned on validation)
+PAIRED_MEASURES = ("psnr", "ssim")
+
+
+def paired_difference(ours: torch.Tensor, theirs: torch.Tensor, level: float = 0.95) -> dict[str, float]:
+    """Mean per-pair difference ours - theirs on the same (prompt, seed) pairs, with its paired-t ``level``
+    confidence interval (``ci95``: [low, high]) and the count of pairs each side wins."""
+    from scipy import stats
+
+    d = (ours - theirs).double()
+    n = int(d.numel())
+    mean = float(d.mean())
+    if n > 1:
+        half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(d.std(unbiased=True)) / math.sqrt(n)
+    else:
+        half = math.inf
+    return {"mean_diff": round(mean, 5), "ci95": [round(mean - half, 5), round(mean + half, 5)], "n": n,
+            "ours_better": int((d > 0).sum()), "theirs_better": int((d < 0).sum())}
+
+
+def add_paired_differences(results: list[dict[str, Any]], per_pair: dict[tuple[str, int, str], torch.Tensor],
+                           is_consistency: dict[str, bool]) -> None:
+    """Each ConsistencySolver row (not ``@fixed-grid``) gets ``paired``: against every baseline at the same K,
+    per measure, the mean per-pair difference and its 95% interval (:func:`paired_difference`)."""
+    for row in results:
+        name, k = row["solver"], row["steps"]
+        if not is_consistency.get(name) or "@" in name:
+            continue
+        row["paired"] = {b: {m: paired_difference(per_pair[(name, k, m)], per_pair[(b, k, m)])
+                             for m in PAIRED_MEASURES if (b, k, m) in per_pair and (name, k, m) in per_pair}
+                         for b, theirs in is_consistency.items() if not theirs and (b, k, "psnr") in per_pair}
+
+
+def comparison_lines(doc: dict[str, Any]) -> list[str]:
+    """The report's comparison row per K: ours against the best tuned baseline (``tuned:best``: tuned on the
+    validation split, scored here), the paired differences with their 95% intervals, beside the defaults."""
+    lines = []
+    by = {(r["solver"], r["steps"]): r for r in doc["results"]}
+    for r in doc["results"]:
+        if TUNED_BEST_NAME not in r.get("paired", {}):
+            continue
+        k, tuned = r["steps"], by[(TUNED_BEST_NAME, r["steps"])]
+        p = r["paired"][TUNED_BEST_NAME]
+        parts = [f"{m.upper()} {r[m]:.3f} vs {tuned[m]:.3f}, diff {p[m]['mean_diff']:+.3f} "
+                 f"[{p[m]['ci95'][0]:+.3f}, {p[m]['ci95'][1]:+.3f}]" for m in PAIRED_MEASURES if m in p]
+        if "verdict_agreement" in r:
+            parts.append(f"verdict {r['verdict_agreement']:.1f}% vs {tuned['verdict_agreement']:.1f}%")
+        lines.append(f"K={k} {r['solver']} vs best tuned ({tuned.get('config', '?')}): " + "; ".join(parts))
+    return lines
 
 
 def summarize(doc: dict[str, Any]) -> dict[str, Any]:
@@ -309,6 +362,14 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
                                 "margin": ours[m] - max(by[(b, k)][m] for b in baselines if (b, k) in by)}
                             for m in ("psnr", "ssim", "gms", "verdict_agreement", "adherence") if m in ours}
         summary["vs_best_baseline"] = wins
+    if consistency and any(r["solver"] == TUNED_BEST_NAME for r in rows):
+        summary["vs_best_tuned"] = {
+            str(r["steps"]): {"config": by[(TUNED_BEST_NAME, r["steps"])].get("config"),
+                              **{m: {"ours": r[m], "tuned": by[(TUNED_BEST_NAME, r["steps"])][m],
+                                     **r["paired"][TUNED_BEST_NAME].get(m, {})}
+                                 for m in ("psnr", "ssim", "verdict_agreement") if m in r}}
+            for r in rows if r["solver"] == consistency[0] and (TUNED_BEST_NAME, r["steps"]) in by
+            and TUNED_BEST_NAME in r.get("paired", {})}
     return summary
 
 
@@ -318,7 +379,8 @@ def markdown_table(doc: dict[str, Any]) -> str:
     head = "| solver | K | NFE | " + " | ".join(measures) + " |"
     lines = [head, "|" + "---|" * (3 + len(measures))]
     for r in sorted(rows, key=lambda r: (r["steps"], r["solver"])):
-        lines.append(f"| {r['solver']} | {r['steps']} | {r['nfe']} | " + " | ".join(f"{r[m]:.3f}" for m in measures) + " |")
+        label = f"{r['solver']} ({r['config']})" if "config" in r else r["solver"]
+        lines.append(f"| {label} | {r['steps']} | {r['nfe']} | " + " | ".join(f"{r[m]:.3f}" for m in measures) + " |")
     ref = doc["reference"]
     note = f"reference: {ref['solver']} {ref['steps']} steps"
     if "adherence" in ref:
@@ -434,7 +496,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     if args.plot:
         plot(doc, args.plot)
     print(markdown_table(doc))
-    for line in paired_lines(doc):
+    for line in paired_lines(doc) + comparison_lines(doc):
         print(line)
     print(json.dumps(doc["summary"].get("step_saving", {}).get("psnr", {})))
     if "adherence_within_2_points" in doc["summary"]:
