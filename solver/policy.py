@@ -400,7 +400,7 @@ def reweight_grid(schedule: Schedule, default: TimeGrid, g: torch.Tensor, relaxe
         d = d[:-1] - d[1:] - 1.0  # spare train steps per increment of the default grid
         q = d * torch.exp(g)
         q = q / q.sum() if float(q.sum().detach()) > 0 else d
-        positions = ends[0] - torch.cumsum(1.0 + spare * q, 0)[:-1]
+        positions = (ends[0] - torch.cumsum(1.0 + spare * q, 0)[:-1]).clamp_min(0.0)  # float error below t = 0
         new_ts = torch.cat([top, positions]) if relaxed else torch.cat([top, torch.round(positions)]).to(torch.long)
     else:
         if moved:

@@ -406,15 +406,20 @@ def tuned_solver(name: str, scheduler_config: Mapping[str, Any], tuned_file: str
 
 
 def tuned_tables(doc: Mapping[str, Any], scheduler_config: Mapping[str, Any], steps: Sequence[int],
-                 order: int) -> dict[int, tuple[str, TimeGrid, torch.Tensor]]:
+                 order: int, nearest: bool = False) -> dict[int, tuple[str, TimeGrid, torch.Tensor]]:
     """Per K of ``steps``: (name, grid, table) of the best tuned baseline (by validation PSNR, over the families'
     tuned configurations) that is exactly an eq.-10 table of order ``order`` on its grid
-    (:func:`solver.coefficients.scheduler_table`); a K with none is left out."""
+    (:func:`solver.coefficients.scheduler_table`); a K with none is left out. ``nearest``: a K the file does not
+    tune takes the configurations tuned at the nearest K it does (the larger on a tie), run at K."""
     from solver.coefficients import scheduler_table
 
+    covered = sorted(int(k) for k in doc["steps"])
     out: dict[int, tuple[str, TimeGrid, torch.Tensor]] = {}
     for k in steps:
-        entries = [v[str(k)] for f, v in doc["best"].items() if f != TUNED_BEST and str(k) in v]
+        source = k if k in covered else (min(covered, key=lambda c: (abs(c - k), -c)) if nearest and covered else None)
+        if source is None:
+            continue
+        entries = [v[str(source)] for f, v in doc["best"].items() if f != TUNED_BEST and str(source) in v]
         for entry in sorted(entries, key=lambda e: (-e.get("psnr", -math.inf), -e.get("ssim", -math.inf))):
             solver = get_solver(entry["name"], scheduler_config)
             try:

@@ -227,10 +227,14 @@ def test_warm_start_is_the_best_tuned_rule_exactly_grid_start_and_table(tmp_path
     model = GaussianDenoiser()
     name = "unipc[solver_type=bh2,solver_order=1,timestep_spacing=leading,final_sigmas_type=sigma_min]"
     tuned = _tuned_file(tmp_path / "tuned.json", model, {3: name, 4: name})
-    policy = ConsistencyPolicy(base="ddim", time_grid=True, start=True, final="first")
+    policy = ConsistencyPolicy(order=8, base="ddim", time_grid=True, start=True, final="first")
     warm = warm_start_tables(policy, model.schedule, model.scheduler_config, str(tuned), [3, 4, 5],
                              model_id=model.model_id)
-    assert sorted(warm) == [3, 4] and warm[4]["name"] == name
+    # UniPC reaches back through its data predictions: at K = 5 it is no order-4 table, the next family is used
+    small = warm_start_tables(ConsistencyPolicy(order=4, base="ddim", time_grid=True, start=True, final="first"),
+                              model.schedule, model.scheduler_config, str(tuned), [4, 5], model_id=model.model_id)
+    assert small[4]["name"] == name and small[5]["name"] == "ddim"
+    assert sorted(warm) == [3, 4, 5] and warm[4]["name"] == name == warm[5]["name"]  # K = 5 from the nearest, K = 4
     baseline = get_solver(name, model.scheduler_config)
     noise = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     eps = lambda x, t: model.guided_eps(x, t, model.encode_prompts(["a", "b"]), 2.0)  # noqa: E731

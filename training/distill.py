@@ -479,8 +479,9 @@ def mean_heads(policy: ConsistencyPolicy) -> list[torch.nn.Parameter]:
 
 def warm_start_tables(policy: ConsistencyPolicy, schedule: Any, scheduler_config: Any, tuned_file: str,
                       steps: Sequence[int], model_id: str | None = None) -> dict[int, dict[str, Any]]:
-    """Per K of ``steps`` that the tuned file covers: the free parameters that make ``policy`` (on its default
-    grid) the best tuned rule that is an eq.-10 table (``solver.registry.tuned_tables``): {K: {"name",
+    """Per K of ``steps``: the free parameters that make ``policy`` (on its default grid) the best tuned rule
+    that is an eq.-10 table (``solver.registry.tuned_tables``; a K the file does not tune takes the
+    configurations tuned at the nearest K, run at K): {K: {"name",
     "residual" a (K, m - 1), "g" (K,), "u" (scalar or None)}}. The grid is matched timestep for timestep
     (a start below T needs the policy's start head; without it such a rule is skipped); the coefficients are
     the rule's own table as residuals on the policy's base rule on that grid. The end point is the policy's."""
@@ -489,9 +490,8 @@ def warm_start_tables(policy: ConsistencyPolicy, schedule: Any, scheduler_config
 
     doc = read_tuned(tuned_file)
     check_tuned(doc, model_id, (), scheduler_config, source=f"warm_start {tuned_file!r}")
-    covered = [k for k in steps if str(k) in doc["steps"] or k in doc["steps"]]
     out: dict[int, dict[str, Any]] = {}
-    for k, (name, grid, table) in tuned_tables(doc, scheduler_config, covered, policy.order).items():
+    for k, (name, grid, table) in tuned_tables(doc, scheduler_config, steps, policy.order, nearest=True).items():
         default = policy.default_grid(schedule, k)
         try:
             g, u = grid_actions_for(schedule, default, grid.timesteps, with_start=policy.learn_start)

@@ -81,7 +81,7 @@ def parse_solvers(text: str, tuned_file: str | None = None) -> list[str]:
 
 
 def resolve_solvers(names: Sequence[str], model: Any, store: Any = None, tuned_file: str | None = None,
-                    steps: Sequence[int] = ()) -> list[NamedSolver]:
+                    steps: Sequence[int] = (), fixed_grid: bool = True) -> list[NamedSolver]:
     """Solver objects for ``names``; checkpoints are loaded (and checked) here, before any sampling, and so
     is the tuned file of ``tuned:*`` names (its model and K range against ``model`` and ``steps``)."""
     from solver.policy import ConsistencyPolicy
@@ -109,7 +109,7 @@ def resolve_solvers(names: Sequence[str], model: Any, store: Any = None, tuned_f
             continue
         policy.eval()
         out.append(NamedSolver(name, get_solver("consistency", model.scheduler_config, policy=policy), True))
-        if policy.learn_time_grid:
+        if policy.learn_time_grid and fixed_grid:
             fixed = LMMSolver(name=f"{name}@fixed-grid", schedule=schedule_from_config(model.scheduler_config),
                               table_fn=policy.coefficient_table)
             out.append(NamedSolver(fixed.name, fixed, True))
@@ -451,6 +451,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--store", default=None, help="store holding the active checkpoint ('' = none; default path)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--fixed-grid", action=argparse.BooleanOptionalAction, default=True,
+                        help="also evaluate a learned-grid policy on the fixed grid (<name>@fixed-grid)")
     parser.add_argument("--tuned-file", default=None,
                         help="tuned baselines JSON for 'tuned' / 'tuned:FAMILY' (default: training/results/tuned_baselines.json)")
     args = parser.parse_args(argv)
@@ -487,7 +489,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         from models.registry import load_model
 
         model = load_model(args.model)
-    solvers = resolve_solvers(names, model, store, tuned_file=args.tuned_file, steps=steps)
+    solvers = resolve_solvers(names, model, store, tuned_file=args.tuned_file, steps=steps, fixed_grid=args.fixed_grid)
     doc = evaluate(model, prompts, seeds, steps, solvers, guidance=args.guidance, reference_steps=args.reference_steps,
                    model_measures=model_measures, judge=load_judge(model), batch_size=args.batch_size)
     doc["prompts"] = str(args.prompts)

@@ -328,10 +328,14 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--distill-fit-weights", default=None,
                         help="weight of each K's fitted table in the regression onto the policy, 'K:W,...' (others 1; "
                              f"'' = all 1); default: {LONG_PREVIEW_WEIGHT} for every K above {LONG_PREVIEW_FROM - 1}")
-    parser.add_argument("--warm-start", default=DEFAULT_TUNED if Path(DEFAULT_TUNED).is_file() else "",
+    parser.add_argument("--warm-start", default="auto",
                         help="tuned-baselines JSON (training.tune_baselines): the distillation starts each K it tunes "
                              "from the best tuned rule that is an eq.-10 table, grid and start included ('' = from the "
-                             "base rule)")
+                             f"base rule; auto = {DEFAULT_TUNED} when it exists and was tuned for this model)")
+    parser.add_argument("--order", type=int, default=4,
+                        help="LMM order m of the policy; a tuned rule is an eq.-10 table only at K <= m when it reaches "
+                             "back through its data predictions (UniPC, DPM-Solver++ 2M), so warm starts up to K = 8 "
+                             "need m = 8")
     parser.add_argument("--learn-start", action=argparse.BooleanOptionalAction, default=True,
                         help="learn where sampling starts (the first timestep may lie below T, as leading spacing does)")
     parser.add_argument("--final", default="auto", choices=("auto", "config", "first", "zero"),
@@ -356,6 +360,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     else:
         seeds, pairing = parse_int_list(args.seeds, "seeds", 0, 2**32 - 1), "product"
     config = TrainConfig(dataset=str(out / "dataset"), out=str(out / "ppo"), model=args.model, store=args.store,
+                         order=args.order,
                          group_size=args.group_size, groups_per_update=args.groups_per_update,
                          min_steps=args.min_steps, max_steps=args.max_steps, learning_rate=args.learning_rate,
                          target_kl=args.target_kl,
@@ -374,10 +379,11 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
             residual_decay=default_residual_decay(*steps) if args.distill_residual_decay is None
             else args.distill_residual_decay,
             fit_weights=default_fit_weights(*steps) if args.distill_fit_weights is None else args.distill_fit_weights,
-            learn_start=bool(args.learn_start and args.time_grid), warm_start=args.warm_start,
+            time_grid=args.time_grid, learn_start=bool(args.learn_start and args.time_grid),
+            warm_start="" if args.warm_start == "auto" else args.warm_start,
             final="config" if args.final == "auto" else args.final,
             max_minutes=args.distill_minutes).validate()
-        if args.warm_start:
+        if distill_settings.warm_start:
             from solver.registry import check_steps_covered, read_tuned
 
             check_steps_covered(read_tuned(args.warm_start), args.warm_start)  # a malformed file: refused here
@@ -390,6 +396,12 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
             from models.registry import load_model
 
             model = load_model(args.model)
+    if distill_settings is not None and args.warm_start == "auto" and Path(DEFAULT_TUNED).is_file():
+        from solver.registry import read_tuned
+
+        if read_tuned(DEFAULT_TUNED)["model"] == model.model_id:
+            distill_settings.warm_start = DEFAULT_TUNED
+        logger.info("warm start: %s", distill_settings.warm_start or "none (the base rule)")
     if distill_settings is not None and distill_settings.warm_start:
         from solver.registry import check_tuned, read_tuned
 

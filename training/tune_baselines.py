@@ -216,7 +216,8 @@ class ValidationScorer:
         bad = {"psnr": -math.inf, "ssim": -math.inf, "error": ""}
         try:
             solver = get_solver(name, self.model.scheduler_config)
-            solver.make_scheduler().set_timesteps(k)
+            if hasattr(solver, "make_scheduler"):
+                solver.make_scheduler().set_timesteps(k)
         except (ValueError, NotImplementedError) as exc:
             return {**bad, "error": str(exc)}
         if solver.nfe(k) != k:
@@ -257,6 +258,36 @@ def tune(score: Scorer, steps: Sequence[int], families: Sequence[str] = FAMILIES
     return {"steps": list(done), "best": best, "trials": trials}
 
 
+def merge_files(paths: Sequence[str]) -> dict[str, Any]:
+    """One tuned document from several with the same model, scheduler, validation split and families, over
+    disjoint K (each a complete ``training.tune_baselines`` run); anything else is one ValueError naming it."""
+    from solver.registry import read_tuned
+
+    docs = [read_tuned(p) for p in paths]
+    if not docs:
+        raise ValueError("merge: no files")
+    first = docs[0]
+    for path, doc in zip(paths[1:], docs[1:]):
+        for key in ("model", "scheduler", "validation"):
+            if doc.get(key) != first.get(key):
+                raise ValueError(f"merge: {path!r} differs from {paths[0]!r} in {key!r}")
+        if set(doc["best"]) != set(first["best"]):
+            raise ValueError(f"merge: {path!r} tunes families {sorted(doc['best'])}, {paths[0]!r} {sorted(first['best'])}")
+    steps = [k for d in docs for k in d["steps"]]
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"merge: K = {steps} overlap")
+    merged = {key: first[key] for key in first if key not in ("steps", "best", "trials", "seconds", "model_calls",
+                                                                 "command", "search")}
+    merged["steps"] = sorted(steps)
+    merged["best"] = {f: {k: v for d in docs for k, v in d["best"][f].items()} for f in first["best"]}
+    merged["trials"] = [t for d in docs for t in d["trials"]]
+    merged["search"] = {f: {k: v for d in docs for k, v in d.get("search", {}).get(f, {}).items()} for f in first["best"]}
+    merged["seconds"] = [d.get("seconds") for d in docs]
+    merged["model_calls"] = sum(d.get("model_calls", 0) for d in docs)
+    merged["command"] = [d.get("command") for d in docs]
+    return merged
+
+
 def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     from training.config import MAX_PREVIEW_STEPS
     from training.dataset import parse_int_list, read_prompts
@@ -273,12 +304,24 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--reference-steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--merge", default="",
+                        help="instead of tuning: merge these tuned files (FILE,FILE,...: the same model, validation "
+                             "split and families, disjoint K, e.g. K = 3,4 and K = 5,6 tuned side by side) into --out")
+    parser.add_argument("--score", default="",
+                        help="instead of tuning: score these solver names (e.g. two policies, consistency:DIR,...) on "
+                             "the same validation pairs and print PSNR / SSIM per K (to choose between policies on "
+                             "validation, never on the held-out file)")
     parser.add_argument("--reference-cache", default="runs/tune_baselines/references.safetensors",
                         help="decoded 40-step references, reused when prompts, seeds, model and guidance match ('' = none)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.merge:
+        merged = merge_files([f.strip() for f in args.merge.split(",") if f.strip()])
+        Path(args.out).write_text(json.dumps(merged, indent=1))
+        print(json.dumps({"out": args.out, "steps": merged["steps"]}))
+        return 0
     if "heldout" in Path(args.prompts).name:
         raise ValueError(f"prompts: {args.prompts!r} is the held-out file; tune on a validation split")
     prompts = read_prompts(args.prompts)
@@ -302,6 +345,14 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     t0 = time.perf_counter()
     scorer = ValidationScorer(model, prompts, seeds, reference_steps=args.reference_steps, batch_size=args.batch_size,
                               cache=args.reference_cache or None)
+    if args.score:
+        from solver.registry import split_solver_list
+
+        scores = {name: {str(k): scorer(name, k) for k in steps} for name in split_solver_list(args.score)}
+        for name, per_k in scores.items():
+            means = {m: sum(v[m] for v in per_k.values()) / len(per_k) for m in ("psnr", "ssim")}
+            print(json.dumps({"solver": name, "per_k": per_k, "mean": means}))
+        return 0
     out = Path(args.out)
     header = {
         "model": model.model_id,
