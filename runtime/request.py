@@ -142,6 +142,13 @@ def check_solver(name: Any) -> str:
     names = [DEFAULT_SOLVER] + [n for n in solver_names() if n != DEFAULT_SOLVER]
     if isinstance(name, str) and name.startswith(DEFAULT_SOLVER + ":") and len(name) > len(DEFAULT_SOLVER) + 1:
         return name  # consistency:PATH, a saved policy directory (checked when it is loaded, before any write)
+    if isinstance(name, str) and name not in names and ("[" in name or name.startswith("tuned:")):
+        from solver.registry import check_name  # a baseline with options NAME[key=value,...], or tuned:FAMILY
+
+        try:
+            return check_name(name)
+        except ValueError as exc:
+            raise ValueError(f"solver: {exc}") from None
     if not isinstance(name, str) or name not in names:
         raise ValueError(f"solver must be one of {names} or 'consistency:PATH', got {name!r}")
     return name

@@ -13,7 +13,7 @@ Notation (<variable> -> paper symbol):
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -149,3 +149,79 @@ def pad_table(table: torch.Tensor, order: int) -> torch.Tensor:
             raise ValueError(f"order {order} is too small for a rule that uses {width} past epsilons")
         return table[:, :order].clone()
     return torch.nn.functional.pad(table, (0, order - width))
+
+
+def scheduler_table(scheduler: Any, num_steps: int, order: int | None = None) -> tuple[TimeGrid, torch.Tensor]:
+    """A linear multistep diffusers scheduler (DDIM, DPM-Solver(++) multistep, UniPC, DEIS) as the grid the
+    model sees plus its eq.-10 table (K, w) float64, read off the scheduler itself.
+
+    These schedulers are linear in (x_T, eps_0, ..., eps_{K-1}) once the timesteps are fixed, so probing
+    them with x_T and each eps on its own channel gives every state the model is evaluated at as
+    x_i = alpha_i (y_0 + sum_j c_ij eps_j). The run is an eq.-10 table on the grid (t_i, n_i) exactly when
+    the coefficient of x_T in y_i = x_i / alpha_i stays 1 (no rescaling the grid does not explain), and
+    then row i is w_{i, l} = (c_{i+1, i-l} - c_{i, i-l}) / (n_{i+1} - n_i), most recent epsilon first.
+    UniPC's corrector, which revises x_i with eps_i before the next prediction, is folded in this way: the
+    model is evaluated at the predicted states, and the correction lands in the next step's weights.
+
+    The grid: n_i is the scheduler's own ``sigmas`` (k-diffusion sigma = sigma / alpha; K + 1 values,
+    the last its final point) where it has them, else (DDIM) from ``alphas_cumprod`` at the timesteps and
+    at DDIM's own last ``prev_timestep`` (t_{K-1} - T // K, ``final_alpha_cumprod`` below 0) at the end; alpha_i = (1 + n_i^2)^(-1/2). ``order`` (m): the table must use at
+    most min(i + 1, m) epsilons at step i. Raises ValueError when the scheduler is not such a table
+    (e.g. DDIM with ``linspace`` spacing, whose step lands off the next timestep).
+    """
+    scheduler.set_timesteps(num_steps)
+    timesteps = scheduler.timesteps
+    if len(timesteps) != num_steps:
+        raise ValueError(f"{type(scheduler).__name__} runs {len(timesteps)} model calls for {num_steps} steps")
+    if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
+        raise ValueError(f"{type(scheduler).__name__} scales its initial noise (init_noise_sigma != 1)")
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) == num_steps + 1:
+        n = torch.as_tensor(sigmas, dtype=torch.float64).cpu().clone()
+    else:
+        abar = scheduler.alphas_cumprod.to(torch.float64)
+        last = int(timesteps[-1]) - scheduler.config.num_train_timesteps // num_steps  # DDIM's own prev_timestep
+        final = float(abar[last]) if last >= 0 else float(getattr(scheduler, "final_alpha_cumprod", abar[0]))
+        ab = torch.cat([abar[timesteps.long()], torch.tensor([final], dtype=torch.float64)])
+        n = ((1.0 - ab).clamp_min(0.0) / ab).sqrt()
+    alpha = (1.0 + n**2).rsqrt()
+    grid = TimeGrid(timesteps=timesteps.clone(), alpha=alpha, sigma=n * alpha)
+    for attr in ("sigmas", "alphas_cumprod", "alpha_t", "sigma_t", "lambda_t"):  # probe in float64
+        value = getattr(scheduler, attr, None)
+        if torch.is_tensor(value) and value.is_floating_point():
+            setattr(scheduler, attr, value.to(torch.float64))
+    width = num_steps + 1
+    x = torch.zeros(1, width, 1, 1, dtype=torch.float64)
+    x[0, 0] = 1.0
+    states = [x.clone()]
+    for i, t in enumerate(timesteps):
+        x_in = scheduler.scale_model_input(x, t)
+        if not torch.equal(x_in, x):
+            raise ValueError(f"{type(scheduler).__name__} rescales its model input")
+        eps = torch.zeros_like(x)
+        eps[0, i + 1] = 1.0
+        x = scheduler.step(eps, t, x).prev_sample.to(torch.float64)
+        states.append(x.clone())
+    y = torch.stack([s.flatten() for s in states]) / alpha.unsqueeze(1)  # (K+1, K+1): y_i's coefficients
+    y[:, 0] = y[:, 0] * alpha[0]  # in units of y_0 = x_T / alpha_0
+    if not torch.allclose(y[:, 0], torch.ones_like(y[:, 0]), atol=1e-5):
+        raise ValueError(f"{type(scheduler).__name__} is not an eq.-10 table on its grid "
+                         f"(y_0 is rescaled by {y[:, 0].tolist()})")
+    dn = n[1:] - n[:-1]
+    table = torch.zeros(num_steps, num_steps, dtype=torch.float64)
+    for i in range(num_steps):
+        increment = (y[i + 1, 1:] - y[i, 1:]) / dn[i]  # weights of eps_0..eps_{K-1}
+        increment = increment.masked_fill(increment.abs() <= 1e-6 * float(increment.abs().max()), 0.0)
+        if bool((increment[i + 1:] != 0).any()):
+            raise ValueError(f"{type(scheduler).__name__} step {i} uses an epsilon not yet evaluated")
+        table[i, : i + 1] = increment[: i + 1].flip(0)
+    used = max((int(torch.nonzero(row).max()) + 1 if bool(row.any()) else 1) for row in table)
+    table = table[:, :used].clone()
+    if order is not None:
+        k = torch.clamp(torch.arange(num_steps) + 1, max=order)
+        for i in range(num_steps):
+            if bool((table[i, int(k[i]):] != 0).any()):
+                raise ValueError(f"{type(scheduler).__name__} step {i} uses more than the {int(k[i])} epsilons an "
+                                 f"order-{order} table holds")
+        table = pad_table(table, order) if used <= order else table[:, :order].clone()
+    return grid, table

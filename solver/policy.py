@@ -17,6 +17,12 @@ Parameterization (paper.md sections 1.3-1.4, 6.3 N6, 7.4):
   cached, and bit-identical across calls; it never sees the images, so it cannot depend on the batch.
 - Optional learned time grid (off by default): a second head moves the interior grid points by
   re-weighting the default grid's increments; zero-initialized it returns the default grid exactly.
+- Optional learned start (``start=True``, with the time grid): a third head, read at 4 / K, moves the
+  first timestep t_0 by ``START_SCALE`` train steps per unit, anywhere in [K - 1, T - 1]. Sampling then
+  starts from the initial noise taken as x at t_0, as diffusers does with ``"leading"`` spacing (whose
+  first timestep lies below T: ``init_noise_sigma`` = 1, the pure noise latents are x_{t_0}); eq. 10 reads
+  it as y_0 = x_{t_0} / alpha_{t_0}. ``final`` picks the grid's end point (``VPSchedule.grid``: ``config``,
+  ``first`` = alphas_cumprod[0] as ``final_sigmas_type="sigma_min"``, ``zero``).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ FEATURES = ("lam_cur", "lam_next", "lam_prev", "history")
 LAMBDA_SCALE = 4.0
 WEIGHTS_NAME = "policy.safetensors"
 CONFIG_NAME = "policy_config.json"
+START_SCALE = 100.0  # train steps the start head moves t_0 per unit of its output
+FINALS = (None, "config", "first", "zero")  # None: the schedule's own end point (VPSchedule.final_point)
 _BASE_ORDER = {"ddim": 1, "ab1": 1, "ab2": 2, "ab3": 3, "ab4": 4, "dpm2m": 2, "ipndm": 4}
 
 
@@ -88,6 +96,8 @@ class ConsistencyPolicy(nn.Module):
         hidden: width of the two hidden layers.
         init_log_std: initial log standard deviation of the training distribution.
         time_grid: add the learned time-grid head.
+        start: add the learned start head (needs ``time_grid``): the first timestep may lie below T.
+        final: the grid's end point on a VP schedule (``config``, ``first``, ``zero``; None: the schedule's own).
     """
 
     def __init__(
@@ -99,6 +109,8 @@ class ConsistencyPolicy(nn.Module):
         init_log_std: float = -3.0,
         time_grid: bool = False,
         schedule_family: str | None = None,
+        start: bool = False,
+        final: str | None = None,
     ) -> None:
         super().__init__()
         if schedule_family not in (None, "vp", "flow"):
@@ -123,6 +135,12 @@ class ConsistencyPolicy(nn.Module):
         self.hidden = hidden
         self.init_log_std = float(init_log_std)
         self.learn_time_grid = bool(time_grid)
+        if start and not time_grid:
+            raise ValueError("start: the learned start needs the learned time grid (time_grid=True)")
+        if final not in FINALS:
+            raise ValueError(f"final must be one of {FINALS}, got {final!r}")
+        self.learn_start = bool(start)
+        self.final = final
         free = order - 1
         with warnings.catch_warnings():  # order 1 has no free dims: an empty output layer is intended
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
@@ -134,12 +152,15 @@ class ConsistencyPolicy(nn.Module):
         if self.learn_time_grid:
             self.grid_net = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, 1))
             self.grid_log_std = nn.Parameter(torch.tensor(self.init_log_std))
+        self.start_net: nn.Sequential | None = None
+        if self.learn_start:
+            self.start_net = nn.Sequential(nn.Linear(1, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         self.reset_head()
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def reset_head(self) -> None:
         """Zero the output layers, so the policy is exactly its base rule (and default grid)."""
-        for head in (self.net, self.grid_net):
+        for head in (self.net, self.grid_net, self.start_net):
             if head is not None:
                 nn.init.zeros_(head[-1].weight)
                 nn.init.zeros_(head[-1].bias)
@@ -235,44 +256,64 @@ class ConsistencyPolicy(nn.Module):
         x = torch.stack([u[:-1], u[1:]], dim=1).to(torch.float32).to(self.log_std.device)
         return self.grid_net(x).squeeze(1)  # (K,) log-weights of the K increments
 
+    def default_grid(self, schedule: Schedule, num_steps: int) -> TimeGrid:
+        """The grid the heads move: the schedule's own grid, ending at ``final`` on a VP schedule."""
+        if getattr(schedule, "kind", "vp") == "vp":
+            return schedule.grid(num_steps, final=self.final)
+        return schedule.grid(num_steps)
+
+    def start_mean(self, num_steps: int) -> torch.Tensor | None:
+        """The start head's shift u (scalar): t_0 = default t_0 - START_SCALE u. None without the head."""
+        if self.start_net is None:
+            return None
+        x = torch.tensor([[4.0 / num_steps]], dtype=torch.float32, device=self.log_std.device)
+        return self.start_net(x).reshape(())
+
     def time_grid(self, schedule: Schedule, num_steps: int) -> TimeGrid:
-        """The grid to sample on: the schedule's default grid, or the learned head's deterministic grid."""
-        default = schedule.grid(num_steps)
+        """The grid to sample on: the default grid, or the learned heads' deterministic grid."""
+        default = self.default_grid(schedule, num_steps)
         if self.grid_net is None:
             return default
         with torch.no_grad():
             g = self.grid_mean(default).cpu().to(torch.float64)
-        return reweight_grid(schedule, default, g)
+            u = self.start_mean(num_steps)
+        return reweight_grid(schedule, default, g, start=None if u is None else u.cpu().to(torch.float64))
 
     def relaxed_time_grid(self, schedule: Schedule, num_steps: int) -> TimeGrid:
-        """The deterministic grid with real-valued timesteps, differentiable in the grid head's
+        """The deterministic grid with real-valued timesteps, differentiable in the grid (and start) heads'
         parameters (see :func:`reweight_grid`); :meth:`time_grid` is this grid rounded. Without the
         head: the default grid."""
-        default = schedule.grid(num_steps)
+        default = self.default_grid(schedule, num_steps)
         if self.grid_net is None:
             return default
         g = self.grid_mean(default).cpu().to(torch.float64)
-        return reweight_grid(schedule, default, g, relaxed=True)
+        u = self.start_mean(num_steps)
+        return reweight_grid(schedule, default, g, relaxed=True, start=None if u is None else u.cpu().to(torch.float64))
 
     def sample_time_grid(
         self, schedule: Schedule, num_steps: int, generator: torch.Generator | None = None
     ) -> tuple[TimeGrid, torch.Tensor, torch.Tensor]:
-        """Draw a grid for one rollout: (grid, actions (K,), log_prob scalar). Needs ``time_grid=True``."""
+        """Draw a grid for one rollout: (grid, actions (K,), log_prob scalar). Needs ``time_grid=True``.
+        The start, if learned, is the start head's deterministic value (it is trained by distillation)."""
         if self.grid_net is None:
             raise ValueError("time_grid: this policy was built without the time-grid head (time_grid=False)")
-        default = schedule.grid(num_steps)
+        default = self.default_grid(schedule, num_steps)
         mean = self.grid_mean(default)
         std = self.grid_log_std.exp()
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
         actions = (mean + std * noise).detach()
         log_prob = torch.distributions.Normal(mean, std).log_prob(actions).sum()
-        return reweight_grid(schedule, default, actions.cpu().to(torch.float64)), actions, log_prob
+        with torch.no_grad():
+            u = self.start_mean(num_steps)
+        grid = reweight_grid(schedule, default, actions.cpu().to(torch.float64),
+                             start=None if u is None else u.cpu().to(torch.float64))
+        return grid, actions, log_prob
 
     def time_grid_log_prob(self, schedule: Schedule, num_steps: int, actions: torch.Tensor) -> torch.Tensor:
         """Re-score stored grid ``actions`` (K,) under the current head (scalar)."""
         if self.grid_net is None:
             raise ValueError("time_grid: this policy was built without the time-grid head (time_grid=False)")
-        mean = self.grid_mean(schedule.grid(num_steps))
+        mean = self.grid_mean(self.default_grid(schedule, num_steps))
         return torch.distributions.Normal(mean, self.grid_log_std.exp()).log_prob(actions.to(mean)).sum()
 
     # Checkpoints ---------------------------------------------------------------------------
@@ -286,6 +327,8 @@ class ConsistencyPolicy(nn.Module):
             "hidden": self.hidden,
             "init_log_std": self.init_log_std,
             "time_grid": self.learn_time_grid,
+            "start": self.learn_start,
+            "final": self.final,
             "lambda_scale": LAMBDA_SCALE,
         } | ({} if self.schedule_family is None else {"schedule_family": self.schedule_family})
 
@@ -323,6 +366,8 @@ class ConsistencyPolicy(nn.Module):
             init_log_std=config["init_log_std"],
             time_grid=config["time_grid"],
             schedule_family=config.get("schedule_family"),
+            start=bool(config.get("start", False)),
+            final=config.get("final"),
         )
         state = load_file(weights_path)
         expected = set(policy.state_dict())
@@ -338,29 +383,41 @@ class ConsistencyPolicy(nn.Module):
         return policy
 
 
-def reweight_grid(schedule: Schedule, default: TimeGrid, g: torch.Tensor, relaxed: bool = False) -> TimeGrid:
+def reweight_grid(schedule: Schedule, default: TimeGrid, g: torch.Tensor, relaxed: bool = False,
+                  start: torch.Tensor | None = None) -> TimeGrid:
     """Move the interior points of ``default`` by scaling its K increments by exp(g) (renormalized).
 
-    The first timestep and the end point stay. On a VP schedule timesteps stay integers: every
-    increment keeps at least one train step, so the grid stays strictly decreasing. g = 0 returns
-    ``default`` exactly.
+    The end point stays, and so does the first timestep unless ``start`` (a scalar u) is given: then
+    t_0 = default t_0 - START_SCALE u, kept within [K - 1, T - 1] (VP), and the K increments share the span
+    from that t_0. On a VP schedule timesteps stay integers: every increment keeps at least one train step,
+    so the grid stays strictly decreasing. g = 0 and u = 0 return ``default`` exactly.
 
     ``relaxed``: keep the timesteps real (no rounding) and take alpha, sigma from the schedule's
-    continuous interpolation, so the grid is differentiable in ``g`` (distillation); rounding that
+    continuous interpolation, so the grid is differentiable in ``g`` and ``u`` (distillation); rounding that
     grid gives the sampling grid.
     """
-    if not relaxed and not bool(g.any()):
+    moved = start is not None and bool(start.detach().ne(0).any())
+    if not relaxed and not bool(g.any()) and not moved:
         return default
     ts = default.timesteps.to(torch.float64)
     if getattr(schedule, "kind", "vp") == "vp":
-        ends = torch.cat([ts, ts.new_tensor([-1.0])])  # trailing grids end one below t = 0
+        top = ts[:1]
+        if start is not None:
+            top = (ts[:1] - START_SCALE * start.reshape(1)).clamp(default.num_steps - 1.0,
+                                                                 schedule.num_train_timesteps - 1.0)
+            if not relaxed:
+                top = torch.round(top)
+        ends = torch.cat([top, ts[1:], ts.new_tensor([-1.0])])  # trailing grids end one below t = 0
         spare = ends[0] - ends[-1] - default.num_steps
-        d = ends[:-1] - ends[1:] - 1.0  # spare train steps per increment
+        d = torch.cat([ts, ts.new_tensor([-1.0])])
+        d = d[:-1] - d[1:] - 1.0  # spare train steps per increment of the default grid
         q = d * torch.exp(g)
         q = q / q.sum() if float(q.sum().detach()) > 0 else d
-        positions = ends[0] - torch.cumsum(1.0 + spare * q, 0)[:-1]
-        new_ts = torch.cat([ts[:1], positions]) if relaxed else torch.cat([ts[:1], torch.round(positions)]).to(torch.long)
+        positions = (ends[0] - torch.cumsum(1.0 + spare * q, 0)[:-1]).clamp_min(0.0)  # float error below t = 0
+        new_ts = torch.cat([top, positions]) if relaxed else torch.cat([top, torch.round(positions)]).to(torch.long)
     else:
+        if moved:
+            raise ValueError("start: a learned start is wired for VP schedules only")
         ends = torch.cat([ts, ts.new_tensor([0.0])])
         d = ends[:-1] - ends[1:]
         q = d * torch.exp(g)
@@ -371,3 +428,30 @@ def reweight_grid(schedule: Schedule, default: TimeGrid, g: torch.Tensor, relaxe
         alpha=torch.cat([alpha.to(torch.float64), default.alpha[-1:]]),
         sigma=torch.cat([sigma.to(torch.float64), default.sigma[-1:]]),
     )
+
+
+def grid_actions_for(schedule: Schedule, default: TimeGrid, target: torch.Tensor,
+                     with_start: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(g, u) that :func:`reweight_grid` turns ``default`` into the VP timesteps ``target`` (K,) with: u from
+    the first timestep (needs ``with_start`` unless it is the default's), g = log of the spare-step ratios
+    (an increment with no spare steps gets g = -30, i.e. none after rounding). For warm starts."""
+    ts = default.timesteps.to(torch.float64)
+    target = torch.as_tensor(target, dtype=torch.float64)
+    if target.shape != ts.shape:
+        raise ValueError(f"target grid has {target.shape[0]} timesteps, the default {ts.shape[0]}")
+    u = None
+    if with_start:
+        u = ((ts[0] - target[0]) / START_SCALE).reshape(())
+    elif float(target[0]) != float(ts[0]):
+        raise ValueError(f"target grid starts at t = {float(target[0]):g}, not {float(ts[0]):g}; it needs a learned start")
+    d_default = torch.cat([ts, ts.new_tensor([-1.0])])
+    d_default = d_default[:-1] - d_default[1:] - 1.0
+    d_target = torch.cat([target, target.new_tensor([-1.0])])
+    d_target = d_target[:-1] - d_target[1:] - 1.0
+    if bool((d_target < 0).any()):
+        raise ValueError(f"target timesteps {target.tolist()} are not strictly decreasing to 0 or above")
+    g = torch.where(d_target > 0, torch.log(d_target.clamp_min(1e-300) / d_default.clamp_min(1e-300)),
+                    torch.full_like(d_target, -30.0))
+    if bool(((d_default <= 0) & (d_target > 0)).any()):
+        raise ValueError("target grid needs spare steps where the default grid has none")
+    return g - g[d_target > 0].mean() if bool((d_target > 0).any()) else g, u

@@ -25,13 +25,28 @@ version and are refused.
 On a VP model every baseline is built from the model's own scheduler config (so betas and final alpha match),
 with ``timestep_spacing="trailing"``, ``prediction_type="epsilon"`` (the samplers pass epsilon) and
 x0 clipping/thresholding off (the ODE comparison is unclipped, like eq. 10).
+
+Options: a baseline name may carry any ``__init__`` option of its diffusers scheduler in brackets,
+``NAME[key=value,...]``, e.g. ``unipc[solver_type=bh2,solver_order=1,timestep_spacing=leading]``; the
+options override the defaults above (``timestep_spacing`` included). Values are read as bool
+(true/false), None (none), int, float, else text. An option the scheduler does not accept, one that
+would change the model (betas, ``num_train_timesteps``, ``prediction_type``) or a malformed bracket is
+one ValueError naming it, raised before anything runs. The name is kept exactly as given.
+
+Tuned baselines: ``tuned:FAMILY`` (and ``tuned:best``, the best family per K) read the configuration
+``python -m training.tune_baselines`` chose on the validation split for each step count K
+(``training/results/tuned_baselines.json`` by default, :data:`TUNED_FILE`); the file names its model and
+K range, and a solver built for another model, or run at a K outside the range, is refused.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import math
+import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -199,9 +214,110 @@ def check_policy_family(policy: ConsistencyPolicy, schedule: Schedule) -> None:
         )
 
 
-def solver_names() -> list[str]:
-    """Every accepted name (``consistency:PATH`` is ``consistency`` with a checkpoint directory)."""
-    return [CONSISTENCY, *(RULE_PREFIX + r for r in RULES), IPNDM, *BASELINES]
+TUNED_PREFIX = "tuned:"
+TUNED_BEST = "best"
+TUNED_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "results",
+                          "tuned_baselines.json")
+FIXED_OPTIONS = ("prediction_type", "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+
+
+def solver_names(model_id: str | None = None, tuned_file: str | os.PathLike | None = None) -> list[str]:
+    """Every plain accepted name (``consistency:PATH`` is ``consistency`` with a checkpoint directory;
+    any baseline may also carry ``[options]``). With ``model_id``: also the ``tuned:*`` names of the tuned
+    file (:data:`TUNED_FILE` unless given) when it was tuned for that model."""
+    names = [CONSISTENCY, *(RULE_PREFIX + r for r in RULES), IPNDM, *BASELINES]
+    if model_id is not None:
+        names += tuned_names(model_id, tuned_file)
+    return names
+
+
+def split_solver_list(text: str) -> list[str]:
+    """A comma list of solver names; commas inside ``[...]`` do not split. Unbalanced brackets: ValueError."""
+    names, depth, current = [], 0, ""
+    for ch in str(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"solvers: unbalanced ']' in {text!r}")
+        if ch == "," and depth == 0:
+            names.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    if depth != 0:
+        raise ValueError(f"solvers: unclosed '[' in {text!r}")
+    names.append(current.strip())
+    return [n for n in names if n]
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_solver_name(name: str) -> tuple[str, dict[str, Any]]:
+    """``NAME[key=value,...]`` -> (NAME, {key: value}); a name without brackets -> (name, {}).
+
+    Malformed brackets (text after ``]``, an empty or repeated key, a part without ``=``): ValueError
+    naming the solver and the part."""
+    if not isinstance(name, str):
+        raise ValueError(f"solver name must be text, got {name!r}")
+    if "[" not in name and "]" not in name:
+        return name, {}
+    base, sep, rest = name.partition("[")
+    if not sep or not rest.endswith("]") or "[" in rest or rest.count("]") != 1 or not base:
+        raise ValueError(f"solver {name!r}: malformed options; expected NAME[key=value,...]")
+    options: dict[str, Any] = {}
+    body = rest[:-1].strip()
+    for part in (p.strip() for p in body.split(",")) if body else ():
+        key, eq, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key or not value:
+            raise ValueError(f"solver {name!r}: malformed option {part!r}; expected key=value")
+        if key in options:
+            raise ValueError(f"solver {name!r}: option {key!r} given twice")
+        options[key] = _parse_value(value)
+    if not options:
+        raise ValueError(f"solver {name!r}: empty brackets; give key=value options or drop the brackets")
+    return base, options
+
+
+GENERIC_VP_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear"}
+
+
+def check_name(name: str) -> str:
+    """Validate a solver name without a model: a plain name, ``consistency:PATH``, ``tuned:FAMILY`` or a
+    baseline with options (options checked against its diffusers scheduler on a generic VP config, so the
+    error comes before any model is loaded). Returns the name unchanged."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"solver name must be non-empty text, got {name!r}")
+    if name in solver_names() or (name.startswith(CONSISTENCY + ":") and len(name) > len(CONSISTENCY) + 1):
+        return name
+    if name.startswith(TUNED_PREFIX) and len(name) > len(TUNED_PREFIX):
+        return name
+    base, options = parse_solver_name(name)
+    if base in BASELINES and options:
+        baseline_solver(name, base, options, GENERIC_VP_CONFIG)
+        return name
+    if options:
+        raise ValueError(f"solver {name!r}: only diffusers baselines ({', '.join(BASELINES)}) take [options]")
+    raise ValueError(f"unknown solver {name!r}; known: {', '.join(solver_names())}, consistency:PATH, "
+                     "tuned:FAMILY or a baseline with options NAME[key=value,...]")
+
+
+def _accepted_options(scheduler_class: type) -> set[str]:
+    return {k for k in inspect.signature(scheduler_class.__init__).parameters if k not in ("self", "kwargs")}
 
 
 def get_solver(name: str, scheduler_config: Mapping[str, Any], policy: ConsistencyPolicy | None = None) -> Solver:
@@ -227,25 +343,180 @@ def get_solver(name: str, scheduler_config: Mapping[str, Any], policy: Consisten
         return LMMSolver(name=name, schedule=schedule_from_config(config), table_fn=RULES[name[len(RULE_PREFIX) :]])
     if name == IPNDM:
         return LMMSolver(name=name, schedule=schedule_from_config(config), table_fn=RULES[IPNDM])
-    if name in BASELINES:
-        schedule = schedule_from_config(config)
-        if isinstance(schedule, FlowSchedule):
-            if name not in FLOW_BASELINES:
-                raise ValueError(
-                    f"name {name!r} has no flow-matching version in diffusers; for a flow model use one of "
-                    f"{list(FLOW_BASELINES)}"
-                )
-            return _flow_baseline(name, schedule)
-        scheduler_class, specific, extra_nfe = _baselines()[name]
-        overrides = {
-            "timestep_spacing": "trailing",
-            "prediction_type": "epsilon",
-            "clip_sample": False,
-            "thresholding": False,
-            **specific,
-        }
-        accepted = set(inspect.signature(scheduler_class.__init__).parameters)
-        overrides = {k: v for k, v in overrides.items() if k in accepted}
-        config = {k: v for k, v in config.items() if not k.startswith("_") and k not in overrides}
-        return DiffusersSolver(name=name, scheduler_class=scheduler_class, scheduler_config=config, extra_nfe=extra_nfe, overrides=overrides)
-    raise ValueError(f"name must be one of {solver_names()} or 'consistency:PATH', got {name!r}")
+    if name.startswith(TUNED_PREFIX):
+        return tuned_solver(name, config)
+    base, options = parse_solver_name(name)
+    if base in BASELINES:
+        return baseline_solver(name, base, options, config)
+    if options:
+        raise ValueError(f"solver {name!r}: only diffusers baselines ({', '.join(BASELINES)}) take [options]")
+    raise ValueError(f"name must be one of {solver_names()}, 'consistency:PATH', 'tuned:FAMILY' or a baseline "
+                     f"with options NAME[key=value,...], got {name!r}")
+
+
+def baseline_solver(name: str, base: str, options: Mapping[str, Any], scheduler_config: Mapping[str, Any]) -> DiffusersSolver:
+    """diffusers' scheduler ``base`` on the model's config, with the registry's defaults overridden by
+    ``options`` (validated against the scheduler's ``__init__``, then built and stepped once, so diffusers
+    rejects a bad value here, before any model call)."""
+    config = dict(scheduler_config)
+    schedule = schedule_from_config(config)
+    if isinstance(schedule, FlowSchedule):
+        if base not in FLOW_BASELINES:
+            raise ValueError(
+                f"name {name!r} has no flow-matching version in diffusers; for a flow model use one of "
+                f"{list(FLOW_BASELINES)}"
+            )
+        if options:
+            raise ValueError(f"solver {name!r}: [options] are not taken on flow-matching models yet")
+        return _flow_baseline(name, schedule)
+    scheduler_class, specific, extra_nfe = _baselines()[base]
+    accepted = _accepted_options(scheduler_class)
+    for key in options:
+        if key in FIXED_OPTIONS:
+            raise ValueError(f"solver {name!r}: option {key!r} belongs to the model and cannot be changed")
+        if key not in accepted:
+            raise ValueError(f"solver {name!r}: {scheduler_class.__name__} has no option {key!r}; "
+                             f"its options: {', '.join(sorted(accepted - set(FIXED_OPTIONS)))}")
+    overrides = {
+        "timestep_spacing": "trailing",
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+        "thresholding": False,
+        **specific,
+        **options,
+    }
+    overrides = {k: v for k, v in overrides.items() if k in accepted}
+    config = {k: v for k, v in config.items() if not k.startswith("_") and k not in overrides}
+    solver = DiffusersSolver(name=name, scheduler_class=scheduler_class, scheduler_config=config, extra_nfe=extra_nfe,
+                             overrides=overrides)
+    if options:
+        try:
+            solver.make_scheduler().set_timesteps(4)
+        except Exception as exc:  # diffusers' own message, attributed to the name
+            raise ValueError(f"solver {name!r}: {scheduler_class.__name__} refused the options: {exc}") from None
+    return solver
+
+
+# Tuned baselines ---------------------------------------------------------------------------------
+
+
+def scheduler_identity(scheduler_config: Mapping[str, Any]) -> str:
+    """A digest of the model's scheduler config (betas, T, prediction type): what a tuned file was tuned on."""
+    import hashlib
+
+    clean = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_tuned(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The tuned-baselines JSON written by ``training.tune_baselines`` (``path`` or :data:`TUNED_FILE`)."""
+    path = TUNED_FILE if path is None else path
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"tuned baselines: no file {str(path)!r}; run `python -m training.tune_baselines`") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"tuned baselines: {str(path)!r} is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("best"), dict) or "model" not in doc or "steps" not in doc:
+        raise ValueError(f"tuned baselines: {str(path)!r} lacks 'model', 'steps' or 'best'")
+    return doc
+
+
+def tuned_names(model_id: str, tuned_file: str | os.PathLike | None = None) -> list[str]:
+    """``tuned:best`` and ``tuned:FAMILY`` for each family of the tuned file, if it was tuned for ``model_id``
+    (else none: the app's list simply lacks them)."""
+    try:
+        doc = read_tuned(tuned_file)
+    except ValueError:
+        return []
+    if doc["model"] != model_id:
+        return []
+    return [TUNED_PREFIX + f for f in doc["best"]]
+
+
+def check_tuned(doc: Mapping[str, Any], model_id: str | None, steps: Sequence[int] = (),
+                scheduler_config: Mapping[str, Any] | None = None, source: str = "tuned baselines") -> None:
+    """Refuse a tuned file made for another model (id or scheduler config) or that lacks a K of ``steps``."""
+    if model_id is not None and doc["model"] != model_id:
+        raise ValueError(f"{source}: tuned for model {doc['model']!r}, not {model_id!r}; "
+                         "run `python -m training.tune_baselines` for this model")
+    if scheduler_config is not None and doc.get("scheduler") not in (None, scheduler_identity(scheduler_config)):
+        raise ValueError(f"{source}: tuned for another scheduler config ({doc.get('scheduler')!r}, "
+                         f"this model's is {scheduler_identity(scheduler_config)!r})")
+    have = [int(k) for k in doc["steps"]]
+    missing = [k for k in steps if int(k) not in have]
+    if missing:
+        raise ValueError(f"{source}: tuned for K = {have}, not K = {missing}; tune those step counts first")
+
+
+def check_steps_covered(doc: Mapping[str, Any], source: str) -> list[int]:
+    """The K range a tuned file covers; a file whose ``best`` lacks one of its own ``steps``: ValueError."""
+    steps = [int(k) for k in doc["steps"]]
+    for family, per_k in doc["best"].items():
+        missing = [k for k in steps if str(k) not in per_k]
+        if missing:
+            raise ValueError(f"{source}: family {family!r} has no entry for K = {missing}")
+    return steps
+
+
+@dataclass
+class TunedSolver(Solver):
+    """The configuration tuned on the validation split for each step count K (a baseline name per K)."""
+
+    name: str
+    per_step: dict[int, Solver]
+
+    def _at(self, num_steps: int) -> Solver:
+        if num_steps not in self.per_step:
+            raise ValueError(f"solver {self.name!r} was tuned for K = {sorted(self.per_step)}, not K = {num_steps}")
+        return self.per_step[num_steps]
+
+    def config_name(self, num_steps: int) -> str:
+        """The baseline name (with its options) this solver runs at K = ``num_steps``."""
+        return self._at(num_steps).name
+
+    def iterate(self, eps_fn: EpsFn, noise: torch.Tensor, num_steps: int) -> Iterator[SamplerStep]:
+        return self._at(num_steps).iterate(eps_fn, noise, num_steps)
+
+    def nfe(self, num_steps: int) -> int:
+        return self._at(num_steps).nfe(num_steps)
+
+
+def tuned_solver(name: str, scheduler_config: Mapping[str, Any], tuned_file: str | os.PathLike | None = None,
+                 model_id: str | None = None) -> TunedSolver:
+    """``tuned:FAMILY`` or ``tuned:best`` from the tuned file (every per-K name validated here)."""
+    family = name[len(TUNED_PREFIX):]
+    doc = read_tuned(tuned_file)
+    check_tuned(doc, model_id, scheduler_config=scheduler_config)
+    if family not in doc["best"]:
+        raise ValueError(f"solver {name!r}: the tuned file has {sorted(doc['best'])}, not {family!r}")
+    per_step = {int(k): get_solver(entry["name"] if isinstance(entry, dict) else entry, scheduler_config)
+                for k, entry in doc["best"][family].items()}
+    return TunedSolver(name=name, per_step=per_step)
+
+
+def tuned_tables(doc: Mapping[str, Any], scheduler_config: Mapping[str, Any], steps: Sequence[int],
+                 order: int, nearest: bool = False) -> dict[int, tuple[str, TimeGrid, torch.Tensor]]:
+    """Per K of ``steps``: (name, grid, table) of the best tuned baseline (by validation PSNR, over the families'
+    tuned configurations) that is exactly an eq.-10 table of order ``order`` on its grid
+    (:func:`solver.coefficients.scheduler_table`); a K with none is left out. ``nearest``: a K the file does not
+    tune takes the configurations tuned at the nearest K it does (the larger on a tie), run at K."""
+    from solver.coefficients import scheduler_table
+
+    covered = sorted(int(k) for k in doc["steps"])
+    out: dict[int, tuple[str, TimeGrid, torch.Tensor]] = {}
+    for k in steps:
+        source = k if k in covered else (min(covered, key=lambda c: (abs(c - k), -c)) if nearest and covered else None)
+        if source is None:
+            continue
+        entries = [v[str(source)] for f, v in doc["best"].items() if f != TUNED_BEST and str(source) in v]
+        for entry in sorted(entries, key=lambda e: (-e.get("psnr", -math.inf), -e.get("ssim", -math.inf))):
+            solver = get_solver(entry["name"], scheduler_config)
+            try:
+                grid, table = scheduler_table(solver.make_scheduler(), k, order=order)
+            except ValueError:
+                continue
+            out[int(k)] = (entry["name"], grid, table)
+            break
+    return out

@@ -208,3 +208,58 @@ def test_continuous_alpha_sigma_interpolates_log_abar_and_refuses_t_outside_the_
     for bad in (-0.5, 999.5):
         with pytest.raises(ValueError, match=r"t must lie in \[0, 999\]"):
             schedule.alpha_sigma_continuous(torch.tensor(bad, dtype=torch.float64))
+
+
+# Learned start (the first timestep may lie below T) -------------------------------------------------
+
+
+def test_start_head_zero_init_is_the_default_grid_and_moves_t0_below_T(schedule, tmp_path):
+    policy = ConsistencyPolicy(time_grid=True, start=True, final="first")
+    for k in (1, 3, 4, 8):
+        grid, default = policy.time_grid(schedule, k), schedule.grid(k, final="first")
+        assert torch.equal(grid.timesteps, default.timesteps) and torch.equal(grid.n, default.n)
+    with torch.no_grad():
+        policy.start_net[-1].bias.fill_(2.5)  # t_0 = 999 - 250
+    grid = policy.time_grid(schedule, 4)
+    ts = grid.timesteps
+    assert int(ts[0]) == 749 and ts.dtype == torch.long and bool((ts[1:] < ts[:-1]).all()) and int(ts[-1]) >= 0
+    assert torch.allclose(grid.alpha[:-1] ** 2, schedule.alphas_cumprod[ts])
+    assert float(grid.n[-1]) == pytest.approx(float(schedule.grid(4, final="first").n[-1]))
+    relaxed = policy.relaxed_time_grid(schedule, 4)
+    assert torch.equal(torch.round(relaxed.timesteps).long(), ts)
+    relaxed.n[0].backward()  # d n_0 / d start head: the start is learned through the relaxed grid
+    assert float(policy.start_net[-1].bias.grad.abs()) > 0
+    sampled, _, _ = policy.sample_time_grid(schedule, 4, torch.Generator().manual_seed(0))
+    assert int(sampled.timesteps[0]) == 749  # rollouts keep the deterministic start
+    with torch.no_grad():
+        policy.start_net[-1].bias.fill_(-5.0)  # above T: held at T - 1
+    assert int(policy.time_grid(schedule, 4).timesteps[0]) == 999
+    policy.save(tmp_path)
+    loaded = ConsistencyPolicy.load(tmp_path)
+    assert loaded.learn_start and loaded.final == "first"
+    assert torch.equal(loaded.time_grid(schedule, 4).timesteps, policy.time_grid(schedule, 4).timesteps)
+    with pytest.raises(ValueError, match="time_grid"):
+        ConsistencyPolicy(start=True)
+    with pytest.raises(ValueError, match="final"):
+        ConsistencyPolicy(final="sigma_min")
+
+
+def test_sampling_from_a_start_below_T_is_diffusers_leading_spacing(schedule):
+    """With t_0 below T the initial noise is x at t_0, as diffusers' leading spacing takes it
+    (init_noise_sigma = 1): the policy at DDIM's table and the leading grid equals DDIMScheduler(leading)."""
+    from solver.policy import grid_actions_for, reweight_grid
+
+    sd = VPSchedule.from_config(DDIMScheduler(**SD).config)
+    policy = ConsistencyPolicy(base="ddim", time_grid=True, start=True)
+    default = policy.default_grid(sd, 4)
+    g, u = grid_actions_for(sd, default, torch.tensor([750, 500, 250, 0]), with_start=True)
+    grid = reweight_grid(sd, default, g, start=u)
+    assert grid.timesteps.tolist() == [750, 500, 250, 0]
+    ddim = DDIMScheduler(**SD, timestep_spacing="leading", clip_sample=False)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    from solver.sampling import iter_diffusers
+
+    theirs = list(iter_diffusers(toy_eps, noise, ddim, 4))[-1].x
+    grid_end = reweight_grid(sd, sd.grid(4, final="config"), g, start=u)  # DDIM ends at final_alpha_cumprod
+    ours = sample_lmm(toy_eps, noise, grid_end, RULES["ddim"](grid_end))
+    assert float((ours - theirs).abs().max()) < 1e-5

@@ -112,3 +112,72 @@ def test_bad_names_are_refused_with_the_valid_list():
         get_solver("consistency:/nonexistent/dir", SD_CONFIG)
     with pytest.raises(ValueError, match="no flow-matching version"):
         get_solver("deis", {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
+
+
+# Baselines with options: NAME[key=value,...] -----------------------------------------------------
+
+
+def test_bracket_options_override_the_registry_defaults_and_match_diffusers():
+    from diffusers import UniPCMultistepScheduler
+
+    name = "unipc[solver_type=bh2,solver_order=1,timestep_spacing=leading,final_sigmas_type=sigma_min]"
+    solver = get_solver(name, SD_CONFIG)
+    assert solver.name == name
+    eps_fn, seen = counting(toy_eps)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ours = solver.sample(eps_fn, noise, 4)
+    assert seen[0] < 999.0  # leading spacing, not the registry's forced trailing
+    config = {k: v for k, v in SD_CONFIG.items() if not k.startswith("_")}
+    config.update(prediction_type="epsilon", thresholding=False, solver_type="bh2", solver_order=1,
+                  timestep_spacing="leading", final_sigmas_type="sigma_min")
+    theirs_scheduler = UniPCMultistepScheduler.from_config(config)
+    theirs = None
+    for record in iter_diffusers(toy_eps, noise, theirs_scheduler, 4):
+        theirs = record.x
+    assert torch.equal(ours, theirs)
+
+
+def test_option_values_are_typed():
+    from solver.registry import parse_solver_name
+
+    base, options = parse_solver_name("dpmpp2m[solver_order=3,lower_order_final=false,final_sigmas_type=sigma_min,"
+                                      "sigma_min=0.5,variance_type=none]")
+    assert base == "dpmpp2m"
+    assert options == {"solver_order": 3, "lower_order_final": False, "final_sigmas_type": "sigma_min",
+                       "sigma_min": 0.5, "variance_type": None}
+    assert type(options["solver_order"]) is int and type(options["sigma_min"]) is float
+
+
+def test_commas_inside_brackets_do_not_split_the_solver_list():
+    from solver.registry import split_solver_list
+    from training.evaluate import parse_solvers
+
+    text = "ddim, unipc[solver_order=1,timestep_spacing=leading],deis[steps_offset=1]"
+    assert split_solver_list(text) == ["ddim", "unipc[solver_order=1,timestep_spacing=leading]", "deis[steps_offset=1]"]
+    assert parse_solvers(text) == split_solver_list(text)
+    with pytest.raises(ValueError, match="unclosed"):
+        split_solver_list("ddim,unipc[solver_order=1")
+
+
+@pytest.mark.parametrize("name, field", [
+    ("unipc[solver_typo=bh2]", "solver_typo"),
+    ("ddim[solver_order=2]", "solver_order"),
+    ("unipc[solver_type=bh3]", "bh3"),
+    ("unipc[prediction_type=v_prediction]", "prediction_type"),
+    ("unipc[solver_order]", "solver_order"),
+    ("unipc[solver_order=1", "malformed"),
+    ("unipc[solver_order=1]x", "malformed"),
+    ("unipc[]", "empty"),
+    ("rule:ddim[a=1]", "only diffusers baselines"),
+    ("unipc[solver_order=1,solver_order=2]", "twice"),
+])
+def test_bad_options_are_one_clear_error_naming_them(name, field):
+    from solver.registry import check_name
+    from training.evaluate import parse_solvers
+
+    with pytest.raises(ValueError, match=field.replace("[", r"\[")):
+        get_solver(name, SD_CONFIG)
+    with pytest.raises(ValueError, match=field.replace("[", r"\[")):
+        check_name(name)
+    with pytest.raises(ValueError, match="solvers"):
+        parse_solvers(f"ddim,{name}")

@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from solver.coefficients import RULES, adams_bashforth_table, ddim_table, dpm_solver_2m_table
 from solver.lmm import lmm_step
-from solver.sampling import iter_lmm
+from solver.sampling import iter_lmm, sample_lmm
 from solver.schedules import TimeGrid, VPSchedule
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
@@ -161,3 +161,74 @@ def test_lmm_step_is_eq_10_in_float32():
     assert torch.equal(lmm_step(y, 2.0, 1.5, eps[:1], [1.0, 0.0, 0.0]), y.float() - 0.5 * eps[0])
     with pytest.raises(ValueError, match="eps_history"):
         lmm_step(y, 2.0, 1.5, eps[:1], w)
+
+
+# Tuned diffusers baselines that are eq.-10 tables (solver.coefficients.scheduler_table) ----------------
+
+EMBEDDED_LIKE = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+                 "beta_schedule": "linear", "prediction_type": "v_prediction", "set_alpha_to_one": True}
+TABLE_NAMES = [
+    "ddim[timestep_spacing=leading]",
+    "dpmpp2m[solver_order=1,timestep_spacing=leading]",  # DPM-Solver++ 1M = DDIM
+    "dpmpp2m[timestep_spacing=leading,final_sigmas_type=sigma_min]",
+    "unipc[solver_type=bh2,solver_order=1,timestep_spacing=leading,final_sigmas_type=sigma_min]",  # UniPC-1, corrector folded
+    "unipc[solver_type=bh2,solver_order=1,timestep_spacing=leading,steps_offset=1,final_sigmas_type=sigma_min]",
+    "unipc",
+    "unipc[solver_type=bh1,final_sigmas_type=sigma_min]",
+    "deis[solver_order=3,timestep_spacing=leading,steps_offset=1]",
+    "dpmpp2m[use_karras_sigmas=true]",
+]
+
+
+def _nonlinear_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    abar = float(DDIMScheduler(**{k: v for k, v in EMBEDDED_LIKE.items() if not k.startswith("_")}
+                               ).alphas_cumprod[int(round(float(t)))])
+    return ((1 - abar) ** 0.5 / (0.25 * abar + (1 - abar))) * x * (1 + 0.1 * torch.tanh(x))
+
+
+@pytest.mark.parametrize("name", TABLE_NAMES)
+@pytest.mark.parametrize("num_steps", [3, 4])
+def test_tuned_rules_are_eq10_tables_equal_to_diffusers(name, num_steps):
+    """At K <= m the tuned baselines are exactly eq.-10 tables on their own grid (first timestep below T for
+    leading spacing; UniPC's corrector folded into the next row): the table run through iter_lmm equals
+    diffusers' own loop to < 1e-5 (relative to the largest value above 1) on a nonlinear denoiser."""
+    from solver.coefficients import scheduler_table
+    from solver.registry import get_solver
+
+    solver = get_solver(name, EMBEDDED_LIKE)
+    grid, table = scheduler_table(solver.make_scheduler(), num_steps, order=4)
+    assert table.shape == (num_steps, 4)
+    assert torch.allclose(table.sum(1), torch.ones(num_steps, dtype=torch.float64), atol=1e-6)  # eps const: exact
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    theirs = solver.sample(_nonlinear_eps, noise, num_steps)
+    ours = sample_lmm(_nonlinear_eps, noise, grid, table)
+    assert float((ours - theirs).abs().max()) < 1e-5 * max(1.0, float(theirs.abs().max()))  # float32 rounding
+
+
+def test_dpmpp_1m_and_unipc_1_tables_in_closed_form():
+    """DPM-Solver++ 1M is DDIM (w = 1 every step); UniPC-1 (bh2) is DDIM plus its corrector, which the next
+    step's row carries: row 0 is DDIM, rows 1..K-2 reach back (in y = x / alpha its data-prediction form
+    also reaches the epsilon before); the last row, ending at n = 0, is
+    DDIM again (its data prediction comes from the uncorrected state, and sigma_K = 0 drops the state)."""
+    from solver.coefficients import scheduler_table
+    from solver.registry import get_solver
+
+    _, dpm1 = scheduler_table(get_solver("dpmpp2m[solver_order=1,timestep_spacing=leading]",
+                                         EMBEDDED_LIKE).make_scheduler(), 4, order=4)
+    assert torch.allclose(dpm1, torch.nn.functional.pad(torch.ones(4, 1, dtype=torch.float64), (0, 3)), atol=1e-6)
+    _, uni = scheduler_table(get_solver("unipc[solver_type=bh2,solver_order=1,timestep_spacing=leading]",
+                                        EMBEDDED_LIKE).make_scheduler(), 4, order=4)
+    assert float(uni[0, 0]) == pytest.approx(1.0, abs=1e-6)
+    assert bool((uni[1:-1, 1].abs() > 1e-3).all())  # the corrector reaches back one epsilon
+    assert float(uni[-1, 0]) == pytest.approx(1.0, abs=1e-6) and float(uni[-1, 1]) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_scheduler_that_leaves_its_grid_is_not_a_table():
+    """DDIM with linspace spacing steps to t - T // K, not to the next timestep the model is evaluated at."""
+    from solver.coefficients import scheduler_table
+    from solver.registry import get_solver
+
+    with pytest.raises(ValueError, match="not an eq.-10 table"):
+        scheduler_table(get_solver("ddim[timestep_spacing=linspace]", EMBEDDED_LIKE).make_scheduler(), 4, order=4)
+    with pytest.raises(ValueError, match="epsilons"):  # DPM-Solver++ 2M reaches back further than m = 2 at K = 4
+        scheduler_table(get_solver("dpmpp2m", EMBEDDED_LIKE).make_scheduler(), 4, order=2)

@@ -248,3 +248,51 @@ def test_fit_weights_pull_the_regression_toward_the_heavier_step_count():
     for bad in ("9:1", "7", "7:x", "7:0", "7:1,7:2", "7:nan"):
         with pytest.raises(ValueError, match="fit_weights"):
             DistillConfig(dataset="x", min_steps=3, max_steps=8, fit_weights=bad).validate()
+
+
+def _tuned_file(path, model, names: dict[int, str], steps=(3, 4)):
+    import json
+
+    from solver.registry import scheduler_identity
+
+    best = {"unipc": {str(k): {"name": names[k], "psnr": 30.0, "ssim": 0.9} for k in steps},
+            "ddim": {str(k): {"name": "ddim", "psnr": 20.0, "ssim": 0.8} for k in steps}}
+    best["best"] = {str(k): {"family": "unipc", **best["unipc"][str(k)]} for k in steps}
+    path.write_text(json.dumps({"model": model.model_id, "scheduler": scheduler_identity(model.scheduler_config),
+                                "steps": list(steps), "best": best}))
+    return path
+
+
+def test_warm_start_is_the_best_tuned_rule_exactly_grid_start_and_table(tmp_path):
+    """The policy's free parameters at the warm start reproduce the tuned rule: its timesteps (a start below T),
+    and its coefficient table on that grid; sampling with them equals diffusers' scheduler."""
+    from solver.policy import ConsistencyPolicy, reweight_grid
+    from solver.registry import get_solver
+    from solver.sampling import sample_lmm
+    from training.distill import warm_start_tables
+
+    model = GaussianDenoiser()
+    name = "unipc[solver_type=bh2,solver_order=1,timestep_spacing=leading,final_sigmas_type=sigma_min]"
+    tuned = _tuned_file(tmp_path / "tuned.json", model, {3: name, 4: name})
+    policy = ConsistencyPolicy(order=8, base="ddim", time_grid=True, start=True, final="first")
+    warm = warm_start_tables(policy, model.schedule, model.scheduler_config, str(tuned), [3, 4, 5],
+                             model_id=model.model_id)
+    # UniPC reaches back through its data predictions: at K = 5 it is no order-4 table, the next family is used
+    small = warm_start_tables(ConsistencyPolicy(order=4, base="ddim", time_grid=True, start=True, final="first"),
+                              model.schedule, model.scheduler_config, str(tuned), [4, 5], model_id=model.model_id)
+    assert small[4]["name"] == name and small[5]["name"] == "ddim"
+    assert sorted(warm) == [3, 4, 5] and warm[4]["name"] == name == warm[5]["name"]  # K = 5 from the nearest, K = 4
+    baseline = get_solver(name, model.scheduler_config)
+    noise = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    eps = lambda x, t: model.guided_eps(x, t, model.encode_prompts(["a", "b"]), 2.0)  # noqa: E731
+    for k in (3, 4):
+        grid = reweight_grid(model.schedule, policy.default_grid(model.schedule, k), warm[k]["g"], start=warm[k]["u"])
+        theirs_scheduler = baseline.make_scheduler()
+        theirs_scheduler.set_timesteps(k)
+        assert grid.timesteps.tolist() == theirs_scheduler.timesteps.tolist() and int(grid.timesteps[0]) < 999
+        ours = sample_lmm(eps, noise, grid, policy.compose(grid, warm[k]["residual"]))
+        theirs = baseline.sample(eps, noise, k)
+        assert float((ours - theirs).abs().max()) < 1e-4 * max(1.0, float(theirs.abs().max()))
+    # another model's tuned file: one clear error
+    with pytest.raises(ValueError, match="tuned for model"):
+        warm_start_tables(policy, model.schedule, model.scheduler_config, str(tuned), [3], model_id="another-model")

@@ -147,3 +147,50 @@ def test_bad_input_before_any_model_call(tmp_path):
         with pytest.raises(ValueError, match=message):
             main(base + extra, model=model)
     assert model.calls == 0 and not (tmp_path / "o.json").exists()
+
+
+def _write_tuned(path, model_id: str, steps=(3, 4)):
+    from solver.registry import scheduler_identity
+    from tests.training_fakes import SCHEDULER_CONFIG
+
+    names = {"unipc": "unipc[solver_order=1,timestep_spacing=leading,final_sigmas_type=sigma_min]",
+             "ddim": "ddim[timestep_spacing=leading]"}
+    best = {f: {str(k): {"name": n, "psnr": 30.0 - i, "ssim": 0.9} for k in steps} for i, (f, n) in enumerate(names.items())}
+    best["best"] = {str(k): {"family": "unipc", **best["unipc"][str(k)]} for k in steps}
+    path.write_text(json.dumps({"model": model_id, "scheduler": scheduler_identity(SCHEDULER_CONFIG),
+                                "steps": list(steps), "best": best}))
+    return path
+
+
+def test_comparison_row_is_the_best_tuned_baseline_with_paired_intervals(tmp_path, capsys):
+    write_prompts(tmp_path / "p.txt", 3)
+    ConsistencyPolicy().save(tmp_path / "zero")
+    tuned = _write_tuned(tmp_path / "tuned.json", "fake-gaussian")
+    rc = main(["--prompts", str(tmp_path / "p.txt"), "--seeds", "0-2", "--steps", "3,4", "--reference-steps", "12",
+               "--solvers", f"consistency:{tmp_path / 'zero'},tuned,ddim,unipc[solver_order=1,timestep_spacing=leading]",
+               "--tuned-file", str(tuned), "--store", "", "--json", str(tmp_path / "out.json")], model=GaussianDenoiser())
+    assert rc == 0
+    doc = json.loads((tmp_path / "out.json").read_text())
+    rows = {(r["solver"], r["steps"]): r for r in doc["results"]}
+    assert {"tuned:best", "tuned:unipc", "tuned:ddim", "unipc[solver_order=1,timestep_spacing=leading]"} <= {s for s, _ in rows}
+    assert rows[("tuned:best", 4)]["config"] == "unipc[solver_order=1,timestep_spacing=leading,final_sigmas_type=sigma_min]"
+    ours = rows[(f"consistency:{tmp_path / 'zero'}", 4)]
+    p = ours["paired"]["tuned:best"]["psnr"]
+    assert p["n"] == 9 and p["ci95"][0] <= p["mean_diff"] <= p["ci95"][1]
+    assert p["mean_diff"] == pytest.approx(ours["psnr"] - rows[("tuned:best", 4)]["psnr"], abs=1e-4)
+    assert doc["summary"]["vs_best_tuned"]["4"]["psnr"]["mean_diff"] == p["mean_diff"]
+    assert "vs best tuned (unipc[" in capsys.readouterr().out
+
+
+def test_a_tuned_file_for_another_model_or_k_range_is_refused_before_any_model_call(tmp_path):
+    write_prompts(tmp_path / "p.txt", 2)
+    model = GaussianDenoiser()
+    base = ["--prompts", str(tmp_path / "p.txt"), "--seeds", "0", "--json", str(tmp_path / "o.json"), "--store", "",
+            "--solvers", "ddim,tuned"]
+    with pytest.raises(ValueError, match="tuned for model 'another'"):
+        main(base + ["--steps", "3", "--tuned-file", str(_write_tuned(tmp_path / "a.json", "another"))], model=model)
+    with pytest.raises(ValueError, match="not K = \\[5\\]"):
+        main(base + ["--steps", "3,5", "--tuned-file", str(_write_tuned(tmp_path / "b.json", "fake-gaussian"))], model=model)
+    with pytest.raises(ValueError, match="no file"):
+        main(base + ["--steps", "3", "--tuned-file", str(tmp_path / "missing.json")], model=model)
+    assert model.calls == 0 and not (tmp_path / "o.json").exists()

@@ -77,7 +77,7 @@ def test_recipe_runs_end_to_end_and_installs_the_policy(tmp_path, capsys):
     assert set(out["checkpoint_scores"]) == {"distill/final", "checkpoint-00002", "final"}  # 2 updates, 20 min budget
     distilled = json.loads((tmp_path / "run" / "distill" / "final" / "train_config.json").read_text())
     metrics = json.loads((tmp_path / "run" / "distill" / "final" / "metrics.json").read_text())
-    assert len(metrics["updates"]) == 3 and set(metrics["fit"]) == {"coef_max_error", "grid_max_error", "tables"}
+    assert len(metrics["updates"]) == 3 and set(metrics["fit"]) == {"coef_max_error", "grid_max_error", "start_max_error_steps", "tables"}
     assert [r["steps"] for r in metrics["updates"]] == [3, 4, 4]  # K = 4 visited twice per round
     assert load_dataset(tmp_path / "run" / "dataset").seeds == [1000, 1001, 1002]  # one noise per row, unseen seeds
     assert distilled["values"]["base"] == out["base"] and distilled["values"]["time_grid"] is True
@@ -139,3 +139,25 @@ def test_recipe_pulls_k5_toward_the_base_rule_by_default_and_an_empty_flag_turns
         config = json.loads((tmp_path / name / "distill" / "final" / "train_config.json").read_text())
         decays[name] = config["values"]["residual_decay"]
     assert decays == {"default": "5:3", "off": ""}
+
+
+def test_recipe_warm_starts_from_the_tuned_rule_and_refuses_another_models_file(tmp_path, capsys):
+    from tests.test_training_distill import _tuned_file
+
+    model = GaussianDenoiser()
+    name = "unipc[solver_type=bh2,solver_order=1,timestep_spacing=leading,final_sigmas_type=sigma_min]"
+    other = _tuned_file(tmp_path / "other.json", GaussianDenoiser(model_id="another"), {3: name, 4: name})
+    with pytest.raises(ValueError, match="tuned for model 'another'"):
+        main(["--out", str(tmp_path / "bad"), "--num-prompts", "3", "--warm-start", str(other), "--install", ""],
+             model=model)
+    assert model.calls == 0
+    tuned = _tuned_file(tmp_path / "tuned.json", model, {3: name, 4: name})
+    rc = main(["--out", str(tmp_path / "run"), "--num-prompts", "3", "--num-updates", "1", "--base", "ddim", "--order", "8",
+               "--group-size", "2", "--groups-per-update", "1", "--min-steps", "3", "--max-steps", "4",
+               "--install", "", "--threads", "1", "--reward", "psnr", "--warm-start", str(tuned),
+               "--distill-updates", "2", "--distill-batch-size", "2", "--distill-repeat-steps", ""], model=model)
+    assert rc == 0
+    values = json.loads((tmp_path / "run" / "distill" / "final" / "train_config.json").read_text())["values"]
+    assert values["warm_start"] == str(tuned) and values["learn_start"] and values["final"] == "first"
+    tables = json.loads((tmp_path / "run" / "distill" / "final" / "metrics.json").read_text())["fit"]["tables"]
+    assert tables["4"]["warm_start"] == name and tables["4"]["timesteps"][0] < 999  # starts below T, as leading does

@@ -77,6 +77,13 @@ class DistillConfig:
     hidden: int = doc("policy MLP width", 64)
     time_grid: bool = doc("also learn the time grid: the loss is differentiated through real-valued timesteps "
                           "(the sampling grid is that grid rounded)", False)
+    learn_start: bool = doc("also learn where sampling starts (the policy's start head, with time_grid): the first "
+                            "timestep may lie below T, the initial noise then taken as x at that time", False)
+    final: str = doc("end point of the policy's grid: 'config', 'first' (alphas_cumprod[0], final_sigmas_type="
+                     "sigma_min) or 'zero'", "config")
+    warm_start: str = doc("tuned-baselines JSON (training.tune_baselines): method 'tables' starts each K it tunes "
+                          "from the best tuned rule there that is an eq.-10 table (its coefficients, grid and start); "
+                          "'' = from the base rule", "")
     method: str = doc("'tables': fit free coefficients and grid weights per step count K (round robin over K), "
                       "then regress the policy's heads onto them; 'policy': descend on the policy's parameters "
                       "directly, one random K per update", "tables")
@@ -129,6 +136,12 @@ class DistillConfig:
         self.repeat_step_counts()
         self.fit_weight_map()
         self.residual_decay_map()
+        if self.learn_start and not self.time_grid:
+            raise ValueError("learn_start needs time_grid (the start is part of the learned time grid)")
+        if self.final not in ("config", "first", "zero"):
+            raise ValueError(f"final must be 'config', 'first' or 'zero', got {self.final!r}")
+        if self.warm_start and self.method != "tables":
+            raise ValueError("warm_start needs method 'tables'")
         if self.method not in ("tables", "policy"):
             raise ValueError(f"method must be 'tables' or 'policy', got {self.method!r}")
         if not self.dataset:
@@ -279,13 +292,26 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
     palette = model_palette(model) if cfg.label_weight else None
     decay = cfg.residual_decay_map()
     torch.manual_seed(cfg.seed)
-    policy = ConsistencyPolicy(order=cfg.order, base=cfg.base, hidden=cfg.hidden, time_grid=cfg.time_grid)
+    policy = ConsistencyPolicy(order=cfg.order, base=cfg.base, hidden=cfg.hidden, time_grid=cfg.time_grid,
+                               start=cfg.learn_start, final=cfg.final)
     guidance, schedule, log = float(dataset.index.guidance), model.schedule, []
     steps, rounds = list(range(cfg.min_steps, cfg.max_steps + 1)), cfg.round_robin()
+    warm: dict[int, dict[str, Any]] = {}
+    if cfg.warm_start:
+        warm = warm_start_tables(policy, schedule, model.scheduler_config, cfg.warm_start, steps,
+                                 model_id=getattr(model, "model_id", None))
+    anchors: dict[int, torch.Tensor] = {}
     if cfg.method == "tables":
-        free = {k: (torch.zeros(k, cfg.order - 1, dtype=torch.float64, requires_grad=True),
-                    torch.zeros(k, dtype=torch.float64, requires_grad=True) if cfg.time_grid else None) for k in steps}
-        params = {k: [p for p in pair if p is not None] for k, pair in free.items()}
+        free = {}
+        for k in steps:
+            init = warm.get(k)
+            a = torch.zeros(k, cfg.order - 1, dtype=torch.float64) if init is None else init["residual"].clone()
+            g = None if not cfg.time_grid else torch.zeros(k, dtype=torch.float64) if init is None else init["g"].clone()
+            u = None if not cfg.learn_start else torch.zeros((), dtype=torch.float64) if init is None or init["u"] is None \
+                else init["u"].clone()
+            anchors[k] = a.clone()
+            free[k] = tuple(None if v is None else v.requires_grad_(True) for v in (a, g, u))
+        params = {k: [p for p in trio if p is not None] for k, trio in free.items()}
         # raw coefficients and log-weights are O(1): a larger step than the MLP's
         optimizers = {k: torch.optim.Adam(ps, lr=cfg.learning_rate * TABLE_LR_SCALE) for k, ps in params.items()}
     else:
@@ -296,8 +322,9 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
         if cfg.method == "policy":
             grid = policy.relaxed_time_grid(schedule, k)
             return grid, policy.mean_table(grid)
-        a, g = free[k]
-        grid = schedule.grid(k) if g is None else reweight_grid(schedule, schedule.grid(k), g, relaxed=True)
+        a, g, u = free[k]
+        default = policy.default_grid(schedule, k)
+        grid = default if g is None else reweight_grid(schedule, default, g, relaxed=True, start=u)
         return grid, policy.compose(grid, a)
 
     cache: dict[str, Any] = {}
@@ -314,8 +341,8 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
                          table.to(torch.float32).unsqueeze(0).expand(len(rows), -1, -1))
         loss, mse, entry = distill_loss(cfg, x, dataset.target[rows].to(x.device), palette)
         if k in decay:
-            a = free[k][0] if cfg.method == "tables" else policy.residual_mean(grid)
-            loss = loss + decay[k] * a.pow(2).sum()
+            a = free[k][0] - anchors[k] if cfg.method == "tables" else policy.residual_mean(grid)
+            loss = loss + decay[k] * a.pow(2).sum()  # pulled toward the rule it started from
         key = k if cfg.method == "tables" else None
         optimizers[key].zero_grad(set_to_none=True)
         loss.backward()
@@ -325,7 +352,7 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
                     "grad_norm": float(grad_norm), **entry})
         if cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes:
             break
-    error = regress_onto_tables(policy, schedule, free, cfg) if cfg.method == "tables" else None
+    error = regress_onto_tables(policy, schedule, free, cfg, warm) if cfg.method == "tables" else None
     return policy, log, error
 
 
@@ -371,13 +398,26 @@ def distill_loss(cfg: DistillConfig, x: torch.Tensor, target: torch.Tensor,
 
 
 def regress_onto_tables(policy: ConsistencyPolicy, schedule: Any,
-                        free: dict[int, tuple[torch.Tensor, torch.Tensor | None]], cfg: DistillConfig) -> dict[str, Any]:
-    """Method 'tables', last step: regress the policy's heads onto the fitted (a_K, g_K) (:func:`fit_policy`);
-    returns the regression's largest errors and, under ``tables``, the fitted tables themselves."""
-    fitted = {k: (a.detach(), None if g is None else g.detach()) for k, (a, g) in free.items()}
+                        free: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]], cfg: DistillConfig,
+                        warm: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Method 'tables', last step: regress the policy's heads onto the fitted (a_K, g_K, u_K) (:func:`fit_policy`);
+    returns the regression's largest errors and, under ``tables``, the fitted tables themselves (with the
+    learned start shift, the warm start's name and the resulting timesteps)."""
+    from solver.policy import reweight_grid
+
+    fitted = {k: (a.detach(), None if g is None else g.detach()) for k, (a, g, _) in free.items()}
+    starts = {k: u.detach() for k, (_, _, u) in free.items() if u is not None}
     error = fit_policy(policy, schedule, fitted, iterations=cfg.fit_iterations, lr=cfg.fit_learning_rate,
-                       seed=cfg.seed, weights=cfg.fit_weight_map())
-    error["tables"] = {str(k): {"residual": a.tolist(), "grid_log_weights": None if g is None else g.tolist()}
+                       seed=cfg.seed, weights=cfg.fit_weight_map(), starts=starts)
+
+    def timesteps(k: int, g: torch.Tensor | None) -> list[float]:
+        default = policy.default_grid(schedule, k)
+        return (default if g is None else reweight_grid(schedule, default, g, start=starts.get(k))).timesteps.tolist()
+
+    error["tables"] = {str(k): {"residual": a.tolist(), "grid_log_weights": None if g is None else g.tolist(),
+                                "start_shift": float(starts[k]) if k in starts else None,
+                                "warm_start": warm[k]["name"] if k in warm else None,
+                                "timesteps": timesteps(k, g)}
                        for k, (a, g) in fitted.items()}
     logger.info("policy regressed onto the fitted tables: max errors coefficients %.4f, grid %.4f",
                 error["coef_max_error"], error["grid_max_error"])
@@ -386,7 +426,8 @@ def regress_onto_tables(policy: ConsistencyPolicy, schedule: Any,
 
 def fit_policy(policy: ConsistencyPolicy, schedule: Any, fitted: dict[int, tuple[torch.Tensor, torch.Tensor | None]],
                iterations: int = 3000, lr: float = 3e-3, seed: int = 0,
-               weights: dict[int, float] | None = None) -> dict[str, float]:
+               weights: dict[int, float] | None = None,
+               starts: dict[int, torch.Tensor] | None = None) -> dict[str, float]:
     """Regress the policy's heads onto per-K fitted tables: the grid head onto g_K on the default grid's
     increments, the coefficient head onto a_K on the features of the grid the policy will sample on
     (g_K rounded); g is compared up to a constant per K, which leaves the grid unchanged. ``weights``
@@ -397,14 +438,15 @@ def fit_policy(policy: ConsistencyPolicy, schedule: Any, fitted: dict[int, tuple
     The grid head reads only the end points of each increment, and those overlap across K, so it cannot
     hold every K's table (max error about 0.2): the regression blends neighbouring K. The measurements
     behind the defaults (iterations, learning rate, weights) are in ``training/results/experiments.md``."""
-    from solver.policy import free_mask, reweight_grid, step_features
+    from solver.policy import START_SCALE, free_mask, reweight_grid, step_features
 
     torch.manual_seed(seed)
     weights = weights or {}
     inputs, targets, masks, row_weights, grid_inputs, grid_targets, grid_weights = [], [], [], [], [], [], []
+    starts = starts or {}
     for k, (a, g) in sorted(fitted.items()):
-        default = schedule.grid(k)
-        grid = default if g is None else reweight_grid(schedule, default, g)
+        default = policy.default_grid(schedule, k)
+        grid = default if g is None else reweight_grid(schedule, default, g, start=starts.get(k))
         inputs.append(step_features(grid, policy.order, policy.features))
         masks.append(free_mask(k, policy.order).to(torch.float32))
         targets.append(a.to(torch.float32) * masks[-1])
@@ -421,6 +463,9 @@ def fit_policy(policy: ConsistencyPolicy, schedule: Any, fitted: dict[int, tuple
         loss = (w * (policy.net(x) * mask - y) ** 2).sum() / coef_total
         for default, g, gw in zip(grid_inputs, grid_targets, grid_weights):
             loss = loss + gw * _centred(policy.grid_mean(default) - g).pow(2).mean() / grid_total
+        if policy.start_net is not None:
+            for k, u in starts.items():
+                loss = loss + (policy.start_mean(k) - u.to(torch.float32)).pow(2) / len(starts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -429,13 +474,45 @@ def fit_policy(policy: ConsistencyPolicy, schedule: Any, fitted: dict[int, tuple
         coef_error = float(((policy.net(x) * mask - y).abs()).max()) if mask.any() else 0.0
         grid_error = max((float(_centred(policy.grid_mean(d) - g).abs().max()) for d, g in zip(grid_inputs, grid_targets)),
                          default=0.0)
-    return {"coef_max_error": round(coef_error, 6), "grid_max_error": round(grid_error, 6)}
+        start_error = max((abs(float(policy.start_mean(k)) - float(u)) * START_SCALE for k, u in starts.items()),
+                          default=0.0) if policy.start_net is not None else 0.0
+    return {"coef_max_error": round(coef_error, 6), "grid_max_error": round(grid_error, 6),
+            "start_max_error_steps": round(start_error, 3)}
 
 
 def mean_heads(policy: ConsistencyPolicy) -> list[torch.nn.Parameter]:
     """The parameters of the policy's deterministic outputs (coefficient head, grid head if any); not the
     Gaussian's log-stds, which distillation leaves alone."""
-    return list(policy.net.parameters()) + (list(policy.grid_net.parameters()) if policy.grid_net is not None else [])
+    return (list(policy.net.parameters()) + (list(policy.grid_net.parameters()) if policy.grid_net is not None else [])
+            + (list(policy.start_net.parameters()) if policy.start_net is not None else []))
+
+
+def warm_start_tables(policy: ConsistencyPolicy, schedule: Any, scheduler_config: Any, tuned_file: str,
+                      steps: Sequence[int], model_id: str | None = None) -> dict[int, dict[str, Any]]:
+    """Per K of ``steps``: the free parameters that make ``policy`` (on its default grid) the best tuned rule
+    that is an eq.-10 table (``solver.registry.tuned_tables``; a K the file does not tune takes the
+    configurations tuned at the nearest K, run at K): {K: {"name",
+    "residual" a (K, m - 1), "g" (K,), "u" (scalar or None)}}. The grid is matched timestep for timestep
+    (a start below T needs the policy's start head; without it such a rule is skipped); the coefficients are
+    the rule's own table as residuals on the policy's base rule on that grid. The end point is the policy's."""
+    from solver.policy import free_mask, grid_actions_for, reweight_grid
+    from solver.registry import check_tuned, read_tuned, tuned_tables
+
+    doc = read_tuned(tuned_file)
+    check_tuned(doc, model_id, (), scheduler_config, source=f"warm_start {tuned_file!r}")
+    out: dict[int, dict[str, Any]] = {}
+    for k, (name, grid, table) in tuned_tables(doc, scheduler_config, steps, policy.order, nearest=True).items():
+        default = policy.default_grid(schedule, k)
+        try:
+            g, u = grid_actions_for(schedule, default, grid.timesteps, with_start=policy.learn_start)
+        except ValueError as exc:
+            logger.info("warm start K=%d: %s skipped (%s)", k, name, exc)
+            continue
+        start = reweight_grid(schedule, default, g, start=u)
+        residual = (table - policy.base_table(start))[:, : policy.order - 1] * free_mask(k, policy.order)
+        out[k] = {"name": name, "residual": residual, "g": g, "u": u}
+        logger.info("warm start K=%d from %s: timesteps %s", k, name, start.timesteps.tolist())
+    return out
 
 
 def _centred(v: torch.Tensor) -> torch.Tensor:

@@ -58,30 +58,46 @@ class NamedSolver:
     is_consistency: bool
 
 
-def parse_solvers(text: str) -> list[str]:
-    """Comma list of solver-registry names (``consistency[:PATH]``, ``rule:*``, baselines)."""
-    from solver.registry import solver_names
+def parse_solvers(text: str, tuned_file: str | None = None) -> list[str]:
+    """Comma list of solver-registry names (``consistency[:PATH]``, ``rule:*``, baselines, baselines with
+    options ``NAME[key=value,...]`` whose commas do not split, ``tuned:FAMILY``); ``tuned`` expands to
+    ``tuned:best`` (the best tuned baseline at each K, the comparison row) and ``tuned:FAMILY`` for every
+    family of the tuned file. Every name is checked here, before any model is loaded."""
+    from solver.registry import TUNED_PREFIX, check_name, read_tuned, split_solver_list
 
-    names = [s.strip() for s in str(text).split(",") if s.strip()]
+    names = split_solver_list(text)
     if not names:
         raise ValueError("solvers: empty list")
-    known = set(solver_names())
+    expanded: list[str] = []
     for name in names:
-        if name not in known and not name.startswith("consistency:"):
-            raise ValueError(f"solvers: unknown solver {name!r}; known: {', '.join(sorted(known))} or consistency:PATH")
-    if len(set(names)) != len(names):
+        if name == "tuned":
+            expanded += [TUNED_PREFIX + f for f in read_tuned(tuned_file)["best"]]
+        else:
+            try:
+                expanded.append(check_name(name))
+            except ValueError as exc:
+                raise ValueError(f"solvers: {exc}") from None
+    if len(set(expanded)) != len(expanded):
         raise ValueError(f"solvers: repeated names in {text!r}")
-    return names
+    return expanded
 
 
-def resolve_solvers(names: Sequence[str], model: Any, store: Any = None) -> list[NamedSolver]:
-    """Solver objects for ``names``; checkpoints are loaded (and checked) here, before any sampling."""
+def resolve_solvers(names: Sequence[str], model: Any, store: Any = None, tuned_file: str | None = None,
+                    steps: Sequence[int] = (), fixed_grid: bool = True) -> list[NamedSolver]:
+    """Solver objects for ``names``; checkpoints are loaded (and checked) here, before any sampling, and so
+    is the tuned file of ``tuned:*`` names (its model and K range against ``model`` and ``steps``)."""
     from solver.registry import LMMSolver, get_solver
     from solver.schedules import schedule_from_config
 
     out = []
     for name in names:
         policy = None
+        if name.startswith("tuned:"):
+            from solver.registry import check_tuned, read_tuned, tuned_solver
+
+            check_tuned(read_tuned(tuned_file), model.model_id, steps, model.scheduler_config)
+            out.append(NamedSolver(name, tuned_solver(name, model.scheduler_config, tuned_file, model.model_id), False))
+            continue
         if name == "consistency":
             from preview.solvers import resolve_policy
 
@@ -97,7 +113,7 @@ def resolve_solvers(names: Sequence[str], model: Any, store: Any = None) -> list
             continue
         policy.eval()
         out.append(NamedSolver(name, get_solver("consistency", model.scheduler_config, policy=policy), True))
-        if policy.learn_time_grid:
+        if policy.learn_time_grid and fixed_grid:
             fixed = LMMSolver(name=f"{name}@fixed-grid", schedule=schedule_from_config(model.scheduler_config),
                               table_fn=policy.coefficient_table)
             out.append(NamedSolver(fixed.name, fixed, True))
@@ -167,14 +183,17 @@ def _batched(items: list, size: int) -> list[list]:
 
 
 def similarity_measures(reference: torch.Tensor, previews: torch.Tensor, model_measures: dict[str, Any],
-                        ref_features: dict[str, Any]) -> dict[str, float]:
+                        ref_features: dict[str, Any], per_pair: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """One row's similarity to the references: each pixel measure's mean and standard error of the mean,
-    and each model-based measure's mean (``ref_features`` holds the references' features per measure)."""
+    and each model-based measure's mean (``ref_features`` holds the references' features per measure).
+    ``per_pair`` (if given) receives each pixel measure's per-pair values, for the paired comparison."""
     from training.rewards import PIXEL_MEASURES as FUNCTIONS
 
     out: dict[str, float] = {}
     for name in PIXEL_MEASURES:
         values = FUNCTIONS[name][0](reference, previews)
+        if per_pair is not None:
+            per_pair[name] = values.double().cpu()
         out[name] = float(values.mean())
         out[f"{name}_sem"] = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
     for name, sim in model_measures.items():
@@ -240,7 +259,7 @@ def evaluate(
     ref_features = {name: sim.features(reference) for name, sim in model_measures.items()}
     all_prompts = [p for p, _ in pairs]
     ref_verdicts, ref_readings = _verdicts(judge(reference, all_prompts)) if judge is not None else (None, None)
-    results, agree = [], {}
+    results, agree, per_pair = [], {}, {}
     for named in solvers:
         for k in steps:
             def sample(cond: Any, noise: torch.Tensor, n: int, solver: Any = named.solver, k: int = k) -> torch.Tensor:
@@ -250,7 +269,11 @@ def evaluate(
             previews = run(sample, named.solver.nfe(k))
             row: dict[str, Any] = {"solver": named.name, "steps": k, "nfe": named.solver.nfe(k),
                                    "seconds": round(time.perf_counter() - start, 3)}
-            row.update(similarity_measures(reference, previews, model_measures, ref_features))
+            if hasattr(named.solver, "config_name"):  # a tuned baseline: the configuration it ran at this K
+                row["config"] = named.solver.config_name(k)
+            values: dict[str, torch.Tensor] = {}
+            row.update(similarity_measures(reference, previews, model_measures, ref_features, values))
+            per_pair.update({(named.name, k, m): v for m, v in values.items()})
             if judge is not None:
                 verdicts, readings = _verdicts(judge(previews, all_prompts))
                 row["adherence"] = 100.0 * float(verdicts.float().mean())
@@ -260,6 +283,7 @@ def evaluate(
             results.append(row)
     bar.close()
     add_paired_verdicts(results, agree, solvers)
+    add_paired_differences(results, per_pair, {s.name: s.is_consistency for s in solvers})
     doc: dict[str, Any] = {
         "model": model.model_id,
         "reference": {"solver": FULL_STEP_SOLVER, "steps": reference_steps},
@@ -273,6 +297,57 @@ def evaluate(
         doc["reference"]["adherence"] = 100.0 * float(ref_verdicts.float().mean())
     doc["summary"] = summarize(doc)
     return doc
+
+
+TUNED_BEST_NAME = "tuned:best"  # the comparison row: the best tuned baseline at this K (tuned on validation)
+PAIRED_MEASURES = ("psnr", "ssim")
+
+
+def paired_difference(ours: torch.Tensor, theirs: torch.Tensor, level: float = 0.95) -> dict[str, float]:
+    """Mean per-pair difference ours - theirs on the same (prompt, seed) pairs, with its paired-t ``level``
+    confidence interval (``ci95``: [low, high]) and the count of pairs each side wins."""
+    from scipy import stats
+
+    d = (ours - theirs).double()
+    n = int(d.numel())
+    mean = float(d.mean())
+    if n > 1:
+        half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(d.std(unbiased=True)) / math.sqrt(n)
+    else:
+        half = math.inf
+    return {"mean_diff": round(mean, 5), "ci95": [round(mean - half, 5), round(mean + half, 5)], "n": n,
+            "ours_better": int((d > 0).sum()), "theirs_better": int((d < 0).sum())}
+
+
+def add_paired_differences(results: list[dict[str, Any]], per_pair: dict[tuple[str, int, str], torch.Tensor],
+                           is_consistency: dict[str, bool]) -> None:
+    """Each ConsistencySolver row (not ``@fixed-grid``) gets ``paired``: against every baseline at the same K,
+    per measure, the mean per-pair difference and its 95% interval (:func:`paired_difference`)."""
+    for row in results:
+        name, k = row["solver"], row["steps"]
+        if not is_consistency.get(name) or "@" in name:
+            continue
+        row["paired"] = {b: {m: paired_difference(per_pair[(name, k, m)], per_pair[(b, k, m)])
+                             for m in PAIRED_MEASURES if (b, k, m) in per_pair and (name, k, m) in per_pair}
+                         for b, theirs in is_consistency.items() if not theirs and (b, k, "psnr") in per_pair}
+
+
+def comparison_lines(doc: dict[str, Any]) -> list[str]:
+    """The report's comparison row per K: ours against the best tuned baseline (``tuned:best``: tuned on the
+    validation split, scored here), the paired differences with their 95% intervals, beside the defaults."""
+    lines = []
+    by = {(r["solver"], r["steps"]): r for r in doc["results"]}
+    for r in doc["results"]:
+        if TUNED_BEST_NAME not in r.get("paired", {}):
+            continue
+        k, tuned = r["steps"], by[(TUNED_BEST_NAME, r["steps"])]
+        p = r["paired"][TUNED_BEST_NAME]
+        parts = [f"{m.upper()} {r[m]:.3f} vs {tuned[m]:.3f}, diff {p[m]['mean_diff']:+.3f} "
+                 f"[{p[m]['ci95'][0]:+.3f}, {p[m]['ci95'][1]:+.3f}]" for m in PAIRED_MEASURES if m in p]
+        if "verdict_agreement" in r:
+            parts.append(f"verdict {r['verdict_agreement']:.1f}% vs {tuned['verdict_agreement']:.1f}%")
+        lines.append(f"K={k} {r['solver']} vs best tuned ({tuned.get('config', '?')}): " + "; ".join(parts))
+    return lines
 
 
 def summarize(doc: dict[str, Any]) -> dict[str, Any]:
@@ -312,6 +387,14 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
                                 "margin": ours[m] - max(by[(b, k)][m] for b in baselines if (b, k) in by)}
                             for m in ("psnr", "ssim", "gms", "verdict_agreement", "adherence") if m in ours}
         summary["vs_best_baseline"] = wins
+    if consistency and any(r["solver"] == TUNED_BEST_NAME for r in rows):
+        summary["vs_best_tuned"] = {
+            str(r["steps"]): {"config": by[(TUNED_BEST_NAME, r["steps"])].get("config"),
+                              **{m: {"ours": r[m], "tuned": by[(TUNED_BEST_NAME, r["steps"])][m],
+                                     **r["paired"][TUNED_BEST_NAME].get(m, {})}
+                                 for m in ("psnr", "ssim", "verdict_agreement") if m in r}}
+            for r in rows if r["solver"] == consistency[0] and (TUNED_BEST_NAME, r["steps"]) in by
+            and TUNED_BEST_NAME in r.get("paired", {})}
     return summary
 
 
@@ -321,7 +404,8 @@ def markdown_table(doc: dict[str, Any]) -> str:
     head = "| solver | K | NFE | " + " | ".join(measures) + " |"
     lines = [head, "|" + "---|" * (3 + len(measures))]
     for r in sorted(rows, key=lambda r: (r["steps"], r["solver"])):
-        lines.append(f"| {r['solver']} | {r['steps']} | {r['nfe']} | " + " | ".join(f"{r[m]:.3f}" for m in measures) + " |")
+        label = f"{r['solver']} ({r['config']})" if "config" in r else r["solver"]
+        lines.append(f"| {label} | {r['steps']} | {r['nfe']} | " + " | ".join(f"{r[m]:.3f}" for m in measures) + " |")
     ref = doc["reference"]
     note = f"reference: {ref['solver']} {ref['steps']} steps"
     if "adherence" in ref:
@@ -392,6 +476,10 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     add_db_option(parser, dest="store", help="store holding the active checkpoint ('' = none; default path)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--fixed-grid", action=argparse.BooleanOptionalAction, default=True,
+                        help="also evaluate a learned-grid policy on the fixed grid (<name>@fixed-grid)")
+    parser.add_argument("--tuned-file", default=None,
+                        help="tuned baselines JSON for 'tuned' / 'tuned:FAMILY' (default: training/results/tuned_baselines.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
@@ -405,7 +493,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         prompts = prompts[: args.max_prompts]
     seeds = parse_int_list(args.seeds, "seeds", 0, 2**32 - 1)
     steps = parse_int_list(args.steps, "steps", 1, MAX_PREVIEW_STEPS)
-    names = parse_solvers(args.solvers)
+    names = parse_solvers(args.solvers, args.tuned_file)
     if args.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {args.batch_size}")
     from training.config import _parse_mapping
@@ -426,7 +514,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         from runtime.cli import model_from_args
 
         model = model_from_args(args)
-    solvers = resolve_solvers(names, model, store)
+    solvers = resolve_solvers(names, model, store, tuned_file=args.tuned_file, steps=steps, fixed_grid=args.fixed_grid)
     doc = evaluate(model, prompts, seeds, steps, solvers, guidance=args.guidance, reference_steps=args.reference_steps,
                    model_measures=model_measures, judge=load_judge(model), batch_size=args.batch_size)
     doc["prompts"] = str(args.prompts)
@@ -435,7 +523,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     if args.plot:
         plot(doc, args.plot)
     print(markdown_table(doc))
-    for line in paired_lines(doc):
+    for line in paired_lines(doc) + comparison_lines(doc):
         print(line)
     print(json.dumps(doc["summary"].get("step_saving", {}).get("psnr", {})))
     if "adherence_within_2_points" in doc["summary"]:

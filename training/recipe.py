@@ -145,12 +145,32 @@ def default_fit_weights(min_steps: int, max_steps: int) -> str:
     return ",".join(f"{k}:{LONG_PREVIEW_WEIGHT:g}" for k in range(first, max_steps + 1))
 
 
+DEFAULT_TUNED = "training/results/tuned_baselines.json"
+
+
 def default_residual_decay(min_steps: int, max_steps: int) -> str:
     """The distillation's default pull toward the base rule: rho = PULL_RHO on each K of PULLED_STEPS that
     the step range holds ('5:3' for the default 3..8, '' for a range without K = 5). Unpulled, K = 5's
     table extrapolates the newest epsilon mid-trajectory and flips the main colour on unseen prompts; the
     pull on K = 3, 4 or on every K costs those K more than it gives (the screen is in training/results/experiments.md)."""
     return ",".join(f"{k}:{PULL_RHO:g}" for k in PULLED_STEPS if min_steps <= k <= max_steps)
+
+
+def warm_start_final(tuned_file: str, model: Any, order: int, k: int = 4) -> str:
+    """The end point ('zero', 'first' or 'config') of the best tuned eq.-10 rule at K = ``k`` in ``tuned_file``:
+    the policy's grid ends there, so its warm start is that rule exactly."""
+    from solver.registry import read_tuned, tuned_tables
+
+    doc = read_tuned(tuned_file)
+    found = tuned_tables(doc, model.scheduler_config, [k], order)
+    if k not in found:
+        return "config"
+    n_end = float(found[k][1].n[-1])
+    schedule = model.schedule
+    for final in ("zero", "first", "config"):
+        if abs(float(schedule.grid(k, final=final).n[-1]) - n_end) <= 1e-6 * max(1.0, n_end):
+            return final
+    return "config"
 
 
 def mean_reward(trainer: Any, rows: int) -> float:
@@ -288,6 +308,18 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--distill-fit-weights", default=None,
                         help="weight of each K's fitted table in the regression onto the policy, 'K:W,...' (others 1; "
                              f"'' = all 1); default: {LONG_PREVIEW_WEIGHT} for every K above {LONG_PREVIEW_FROM - 1}")
+    parser.add_argument("--warm-start", default="auto",
+                        help="tuned-baselines JSON (training.tune_baselines): the distillation starts each K it tunes "
+                             "from the best tuned rule that is an eq.-10 table, grid and start included ('' = from the "
+                             f"base rule; auto = {DEFAULT_TUNED} when it exists and was tuned for this model)")
+    parser.add_argument("--order", type=int, default=4,
+                        help="LMM order m of the policy; a tuned rule is an eq.-10 table only at K <= m when it reaches "
+                             "back through its data predictions (UniPC, DPM-Solver++ 2M), so warm starts up to K = 8 "
+                             "need m = 8")
+    parser.add_argument("--learn-start", action=argparse.BooleanOptionalAction, default=True,
+                        help="learn where sampling starts (the first timestep may lie below T, as leading spacing does)")
+    parser.add_argument("--final", default="auto", choices=("auto", "config", "first", "zero"),
+                        help="end point of the policy's grid; auto: the warm start's K = 4 rule's (else config)")
     parser.add_argument("--num-updates", type=int, default=10_000, help="upper bound; the time budget usually stops first")
     parser.add_argument("--base", default="auto", help="base rule of the policy, or 'auto': the best of "
                         f"{', '.join(BASE_CANDIDATES)} on the training rows before training")
@@ -311,6 +343,7 @@ def recipe_configs(args: argparse.Namespace, out: Path) -> tuple[Any, Any, list[
     else:
         seeds, pairing = parse_int_list(args.seeds, "seeds", 0, 2**32 - 1), "product"
     config = TrainConfig(dataset=str(out / "dataset"), out=str(out / "ppo"), model=args.model, store=args.store,
+                         order=args.order,
                          group_size=args.group_size, groups_per_update=args.groups_per_update,
                          min_steps=args.min_steps, max_steps=args.max_steps, learning_rate=args.learning_rate,
                          target_kl=args.target_kl,
@@ -329,7 +362,14 @@ def recipe_configs(args: argparse.Namespace, out: Path) -> tuple[Any, Any, list[
             residual_decay=default_residual_decay(*steps) if args.distill_residual_decay is None
             else args.distill_residual_decay,
             fit_weights=default_fit_weights(*steps) if args.distill_fit_weights is None else args.distill_fit_weights,
+            time_grid=args.time_grid, learn_start=bool(args.learn_start and args.time_grid),
+            warm_start="" if args.warm_start == "auto" else args.warm_start,
+            final="config" if args.final == "auto" else args.final,
             max_minutes=args.distill_minutes).validate()
+        if distill_settings.warm_start:
+            from solver.registry import check_steps_covered, read_tuned
+
+            check_steps_covered(read_tuned(args.warm_start), args.warm_start)  # a malformed file: refused here
     return config, distill_settings, seeds, pairing
 
 
@@ -375,6 +415,20 @@ def run_recipe(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
     config, distill_settings, seeds, pairing = recipe_configs(args, out)
     if model is None:
         model = recipe_model(args)
+    if distill_settings is not None and args.warm_start == "auto" and Path(DEFAULT_TUNED).is_file():
+        from solver.registry import read_tuned
+
+        if read_tuned(DEFAULT_TUNED)["model"] == model.model_id:
+            distill_settings.warm_start = DEFAULT_TUNED
+        logger.info("warm start: %s", distill_settings.warm_start or "none (the base rule)")
+    if distill_settings is not None and distill_settings.warm_start:
+        from solver.registry import check_tuned, read_tuned
+
+        check_tuned(read_tuned(distill_settings.warm_start), model.model_id, (), model.scheduler_config,
+                    source=f"warm_start {distill_settings.warm_start!r}")  # another model's file: before any compute
+        if args.final == "auto":
+            distill_settings.final = warm_start_final(distill_settings.warm_start, model, config.order)
+            logger.info("policy grid end point: %s (the warm start's K = 4 rule)", distill_settings.final)
     if distill_settings is not None and distill_settings.label_weight:
         from training.distill import model_palette
 

@@ -116,7 +116,8 @@ class EngineBackend:
     def solvers(self) -> list[str]:
         from solver.registry import CONSISTENCY, solver_names
 
-        return [CONSISTENCY, *(n for n in solver_names() if n != CONSISTENCY)]
+        # the tuned baselines (tuned:best, tuned:FAMILY) when the committed tuned file was tuned for this model
+        return [CONSISTENCY, *(n for n in solver_names(self.model_name) if n != CONSISTENCY)]
 
     def default_solver(self) -> str:
         from solver.registry import CONSISTENCY
