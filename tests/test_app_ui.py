@@ -155,7 +155,7 @@ def test_files_outside_the_export_folder_are_not_served(served):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"{url}gradio_api/file={target}", timeout=5)
         assert err.value.code in (403, 404)
-    kwargs = __import__("app").launch_kwargs(paths)
+    kwargs = __import__("webui.app", fromlist=["launch_kwargs"]).launch_kwargs(paths)
     assert kwargs["server_name"] == "127.0.0.1" and kwargs["share"] is False
     assert kwargs["allowed_paths"] == [str(paths.exports)] and str(paths.db) in kwargs["blocked_paths"]
 

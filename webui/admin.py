@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from webui.inputs import MAX_PROMPT_CHARS, FieldError, parse_int, parse_seed_list
+from webui.inputs import MAX_PROMPT_CHARS, FieldError, check_field_text, parse_int, parse_seed_list
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class Admin:
 
     def _prompt_file(self, kind: str, text: str | None, field: str) -> tuple[Path, int]:
         """Prompts typed in the tab, written to a file whose name the app chooses."""
+        text = check_field_text(text, field, MAX_TRAIN_PROMPTS * (MAX_PROMPT_CHARS + 1))
         prompts = [p.strip() for p in (text or "").splitlines() if p.strip()]
         if not prompts:
             raise FieldError(field, "enter at least one prompt (one per line)")
@@ -258,8 +259,7 @@ def check_reward(spec: str) -> str:
     """A reward name or weighted sum (``psnr+10*gms``) of known measures; the trainer checks the rest."""
     from training.rewards import REWARD_NAMES
 
-    if len(spec) > 200:
-        raise FieldError("Reward", "at most 200 characters")
+    spec = check_field_text(spec, "Reward", 200)
     for part in spec.split("+"):
         m = _REWARD_TERM.fullmatch(part)
         if m is None or m.group(1) not in REWARD_NAMES:
@@ -270,9 +270,10 @@ def check_reward(spec: str) -> str:
 
 def parse_steps(text: str | None) -> list[int]:
     """``"3,4,5,6,8"`` -> [3, 4, 5, 6, 8] (each in 1..50)."""
+    text = check_field_text(text, "Steps", 200)
     if not text or not re.fullmatch(r"\s*\d+(\s*[,-]\s*\d+)*\s*", text):
         raise FieldError("Steps", "enter step counts such as 3,4,5,6,8")
-    steps = parse_seed_list(text, "Steps", limit=50)  # the same "a,b,c-d" grammar
+    steps = parse_seed_list(text, "Steps", limit=50, max_chars=200)  # the same "a,b,c-d" grammar
     if any(not 1 <= s <= 50 for s in steps):
         raise FieldError("Steps", "each step count must be in 1..50")
     return steps

@@ -20,6 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import argparse
 import logging
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +29,7 @@ from typing import Any
 import gradio as gr
 
 from webui.admin import ADMIN_PASSWORD_ENV, MODEL_DEFAULT, Admin, reward_choices
+from webui.guard import guarded_app, trusted_hosts
 from webui.handlers import Handlers
 from webui.inputs import DEFAULT_REFINE_STEPS, MAX_PROMPTS, PREVIEW_STEPS
 from webui.views import Backend
@@ -231,7 +233,8 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
                       **private)
         rf.refresh_btn.click(h.jobs_now, None, jobs_out, api_name="jobs", **reads)
         demo.load(h.jobs, rf.signature, jobs_out, api_name="jobs_on_load", **private)
-        rf.cancel_btn.click(h.cancel, rf.cancel_id, rf.cancel_status, api_name="cancel_job")
+        rf.cancel_btn.click(h.cancel, rf.cancel_id, rf.cancel_status, api_name="cancel_job",
+                            preprocess=False)  # the handler checks the raw id: text, NaN, 2**63 -> one message
 
         # History.
         gr.on([hi.search_btn.click, hi.query.submit], h.search, hi.query, history_out, api_name="search_history",
@@ -259,8 +262,13 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
     return demo
 
 
-def launch_kwargs(paths: AppPaths, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False) -> dict:
-    """The launch settings that keep file access minimal; tests launch with the same ones."""
+def launch_kwargs(paths: AppPaths, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+                  trusted: list[str] | tuple[str, ...] = (), stopping: threading.Event | None = None) -> dict:
+    """The launch settings that keep file access minimal; tests launch with the same ones.
+
+    The app is a :func:`webui.guard.guarded_app`: requests naming an untrusted Host, cross-origin
+    writes, uploads and the monitoring pages are refused before Gradio sees them.
+    """
     blocked = [str(paths.db), str(paths.db) + "-wal", str(paths.db) + "-shm", str(paths.work)]
     return dict(
         server_name=host,
@@ -274,6 +282,7 @@ def launch_kwargs(paths: AppPaths, host: str = "127.0.0.1", port: int | None = 7
         footer_links=["api"],
         css_paths=[STATIC / "app.css"],
         js=(STATIC / "app.js").read_text(encoding="utf-8"),
+        _app=guarded_app(trusted_hosts(host, trusted, share), stopping),
     )
 
 
@@ -286,6 +295,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="open a public gradio.live link for 72 h (off by default)")
+    p.add_argument("--trusted-host", action="append", default=[], metavar="NAME",
+                   help="a host name (or *.domain) browsers may use to reach the app, besides localhost and "
+                   "--host; repeat or separate with commas. Needed with --host 0.0.0.0 for names other than "
+                   "localhost (DNS-rebinding protection)")
     p.add_argument("--device", default=None, help="torch device(s), comma-separated: one worker each "
                    "(default: every CUDA device, else cpu)")
     m = p.add_argument_group("model loading (Stable Diffusion)")
