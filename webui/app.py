@@ -157,7 +157,7 @@ def history_tab() -> SimpleNamespace:
 def admin_tab(admin: Admin) -> SimpleNamespace:
     """Password, dataset, PPO run with its live reward plot, checkpoints, evaluation."""
     with gr.Tab("Admin", id="admin"):
-        unlocked = gr.State(False)
+        unlocked = gr.State(None)  # the admin session token (webui.admin.UnlockGate), None while locked
         if not admin.enabled:
             gr.Markdown(f"**Admin is disabled.** Set the environment variable `{ADMIN_PASSWORD_ENV}` "
                         "and restart the app to enable dataset building, PPO training and checkpoints.")
@@ -166,7 +166,9 @@ def admin_tab(admin: Admin) -> SimpleNamespace:
             unlock_btn = gr.Button("Unlock", elem_id="unlock-btn", scale=0)
         lock_note = gr.Markdown()
         with gr.Column(visible=False) as panel:
-            proc_status = gr.Markdown(elem_id="admin-proc")
+            with gr.Row():
+                proc_status = gr.Markdown(elem_id="admin-proc")
+                logout_btn = gr.Button("Lock (log out)", size="sm", scale=0, elem_id="logout-btn")
             with gr.Accordion("1. Offline dataset", open=True):
                 ds_prompts = gr.Textbox(label="Training prompts (one per line)", lines=4)
                 with gr.Row():
@@ -244,10 +246,13 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
         hi.send_btn.click(h.send_to_explore, hi.item, ex.fields + [tabs], api_name="send_to_explore")
         hi.png_btn.click(h.png, hi.item, hi.png_file, api_name="history_png")
 
-        # Admin: private endpoints; every handler re-checks the session's unlock flag.
-        gr.on([ad.unlock_btn.click, ad.password.submit], admin.unlock, [ad.password],
-              [ad.unlocked, ad.panel, ad.lock_row, ad.lock_note, ad.timer], concurrency_limit=1,
+        # Admin: private endpoints; every handler re-checks the session token. The unlock answers at once
+        # (no sleep; wrong passwords back off per client) and bypasses the queue, so it cannot fill it.
+        lock_outputs = [ad.unlocked, ad.panel, ad.lock_row, ad.lock_note, ad.timer]
+        gr.on([ad.unlock_btn.click, ad.password.submit], admin.unlock, [ad.password], lock_outputs, queue=False,
               api_name="admin_unlock", **private)
+        ad.logout_btn.click(admin.logout, [ad.unlocked], lock_outputs, queue=False, api_name="admin_logout",
+                            **private)
         ad.ds_btn.click(admin.build_dataset, [ad.unlocked, ad.ds_prompts, ad.ds_seeds], ad.proc_status,
                         api_name="admin_build_dataset", **private)
         ad.ppo_btn.click(admin.start_ppo, [ad.unlocked, ad.ppo_dataset, ad.ppo_updates, ad.ppo_reward], ad.proc_status,
