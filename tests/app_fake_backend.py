@@ -153,5 +153,5 @@ class FakeBackend:
             raise ValueError(f"Checkpoint id: there is no checkpoint #{checkpoint_id}")
         return "fake"
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
         pass

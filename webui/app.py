@@ -61,6 +61,17 @@ class AppPaths:
         return cls(db=db_path, exports=cache_root / "exports", gradio_tmp=cache_root / "gradio",
                    work=db_path.parent / "diffusion-preview-work")
 
+    def check(self) -> None:
+        """Refuse, before any folder is created, a database inside a served folder or in a place the store
+        cannot write (a read-only folder): one :class:`store.errors.StoreError` sentence."""
+        from store.connection import check_location
+        from store.errors import StoreError
+
+        for served in (self.exports, self.gradio_tmp):
+            if self.db.is_relative_to(served) or self.work.is_relative_to(served):
+                raise StoreError(f"--db: {self.db} is inside the served folder {served}; put the database elsewhere")
+        check_location(self.db, [self.exports, self.gradio_tmp])
+
     def prepare(self) -> None:
         """Create the folders and refuse a database inside a served folder."""
         for served in (self.exports, self.gradio_tmp):
@@ -331,9 +342,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Gradio self-request otherwise
     from store.errors import StoreError
     from webui.backend import EngineBackend  # heavy imports (torch, the model) after argument parsing
+    from webui.shutdown import TRAINER_GRACE_S, WORKER_GRACE_S, GracefulStop
 
     paths = AppPaths.default(args.db)
+    try:
+        paths.check()
+    except StoreError as exc:
+        sys.exit(f"error: {exc}")
     paths.prepare()
+    stop = GracefulStop().install()  # SIGTERM / SIGINT from here on only ask for a clean stop
     if args.host not in ("127.0.0.1", "localhost", "::1") or args.share:
         logger.warning("the app is reachable from other machines (host %s, share %s); it has no user login",
                        args.host, args.share)
@@ -346,10 +363,19 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_demo(backend, admin)
     demo.queue(max_size=128, default_concurrency_limit=4)
     try:
-        demo.launch(**launch_kwargs(paths, args.host, args.port, args.share))
+        if not stop.requested.is_set():  # a signal during the model load: stop without serving
+            demo.launch(prevent_thread_lock=True,
+                        **launch_kwargs(paths, args.host, args.port, args.share, args.trusted_host, stop.stopping))
+            stop.wait()
     finally:
-        admin.close()
-        backend.close()
+        stop.shutdown([
+            ("stopping the training process", lambda left: admin.close(min(TRAINER_GRACE_S, left))),
+            ("stopping the device worker and closing the store",
+             lambda left: backend.close(min(WORKER_GRACE_S, left))),
+            ("closing the web server", lambda left: demo.close()),
+        ])
+    logging.shutdown()
+    os._exit(0)  # every resource is closed; leftover request threads must not hold the exit past the budget
 
 
 if __name__ == "__main__":

@@ -101,8 +101,20 @@ class EngineBackend:
             logger.info("re-queued refine jobs interrupted by the last shutdown: %s", requeued)
         return backend
 
-    def close(self) -> None:
-        self.executor.close()
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the device worker(s) after their current unit of work, then close the store.
+
+        A refine job the worker was running is interrupted by the worker (``interrupted`` -> ``queued``,
+        its step finished first); one still ``running`` after ``timeout`` (a worker stuck in a long unit) is
+        marked the same way here, so a clean stop never counts as a crash at the next start.
+        """
+        self.executor.close(timeout)
+        try:
+            for job in self.store.list_jobs(states=["running"], owner=None, limit=10_000):
+                state = self.store.interrupt_job(job.id, note="the app stopped while it ran")
+                logger.info("refine job %d was still running at shutdown; it is %s", job.id, state)
+        except Exception:  # noqa: BLE001 - the next start's recovery re-queues it anyway
+            logger.warning("could not mark the running refine jobs interrupted at shutdown", exc_info=True)
         self.store.close()
 
     def prune_exports(self, max_age_s: float = EXPORT_MAX_AGE_S) -> int:
