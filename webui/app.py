@@ -315,6 +315,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a host name (or *.domain) browsers may use to reach the app, besides localhost and "
                    "--host; repeat or separate with commas. Needed with --host 0.0.0.0 for names other than "
                    "localhost (DNS-rebinding protection)")
+    p.add_argument("--check-db", choices=("quick", "full", "off"), default="quick",
+                   help="at start: quick = PRAGMA quick_check (default); full = integrity_check and every stored "
+                   "image, noise and checkpoint hash (reads the whole database); off")
     p.add_argument("--device", default=None, help="torch device(s), comma-separated: one worker each "
                    "(default: every CUDA device, else cpu)")
     m = p.add_argument_group("model loading (Stable Diffusion)")
@@ -356,7 +359,8 @@ def main(argv: list[str] | None = None) -> None:
                        args.host, args.share)
     try:
         backend = EngineBackend.open(model=args.model, db=paths.db, exports=paths.exports, devices=args.device,
-                                     forbid_under=[paths.exports, paths.gradio_tmp], options=load_options(args))
+                                     forbid_under=[paths.exports, paths.gradio_tmp], options=load_options(args),
+                                     check=args.check_db)
     except (ValueError, OSError, StoreError) as exc:
         sys.exit(f"error: {exc}")
     admin = Admin(db=paths.db, work=paths.work, exports=paths.exports, model=args.model, backend=backend)

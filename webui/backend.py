@@ -71,7 +71,7 @@ class EngineBackend:
     @classmethod
     def open(cls, model: str | None = None, db: Path | None = None, exports: Path = Path("exports"),
              devices: str | None = None, forbid_under: list[Path] | None = None,
-             chunk_size: int | None = None, options: Any = None) -> "EngineBackend":
+             chunk_size: int | None = None, options: Any = None, check: str = "quick") -> "EngineBackend":
         """Open the store (refusing a served folder), start one device worker per device, resume jobs."""
         # Import the engine (and through torchmetrics, transformers) on this thread BEFORE the worker
         # thread starts loading the model: two threads importing transformers' lazy modules at once
@@ -82,7 +82,7 @@ class EngineBackend:
         from runtime.worker import DeviceWorker, WorkerPool
         from store import open_store
 
-        store = open_store(db, forbid_under=forbid_under or [exports], app_lock=True)
+        store = open_store(db, forbid_under=forbid_under or [exports], app_lock=True, check=check)
         names = _devices(devices)
         if len(names) == 1:
             executor: Any = DeviceWorker(factory=lambda: load_model(model, device=names[0], options=options),
