@@ -149,6 +149,15 @@ def test_a_lone_surrogate_or_odd_job_id_gets_one_sentence_and_writes_nothing(ser
                 "[1]", "true"]:
         event, data, _ = call(url, "cancel_job", '{"data": [' + raw + ']}')
         assert event == "error" and data["error"] == "Job id: enter the number of a job from the list.", (raw, data)
+    for field, value, name in [("seed_count", "abc", "Seed count"), ("seed_start", "Infinity", "Seed start"),
+                               ("steps", "NaN", "Preview steps"), ("width", [1], "Width"),
+                               ("guidance", "x" * MB, "Guidance"), ("prompts", 7, "Prompts")]:
+        body = explore_body(**{field: value}).replace('"Infinity"', "Infinity").replace('"NaN"', "NaN")
+        event, data, _ = call(url, "preview", body)
+        assert event == "error" and data["error"].startswith(name + ":") and len(data["error"]) < 200, data
+    event, data, _ = call(url, "refine", json.dumps({"data": [["x:0"], "steps"]}))
+    assert event == "error" and data["error"].startswith("Selection:"), data
+    assert backend.calls == []
     event, data, _ = call(url, "search_history", json.dumps({"data": ["q" * MB]}))
     assert event == "error" and data["error"] == "Search: at most 200 characters, got 1000000"
     event, data, _ = call(url, "history_png", json.dumps({"data": ["final:" + "1" * MB]}))

@@ -229,7 +229,8 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
         ex.dice.click(h.dice, None, [ex.seed_start, ex.seed_list], api_name="dice", queue=False)
         preview = ex.preview_btn.click(
             h.preview, ex.fields, [ex.gallery, ex.snapshot, ex.selection, ex.status], api_name="preview",
-            concurrency_limit=8, concurrency_id="preview", trigger_mode="once", show_progress="minimal")
+            concurrency_limit=8, concurrency_id="preview", trigger_mode="once", show_progress="minimal",
+            preprocess=False)  # raw values: webui.inputs checks each (text for a Number, NaN...) with one message
         preview.then(h.search, hi.query, history_out, api_name="history_after_preview", **private)
         # Stop ends the stream between chunks; the engine then drops the chunks not yet started.
         ex.stop_btn.click(None, None, None, cancels=[preview], api_name="stop_preview", **private)
@@ -238,7 +239,7 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
         ex.all_btn.click(h.select_all, ex.snapshot, ex.selection, api_name="select_all", queue=False)
         ex.clear_btn.click(lambda: gr.Dropdown(value=[]), None, ex.selection, api_name="clear_selection", queue=False)
         ex.refine_btn.click(h.refine, [ex.selection, ex.snapshot, ex.refine_steps], ex.refine_status,
-                            api_name="refine", trigger_mode="once"
+                            api_name="refine", trigger_mode="once", preprocess=False
                             ).then(h.jobs, rf.signature, jobs_out, api_name="jobs_after_refine", **private)
 
         # Refine: polled from the store; the Refresh button is the public endpoint.
