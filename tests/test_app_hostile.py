@@ -36,10 +36,10 @@ def server(tmp_path_factory):
             yield backend, paths, url
 
 
-def call(url: str, api: str, body: str, timeout: float = 20.0) -> tuple[str, dict, float]:
+def call(url: str, api: str, body: str, timeout: float = 20.0, headers: dict | None = None) -> tuple[str, dict, float]:
     """POST /gradio_api/call/<api> with a raw JSON body, then read its event stream: (event, data, seconds)."""
     t0 = time.perf_counter()
-    with httpx.Client(timeout=timeout) as client:
+    with httpx.Client(timeout=timeout, headers=headers) as client:
         r = client.post(f"{url}gradio_api/call/{api}", content=body.encode("utf-8", "surrogatepass"),
                         headers={"content-type": "application/json"})
         assert r.status_code == 200, r.text[:200]

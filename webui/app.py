@@ -211,9 +211,12 @@ def admin_tab(admin: Admin) -> SimpleNamespace:
     return SimpleNamespace(**locals())
 
 
-def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
-    """The four tabs and their wiring. Every listener has an api_name; admin ones are private."""
-    h = Handlers(backend)
+def build_demo(backend: Backend, admin: Admin, user_header: str | None = None) -> gr.Blocks:
+    """The four tabs and their wiring. Every listener has an api_name; admin ones are private.
+
+    ``user_header``: multi-user mode behind a reverse proxy; each request's owner is that header.
+    """
+    h = Handlers(backend, user_header)
     # delete_cache: Gradio's copies of served PNGs older than a day go, hourly (the store keeps the originals).
     with gr.Blocks(title="Diffusion Preview", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## Diffusion Preview  \nModel: `{backend.model_name}` · previews are few-step estimates "
@@ -280,7 +283,8 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
 
 
 def launch_kwargs(paths: AppPaths, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
-                  trusted: list[str] | tuple[str, ...] = (), stopping: threading.Event | None = None) -> dict:
+                  trusted: list[str] | tuple[str, ...] = (), stopping: threading.Event | None = None,
+                  user_header: str | None = None, auth: Any = None) -> dict:
     """The launch settings that keep file access minimal; tests launch with the same ones.
 
     The app is a :func:`webui.guard.guarded_app`: requests naming an untrusted Host, cross-origin
@@ -299,7 +303,8 @@ def launch_kwargs(paths: AppPaths, host: str = "127.0.0.1", port: int | None = 7
         footer_links=["api"],
         css_paths=[STATIC / "app.css"],
         js=(STATIC / "app.js").read_text(encoding="utf-8"),
-        _app=guarded_app(trusted_hosts(host, trusted, share), stopping),
+        _app=guarded_app(trusted_hosts(host, trusted, share), stopping, user_header),
+        auth=auth,
     )
 
 
@@ -316,6 +321,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a host name (or *.domain) browsers may use to reach the app, besides localhost and "
                    "--host; repeat or separate with commas. Needed with --host 0.0.0.0 for names other than "
                    "localhost (DNS-rebinding protection)")
+    u = p.add_argument_group("multi-user mode (each user sees and cancels only their own jobs and history)")
+    u.add_argument("--auth-file", default=None, metavar="PATH",
+                   help="Gradio login: a file of 'name:password' lines (# comments)")
+    u.add_argument("--user-header", default=None, metavar="NAME",
+                   help="the header an authenticating reverse proxy sets to the user's name (e.g. "
+                   "X-Forwarded-User); requests without it are refused. Bind to 127.0.0.1 behind the proxy")
     p.add_argument("--check-db", choices=("quick", "full", "off"), default="quick",
                    help="at start: quick = PRAGMA quick_check (default); full = integrity_check and every stored "
                    "image, noise and checkpoint hash (reads the whole database); off")
@@ -340,6 +351,31 @@ def load_options(args: argparse.Namespace) -> Any:
                        cpu_offload=args.cpu_offload, config=args.config)
 
 
+def read_auth_file(path: str | Path) -> Any:
+    """Gradio's ``auth`` callable from a file of ``name:password`` lines (blank lines and # comments skipped).
+
+    :raises ValueError: naming the file and line of a malformed entry.
+    """
+    import hmac
+
+    users: dict[str, str] = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, sep, password = line.partition(":")
+        if not sep or not name.strip() or not password or len(name.strip()) > 100:
+            raise ValueError(f"--auth-file: line {n} of {path} is not 'name:password'")
+        users[name.strip()] = password
+    if not users:
+        raise ValueError(f"--auth-file: {path} names no user")
+
+    def check(name: str, password: str) -> bool:
+        known = users.get(str(name)[:100])
+        return known is not None and hmac.compare_digest(str(password)[:1000].encode(), known.encode())
+
+    return check
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -351,8 +387,11 @@ def main(argv: list[str] | None = None) -> None:
     paths = AppPaths.default(args.db)
     try:
         paths.check()
-    except StoreError as exc:
+        auth = read_auth_file(args.auth_file) if args.auth_file else None
+    except (StoreError, ValueError, OSError) as exc:
         sys.exit(f"error: {exc}")
+    if args.user_header and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("--user-header trusts whoever sets %s: bind to 127.0.0.1 behind the proxy", args.user_header)
     paths.prepare()
     stop = GracefulStop().install()  # SIGTERM / SIGINT from here on only ask for a clean stop
     if args.host not in ("127.0.0.1", "localhost", "::1") or args.share:
@@ -365,12 +404,13 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError, StoreError) as exc:
         sys.exit(f"error: {exc}")
     admin = Admin(db=paths.db, work=paths.work, exports=paths.exports, model=args.model, backend=backend)
-    demo = build_demo(backend, admin)
+    demo = build_demo(backend, admin, args.user_header)
     demo.queue(max_size=128, default_concurrency_limit=4)
     try:
         if not stop.requested.is_set():  # a signal during the model load: stop without serving
             demo.launch(prevent_thread_lock=True,
-                        **launch_kwargs(paths, args.host, args.port, args.share, args.trusted_host, stop.stopping))
+                        **launch_kwargs(paths, args.host, args.port, args.share, args.trusted_host, stop.stopping,
+                                        args.user_header, auth))
             stop.wait()
     finally:
         stop.shutdown([

@@ -18,6 +18,8 @@ Gradio's own CORS middleware, see :func:`guarded_app`), so every request passes 
 * **Security headers** on every answer: ``frame-ancestors 'self'`` (no framing by other sites),
   ``nosniff``, ``same-origin`` referrers. The CSP sets no ``script-src``: Gradio's page needs its
   inline scripts.
+* **Multi-user mode** behind an authenticating reverse proxy (``--user-header``): a request without
+  that header gets 401 (the app must then be reachable only through the proxy).
 * ``GET /healthz``: ``ok`` (or ``stopping``), answered here without touching Gradio or the device.
 """
 
@@ -41,6 +43,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 CLOSED_PREFIXES = ("/gradio_api/upload", "/upload", "/gradio_api/upload_progress", "/monitoring",
                    "/gradio_api/monitoring")
 SAFE_METHODS = ("GET", "HEAD")
+OPEN_PATHS = ("/gradio_api/startup-events",)  # Gradio calls it itself at launch, without a user
 SECURITY_HEADERS = (
     (b"content-security-policy", b"frame-ancestors 'self'; base-uri 'self'; object-src 'none'; form-action 'self'"),
     (b"x-frame-options", b"SAMEORIGIN"),
@@ -102,8 +105,9 @@ class Guard:
     """ASGI middleware; see the module docstring. ``stopping`` is set on shutdown."""
 
     def __init__(self, app: Any, trusted: Iterable[str], *, max_body: int = MAX_BODY_BYTES,
-                 stopping: threading.Event | None = None) -> None:
+                 stopping: threading.Event | None = None, user_header: str | None = None) -> None:
         self.app = app
+        self.user_header = user_header.lower() if user_header else None
         self.trusted = tuple(trusted)
         self.max_body = max_body
         self.stopping = stopping if stopping is not None else threading.Event()
@@ -132,6 +136,11 @@ class Guard:
         if path == "/healthz":
             await self._answer(scope, receive, send, 503 if self.stopping.is_set() else 200,
                                "stopping" if self.stopping.is_set() else "ok")
+            return
+        if self.user_header and not headers.get(self.user_header, "").strip() and path not in OPEN_PATHS:
+            logger.warning("refused %s %s from %s: no %s header (multi-user mode)", method, path[:100], client,
+                           self.user_header)
+            await self._answer(scope, receive, send, 401, "Sign in through the proxy first.")
             return
         if path.startswith(CLOSED_PREFIXES):
             logger.info("refused %s %s from %s: the route is closed", method, path[:100], client)
@@ -172,7 +181,8 @@ class Guard:
         await send({"type": "http.response.body", "body": body if scope.get("method") != "HEAD" else b""})
 
 
-def guarded_app(trusted: Iterable[str], stopping: threading.Event | None = None) -> Any:
+def guarded_app(trusted: Iterable[str], stopping: threading.Event | None = None,
+                user_header: str | None = None) -> Any:
     """A Gradio ``App`` whose whole middleware stack (Gradio's CORS included) sits inside a :class:`Guard`.
 
     Passed to ``Blocks.launch(_app=...)``: Gradio then configures this app instead of making its own,
@@ -182,6 +192,6 @@ def guarded_app(trusted: Iterable[str], stopping: threading.Event | None = None)
 
     class GuardedApp(App):
         def build_middleware_stack(self) -> Any:
-            return Guard(super().build_middleware_stack(), trusted, stopping=stopping)
+            return Guard(super().build_middleware_stack(), trusted, stopping=stopping, user_header=user_header)
 
     return GuardedApp(default_response_class=ORJSONResponse)

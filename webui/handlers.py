@@ -28,8 +28,18 @@ LOCAL_OWNER = "local"
 _REF = re.compile(r"(preview|final):(\d{1,18})")
 
 
-def owner_of(request: gr.Request | None) -> str:
-    """The row owner: the logged-in user when auth is on, else the single local user."""
+MAX_OWNER_CHARS = 100
+
+
+def owner_of(request: gr.Request | None, user_header: str | None = None) -> str:
+    """The row owner: the user a trusted reverse proxy names in ``user_header`` (multi-user mode), else
+    the logged-in user when Gradio auth is on, else the single local user."""
+    if user_header:
+        headers = getattr(request, "headers", None) or {}
+        name = str(headers.get(user_header.lower()) or headers.get(user_header) or "").strip()
+        if not name or len(name) > MAX_OWNER_CHARS or not name.isprintable():
+            raise reject(f"User: the request carries no valid {user_header} header.", request, "Not signed in")
+        return name
     name = getattr(request, "username", None) if request is not None else None
     return name or LOCAL_OWNER
 
@@ -50,8 +60,13 @@ def tile_label(i: int, tile: Tile) -> str:
 class Handlers:
     """Event functions bound to one backend (shared by every session; per-session data is gr.State)."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, user_header: str | None = None) -> None:
         self.backend = backend
+        self.user_header = user_header
+
+    def owner(self, request: gr.Request | None) -> str:
+        """Who this request acts for: each user sees and cancels only their own rows."""
+        return owner_of(request, self.user_header)
 
     # --- Explore ------------------------------------------------------------------------------
     def dice(self) -> tuple[int, str]:
@@ -86,7 +101,7 @@ class Handlers:
             )
         except FieldError as exc:
             raise _error(exc, request) from None
-        owner = owner_of(request)
+        owner = self.owner(request)
         run = uuid.uuid4().hex[:8]
         total = len(settings.prompts) * len(settings.seeds)
         tiles: list[Tile] = []
@@ -146,7 +161,7 @@ class Handlers:
             preview_ids.append(int(snapshot["tiles"][int(index)]["preview_id"]))
         try:
             steps = parse_int(refine_steps, "Refine steps", *REFINE_STEPS)
-            job_ids = self.backend.refine(preview_ids, steps, owner_of(request))
+            job_ids = self.backend.refine(preview_ids, steps, self.owner(request))
         except (ValueError, StoreError) as exc:
             raise _error(exc, request) from None
         gr.Info(f"Queued {len(job_ids)} refine job(s); follow them in the Refine tab.")
@@ -155,7 +170,7 @@ class Handlers:
     # --- Refine -------------------------------------------------------------------------------
     def jobs(self, signature: str | None, request: gr.Request) -> tuple[Any, Any, str]:
         """The job list (HTML with progress bars) and the finals beside their previews; skipped if unchanged."""
-        views = self.backend.jobs(owner_of(request))
+        views = self.backend.jobs(self.owner(request))
         # Consistency is stored just after a job turns done: its arrival must change the signature too.
         sig = repr([(v.job_id, v.state, v.step, v.total, round(v.eta_s or 0), sorted(v.consistency)) for v in views])
         if sig == signature:
@@ -174,7 +189,7 @@ class Handlers:
         except FieldError:
             raise reject("Job id: enter the number of a job from the list.", request) from None
         try:
-            state = self.backend.cancel(number, owner_of(request))
+            state = self.backend.cancel(number, self.owner(request))
         except (ValueError, StoreError) as exc:
             raise _error(exc, request) from None
         if state == "running":
@@ -188,7 +203,7 @@ class Handlers:
         except FieldError as exc:
             raise _error(exc, request) from None
         try:
-            items = self.backend.history(query, owner_of(request))
+            items = self.backend.history(query, self.owner(request))
         except (ValueError, StoreError) as exc:
             raise _error(exc, request) from None
         gallery = [(str(it.path), history_caption(it)) for it in items]
@@ -207,7 +222,7 @@ class Handlers:
         if not m:
             raise reject("Item: pick an image in the history (e.g. final:12 or preview:3).", request)
         try:
-            return self.backend.history_item(m.group(0), owner_of(request))
+            return self.backend.history_item(m.group(0), self.owner(request))
         except (ValueError, KeyError, StoreError) as exc:
             raise reject(f"Item: {exc}", request, "Not found") from None
 
