@@ -228,6 +228,11 @@ def test_trusted_host_list():
     assert is_trusted("a.example.org", hosts) and not is_trusted("example.org.evil.com", hosts)
     assert not is_trusted("evil.example.com", hosts) and not is_trusted("", hosts)
     assert trusted_hosts("10.0.0.5")[-1] == "10.0.0.5"
+    from webui.guard import Guard
+
+    behind_proxy = Guard(None, trusted_hosts("127.0.0.1", ["app.example.org"]))
+    assert behind_proxy._declared("https://app.example.org") and not behind_proxy._declared("https://evil.org")
+    assert not Guard(None, trusted_hosts("127.0.0.1"))._declared("http://localhost:9999")
     assert same_origin("http://localhost:7860", "localhost:7860") and not same_origin("null", "localhost:7860")
     assert not same_origin("http://localhost:7861", "localhost:7860")
 

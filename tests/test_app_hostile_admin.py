@@ -33,6 +33,15 @@ class Clock:
         return self.t
 
 
+WRONG = "Admin password: wrong password."
+
+
+def note(outputs: tuple) -> str:
+    """The lock note of an unlock's outputs; a refusal changes nothing else."""
+    assert outputs[0] == gr.skip() or isinstance(outputs[0], str)
+    return outputs[3]
+
+
 def request_from(host: str) -> SimpleNamespace:
     return SimpleNamespace(client=SimpleNamespace(host=host), username=None)
 
@@ -52,26 +61,23 @@ def test_wrong_passwords_back_off_per_client_without_sleeping(admin, caplog):
     clock = admin.gate.clock
     t0 = time.perf_counter()
     for _ in range(FREE_ATTEMPTS):
-        with pytest.raises(gr.Error, match="wrong password"):
-            admin.unlock("guess", request_from("10.0.0.1"))
-    with pytest.raises(gr.Error, match="wrong password"):
-        admin.unlock("guess", request_from("10.0.0.1"))  # the first one past the free attempts: 2 s lock-out
+        assert note(admin.unlock("guess", request_from("10.0.0.1"))) == WRONG
+    assert note(admin.unlock("guess", request_from("10.0.0.1"))) == WRONG  # the first past the free ones: 2 s
     for _ in range(100):  # refused at once, the right password included, while locked out
-        with pytest.raises(gr.Error, match="too many wrong attempts.*try again in 2 s"):
-            admin.unlock("right", request_from("10.0.0.1"))
+        assert "too many wrong attempts from your address; try again in 2 s" in note(
+            admin.unlock("right", request_from("10.0.0.1")))
     assert time.perf_counter() - t0 < 1.0  # no sleeping anywhere
     token = admin.unlock("right", request_from("10.0.0.2"))[0]  # another client is not affected
     assert admin.gate.alive(token)
     clock.t += 2.1
-    with pytest.raises(gr.Error, match="wrong password"):
-        admin.unlock("guess", request_from("10.0.0.1"))
+    assert note(admin.unlock("guess", request_from("10.0.0.1"))) == WRONG
     assert admin.gate.wait_s("10.0.0.1") == pytest.approx(4.0)  # doubling
     clock.t += 10_000
     assert admin.unlock("right", request_from("10.0.0.1"))[0]  # a success clears the count
     assert admin.gate.wait_s("10.0.0.1") == 0
     lines = [r.getMessage() for r in caplog.records if "admin" in r.getMessage()]
     assert any("wrong password from 10.0.0.1" in m for m in lines)
-    assert any("rejected admin unlock from 10.0.0.1" in m for m in lines)
+    assert any("refused an unlock from 10.0.0.1" in m for m in lines)
     assert all(r.exc_info is None and "\n" not in r.getMessage() for r in caplog.records)
 
 
@@ -97,8 +103,7 @@ def test_sessions_expire_and_log_out(admin):
 
 
 def test_an_overlong_password_is_refused_without_hashing_it(admin):
-    with pytest.raises(gr.Error, match="wrong password"):
-        admin.unlock("x" * 10_000_000, request_from("10.0.0.4"))
+    assert note(admin.unlock("x" * 10_000_000, request_from("10.0.0.4"))) == WRONG
 
 
 def test_500_wrong_passwords_do_not_slow_other_users(tmp_path, monkeypatch):
@@ -125,7 +130,7 @@ def test_500_wrong_passwords_do_not_slow_other_users(tmp_path, monkeypatch):
                     r = client.post(url + "gradio_api/run/predict", json={
                         "fn_index": unlock, "data": [f"guess{i}"], "session_hash": f"attacker{n}",
                         "event_data": None, "trigger_id": None})
-                    answers.append(r.json().get("error", r.text[:80]))
+                    answers.append(r.text)
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(5) as pool:

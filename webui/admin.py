@@ -246,7 +246,11 @@ class Admin:
     # --- access -------------------------------------------------------------------------------
     def unlock(self, password: str | None, request: gr.Request | None = None) -> tuple:
         """A session token for the right password; wrong ones are counted per client (no sleeping here:
-        the answer is immediate, and a client past its free attempts is refused until its back-off ends)."""
+        the answer is immediate, and a client past its free attempts is refused until its back-off ends).
+
+        Outputs: (session, panel, lock row, note, timer). A refusal changes only the note, which says why
+        (the unlock runs outside the queue, where Gradio's page would show an error without its text).
+        """
         client = client_address(request)
         if not self.enabled:
             raise reject(f"Admin is disabled: set {ADMIN_PASSWORD_ENV} and restart the app.", request, "Locked",
@@ -254,13 +258,15 @@ class Admin:
         given = password if isinstance(password, str) and len(password) <= MAX_PASSWORD_CHARS else ""
         ok, wait = self.gate.attempt(client, lambda: bool(given) and hmac.compare_digest(
             given.encode("utf-8", "replace"), self._password.encode()))
-        if not ok and wait > 0:
-            raise reject(f"Admin password: too many wrong attempts from your address; try again in {wait:.0f} s.",
-                         request, "Locked", what="admin unlock")
         if not ok:
-            logger.warning("admin: wrong password from %s%s", client,
-                           f" (locked out for {-wait:.0f} s)" if wait else "")
-            raise gr.Error("Admin password: wrong password.", title="Locked", print_exception=False)
+            if wait > 0:
+                note = f"Admin password: too many wrong attempts from your address; try again in {wait:.0f} s."
+                logger.info("admin: refused an unlock from %s (locked out for %.0f s more)", client, wait)
+            else:
+                note = "Admin password: wrong password."
+                logger.warning("admin: wrong password from %s%s", client,
+                               f" (locked out for {-wait:.0f} s)" if wait else "")
+            return gr.skip(), gr.skip(), gr.skip(), note, gr.skip()
         token = self.gate.open_session(client)
         logger.info("admin: unlocked by %s", client)
         return (token, gr.Column(visible=True), gr.Row(visible=False),

@@ -127,7 +127,7 @@ class Guard:
             await self._answer(scope, receive, send, 421, "This host name is not served here.")
             return
         origin = headers.get("origin")
-        foreign = origin is not None and not same_origin(origin, host)
+        foreign = origin is not None and not same_origin(origin, host) and not self._declared(origin)
         if foreign and (method not in SAFE_METHODS or scope["type"] == "websocket"):
             logger.warning("refused a cross-origin %s %s from %s (Origin %r)", method, path[:100], client,
                            origin[:100])
@@ -169,6 +169,13 @@ class Guard:
             await send(message)
 
         await self.app(scope, receive, guarded_send)
+
+    def _declared(self, origin: str) -> bool:
+        """An origin on a name given with ``--trusted-host`` (a proxy in front may rewrite ``Host`` to
+        127.0.0.1 while the browser's ``Origin`` keeps the public name)."""
+        parts = urlsplit(origin)
+        declared = [h for h in self.trusted if h not in LOCAL_HOSTS and not h.endswith("gradio.live")]
+        return parts.scheme in ("http", "https") and bool(declared) and is_trusted(parts.netloc, declared)
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send, status: int, text: str) -> None:
         if scope["type"] == "websocket":
