@@ -21,7 +21,6 @@ from app_fake_backend import FakeBackend
 from app_launch import app_paths, launched
 from test_app_hostile import call
 
-from webui import admin as admin_mod
 from webui.admin import ADMIN_PASSWORD_ENV, FREE_ATTEMPTS, SESSION_IDLE_S, SESSION_MAX_S, Admin, UnlockGate
 
 
@@ -146,7 +145,7 @@ def test_500_wrong_passwords_do_not_slow_other_users(tmp_path, monkeypatch):
     checked = sum("wrong password" in a for a in answers)  # the password was looked at only this often:
     assert FREE_ATTEMPTS + 1 <= checked <= FREE_ATTEMPTS + 1 + math.log2(1 + attack_s)  # lock-outs 2, 4, 8 s...
     assert sum("too many wrong attempts" in a for a in answers) == 500 - checked
-    p95 = lambda xs: statistics.quantiles(xs, n=20, method="inclusive")[-1] if len(xs) > 1 else xs[0]  # noqa: E731
+    p95 = lambda xs: statistics.quantiles(xs, n=20, method="inclusive")[-1] if len(xs) > 1 else xs[0]
     print(f"\n500 wrong passwords in {attack_s:.1f} s; other users' /jobs latency: baseline median "
           f"{statistics.median(baseline) * 1e3:.0f} ms p95 {p95(baseline) * 1e3:.0f} ms; during the attack "
           f"median {statistics.median(during) * 1e3:.0f} ms p95 {p95(during) * 1e3:.0f} ms ({len(during)} requests)")

@@ -24,7 +24,7 @@ from store.jobs import CRASH_NOTE
 from webui.admin import ADMIN_PASSWORD_ENV, Admin
 
 gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client  # noqa: E402
+from gradio_client import Client
 
 STOP_LIMIT_S = 10.0
 

@@ -12,12 +12,13 @@ private work folder. Every path handed to them is built here; no user text becom
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
-import secrets
 import logging
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -92,7 +93,7 @@ class ProcessSlot:
             except subprocess.TimeoutExpired:
                 logger.warning("the %s process (pid %d) did not stop within %.0f s; killing it", run.kind,
                                run.proc.pid, grace_s)
-                with _suppress_lookup():
+                with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is already gone
                     os.killpg(run.proc.pid, signal.SIGKILL)  # start_new_session: its group id is its pid
                 run.proc.kill()
                 run.proc.wait()
@@ -112,16 +113,6 @@ class ProcessSlot:
     def close(self, grace_s: float = STOP_GRACE_S) -> None:
         if self.current is not None and self.current.proc.poll() is None:
             self.stop(grace_s)
-
-
-class _suppress_lookup:
-    """Ignore ProcessLookupError / PermissionError (the group is already gone)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, *_: Any) -> bool:
-        return kind is not None and issubclass(kind, (ProcessLookupError, PermissionError))
 
 
 class UnlockGate:

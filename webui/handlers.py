@@ -16,8 +16,17 @@ from typing import Any, Iterator
 import gradio as gr
 
 from store.errors import StoreError
-from webui.inputs import (MAX_ITEM_CHARS, MAX_SEARCH_CHARS, MAX_TILES, REFINE_STEPS, FieldError, check_field_text,
-                          dice_seed, parse_explore, parse_int)
+from webui.inputs import (
+    MAX_ITEM_CHARS,
+    MAX_SEARCH_CHARS,
+    MAX_TILES,
+    REFINE_STEPS,
+    FieldError,
+    check_field_text,
+    dice_seed,
+    parse_explore,
+    parse_int,
+)
 from webui.rejects import reject
 from webui.views import Backend, HistoryItem, JobView, Tile
 
