@@ -12,32 +12,53 @@ DEFAULT_MAX_SEEDS = 64
 MAX_PROMPTS = 16
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1  # A1111's range; the store's CPU generator takes any of these
+MAX_SEED_TEXT_CHARS = 10_000  # a seed list as text: checked before it is parsed
 MAX_GUIDANCE = 50.0
 DEFAULT_SOLVER = "consistency"
+QUOTE_CHARS = 40  # how much of a rejected value an error message quotes
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, so an error never echoes a whole input."""
+    text = repr(value[: limit + 1] if isinstance(value, str) else value)
+    return text if len(text) <= limit + 2 else text[:limit] + "…"
+
+
+def check_unicode(text: str, field_name: str) -> str:
+    """``text`` if it is valid Unicode text (no lone surrogate, which no database or file can store)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{field_name} contains an invalid character at position {exc.start} "
+                         "(a lone surrogate); remove it") from None
+    return text
 
 
 def parse_seeds(text: str) -> list[int]:
     """Seeds from ``"0-7"``, ``"1,5,9"`` or mixes such as ``"0-3,10,20-21"`` (ranges inclusive, order kept).
 
     Raises ValueError naming ``seeds`` for anything else (empty parts, reversed ranges, negatives).
+    Linear in the length of ``text``, which is checked against :data:`MAX_SEED_TEXT_CHARS` first.
     """
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"seeds must be like '0-7', '1,5,9' or a mix, got {text!r}")
+        raise ValueError(f"seeds must be like '0-7', '1,5,9' or a mix, got {quote(text)}")
+    if len(text) > MAX_SEED_TEXT_CHARS:
+        raise ValueError(f"seeds: at most {MAX_SEED_TEXT_CHARS} characters, got {len(text)}")
     seeds: list[int] = []
     for part in text.split(","):
         part = part.strip()
         lo, dash, hi = part.partition("-")
-        try:
-            a = int(lo)
-            b = int(hi) if dash else a
-        except ValueError:
-            raise ValueError(f"seeds: cannot read {part!r} in {text!r} (use '0-7', '1,5,9' or a mix)") from None
-        if a < 0 or b < 0:
-            raise ValueError(f"seeds must be non-negative, got {part!r}")
+        lo, hi = lo.strip(), hi.strip()
+        if not lo.isascii() or not lo.isdigit() or (dash and (not hi.isascii() or not hi.isdigit())):
+            raise ValueError(f"seeds: cannot read {quote(part)} (use '0-7', '1,5,9' or a mix)")
+        if len(lo) > 10 or len(hi) > 10:
+            raise ValueError(f"seeds must be in 0..{MAX_SEED}, got {quote(part)}")
+        a = int(lo)
+        b = int(hi) if dash else a
         if b < a:
-            raise ValueError(f"seeds: range {part!r} runs backwards")
+            raise ValueError(f"seeds: range {quote(part)} runs backwards")
         if b - a >= 100_000:
-            raise ValueError(f"seeds: range {part!r} is too long")
+            raise ValueError(f"seeds: range {quote(part)} is too long")
         seeds.extend(range(a, b + 1))
     return seeds
 
@@ -88,6 +109,7 @@ def check_prompts(prompts: Any) -> list[str]:
             raise ValueError(f"prompts[{i}] is empty; every prompt must be non-empty text")
         if len(p) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompts[{i}] is longer than {MAX_PROMPT_CHARS} characters")
+        check_unicode(p, f"prompts[{i}]")
     return list(prompts)
 
 
@@ -100,7 +122,7 @@ def check_seeds(seeds: Any, max_seeds: int) -> list[int]:
         raise ValueError(f"seeds: at most {max_seeds} seeds per request, got {len(seeds)}")
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
-            raise ValueError(f"seeds must be integers in 0..{MAX_SEED}, got {s!r}")
+            raise ValueError(f"seeds must be integers in 0..{MAX_SEED}, got {quote(s)}")
     if len(set(seeds)) != len(seeds):
         raise ValueError("seeds: a seed is listed twice")
     return list(seeds)
@@ -108,18 +130,18 @@ def check_seeds(seeds: Any, max_seeds: int) -> list[int]:
 
 def check_guidance(guidance: Any, field_name: str = "guidance") -> float:
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
-        raise ValueError(f"{field_name} must be a number, got {guidance!r}")
+        raise ValueError(f"{field_name} must be a number, got {quote(guidance)}")
     g = float(guidance)
     if math.isnan(g) or math.isinf(g):
-        raise ValueError(f"{field_name} must be a finite number, got {guidance!r}")
+        raise ValueError(f"{field_name} must be a finite number, got {quote(guidance)}")
     if not 0.0 <= g <= MAX_GUIDANCE:
-        raise ValueError(f"{field_name} must be in 0..{MAX_GUIDANCE:g}, got {guidance!r}")
+        raise ValueError(f"{field_name} must be in 0..{MAX_GUIDANCE:g}, got {quote(guidance)}")
     return g
 
 
 def check_steps(steps: Any, limit: int, field_name: str = "steps") -> int:
     if isinstance(steps, bool) or not isinstance(steps, int):
-        raise ValueError(f"{field_name} must be an integer, got {steps!r}")
+        raise ValueError(f"{field_name} must be an integer, got {quote(steps)}")
     if not 1 <= steps <= limit:
         raise ValueError(f"{field_name} must be in 1..{limit}, got {steps}")
     return steps
@@ -150,16 +172,17 @@ def check_solver(name: Any) -> str:
         except ValueError as exc:
             raise ValueError(f"solver: {exc}") from None
     if not isinstance(name, str) or name not in names:
-        raise ValueError(f"solver must be one of {names} or 'consistency:PATH', got {name!r}")
+        raise ValueError(f"solver must be one of {names} or 'consistency:PATH', got {quote(name)}")
     return name
 
 
 def validate(request: PreviewRequest, model: Any, max_seeds: int = DEFAULT_MAX_SEEDS) -> PreviewRequest:
     """The request with defaults filled in, or one ValueError naming the first bad field. Writes nothing."""
     if not isinstance(request.negative_prompt, str):
-        raise ValueError(f"negative_prompt must be text, got {request.negative_prompt!r}")
+        raise ValueError(f"negative_prompt must be text, got {quote(request.negative_prompt)}")
     if len(request.negative_prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"negative_prompt is longer than {MAX_PROMPT_CHARS} characters")
+    check_unicode(request.negative_prompt, "negative_prompt")
     prompts = check_prompts(request.prompts)
     seeds = check_seeds(request.seeds, max_seeds)
     steps = check_steps(request.steps, MAX_STEPS)

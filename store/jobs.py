@@ -39,6 +39,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "done": frozenset(),
 }
 FINISHED_STATES = ("done", "failed", "cancelled")
+CRASH_NOTE = "the process stopped while it ran"  # recover_interrupted's history note: a crash, not a clean stop
 
 
 @dataclass(frozen=True)
@@ -283,9 +284,10 @@ class JobStore(HistoryStore):
         """On start-up: every ``running`` job becomes ``interrupted`` and is queued again.
 
         Its ``restarts`` count goes up by one and its history shows ``running -> interrupted ->
-        queued``. A job whose cancel was requested ends ``cancelled`` instead, and one interrupted
-        more than ``max_restarts`` times ends ``failed`` (so a job that crashes the process cannot
-        loop forever). One transaction for all. Call it once, while no worker of this database is
+        queued``. A job whose cancel was requested ends ``cancelled`` instead, and one found running
+        after more than ``max_restarts`` crashes ends ``failed`` (so a job that crashes the process
+        cannot loop forever). Only crashes count toward that limit: a clean shutdown
+        (:meth:`interrupt_job`, e.g. SIGTERM) is an interruption, not the job's failure. One transaction for all. Call it once, while no worker of this database is
         running (the app lock guarantees that). Returns the ids queued again.
         """
         _check_max_restarts(max_restarts)
@@ -294,7 +296,7 @@ class JobStore(HistoryStore):
             ids = [r[0] for r in db.execute("SELECT id FROM refine_jobs WHERE state = 'running' ORDER BY id")]
             for job_id in ids:
                 job = self._job_row(db, job_id)
-                if self._interrupt(db, job, "the process stopped while it ran", max_restarts) == "queued":
+                if self._interrupt(db, job, CRASH_NOTE, max_restarts, crashes_only=True) == "queued":
                     requeued.append(job_id)
         return requeued
 
@@ -323,11 +325,13 @@ class JobStore(HistoryStore):
             return self._interrupt(db, job, note, max_restarts)
 
     def _interrupt(
-        self, db: sqlite_utils.Database, job: Mapping[str, Any], note: str, max_restarts: int | None
+        self, db: sqlite_utils.Database, job: Mapping[str, Any], note: str, max_restarts: int | None,
+        crashes_only: bool = False,
     ) -> str:
         """running -> interrupted (restarts + 1) -> queued | cancelled | failed, in the caller's transaction.
 
-        Returns the state the job ends in.
+        ``max_restarts`` limits all interruptions, or with ``crashes_only`` those whose history note is
+        :data:`CRASH_NOTE` (this one included). Returns the state the job ends in.
         """
         job_id = job["id"]
         restarts = job["restarts"] + 1
@@ -336,9 +340,14 @@ class JobStore(HistoryStore):
         if job["cancel_requested"]:
             self._move(db, job, "cancelled", "cancel was requested before the restart", finished_at=utc_now())
             return "cancelled"
-        if max_restarts is not None and restarts > max_restarts:
+        counted = restarts
+        if crashes_only:
+            counted = db.execute("SELECT count(*) FROM refine_job_events WHERE job_id = ? AND to_state = 'interrupted' "
+                                 "AND note = ?", [job_id, CRASH_NOTE]).fetchone()[0]
+        if max_restarts is not None and counted > max_restarts:
             self._move(db, job, "failed", f"interrupted {restarts} times", finished_at=utc_now(),
-                       error=f"interrupted by {restarts} restarts; not retried automatically")
+                       error=f"interrupted by {restarts} restarts ({counted} of them counted against the limit "
+                             f"of {max_restarts}); not retried automatically")
             return "failed"
         self._move(db, job, "queued", "queued again after restart", progress_step=0, device=None)
         return "queued"

@@ -36,6 +36,7 @@ class FakeBackend:
         self.previews: dict[int, tuple[ExploreSettings, str, int]] = {}
         self.jobs_: dict[int, dict] = {}
         self.calls: list[str] = []
+        self.owners: dict[int, str] = {}  # preview id -> owner (jobs carry their preview's owner)
 
     def solvers(self) -> list[str]:
         return ["consistency", "ddim", "unipc"]
@@ -62,6 +63,7 @@ class FakeBackend:
                 with self.lock:
                     pid = len(self.previews) + 1
                     self.previews[pid] = (settings, prompt, seed)
+                    self.owners[pid] = owner
                 out.append(Tile(pid, prompt, seed, self._png(f"preview-{pid}.png", prompt, seed, settings)))
             yield out
 
@@ -70,6 +72,8 @@ class FakeBackend:
         for pid in preview_ids:
             if pid not in self.previews:
                 raise ValueError(f"preview {pid} does not exist")
+            if self.owners.get(pid, owner) != owner:
+                raise ValueError(f"Selection: preview {pid} is not yours")
         ids = []
         for pid in preview_ids:
             with self.lock:
@@ -93,7 +97,9 @@ class FakeBackend:
 
     def jobs(self, owner: str, limit: int = 50) -> list[JobView]:
         out = []
-        for jid, j in sorted(self.jobs_.items(), reverse=True)[:limit]:
+        mine = [(jid, j) for jid, j in sorted(self.jobs_.items(), reverse=True)
+                if self.owners.get(j["preview_id"], owner) == owner]
+        for jid, j in mine[:limit]:
             settings, prompt, seed = self.previews[j["preview_id"]]
             done = j["state"] == "done"
             out.append(JobView(jid, j["state"], j["step"], j["total"], 1.0, prompt, seed, j["preview_id"],
@@ -105,15 +111,19 @@ class FakeBackend:
     def cancel(self, job_id: int, owner: str) -> str:
         if job_id not in self.jobs_:
             raise ValueError(f"Job id: no job #{job_id}")
+        if self.owners.get(self.jobs_[job_id]["preview_id"], owner) != owner:
+            raise ValueError(f"Job id: job #{job_id} is not yours")
         self.jobs_[job_id]["state"] = "cancelled"
         return "cancelled"
 
     def history(self, query: str, owner: str, limit: int = 48) -> list[HistoryItem]:
         items = []
         for jid, j in sorted(self.jobs_.items(), reverse=True):
-            if j["state"] == "done":
+            if j["state"] == "done" and self.owners.get(j["preview_id"], owner) == owner:
                 items.append(self.history_item(f"final:{jid}", owner))
         for pid in sorted(self.previews, reverse=True):
+            if self.owners.get(pid, owner) != owner:
+                continue
             items.append(self.history_item(f"preview:{pid}", owner))
         return [it for it in items if query.lower() in it.settings.prompts[0].lower()][:limit]
 
@@ -161,5 +171,5 @@ class FakeBackend:
     def solver_status(self) -> str:
         return "ConsistencySolver, not yet trained for this model: runs DPM-Solver-2"
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
         pass

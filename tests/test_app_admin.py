@@ -24,6 +24,7 @@ def admin(tmp_path, monkeypatch):
     monkeypatch.setenv(ADMIN_PASSWORD_ENV, "pw")
     paths = app_paths(tmp_path)
     a = Admin(paths.db, paths.work, paths.exports, None, FakeBackend(paths.exports))
+    a.token = a.unlock("pw")[0]
     yield a
     a.close()
 
@@ -61,11 +62,11 @@ def _accepted_by_cli(argv: list[str], monkeypatch) -> None:
 def test_admin_commands_are_accepted_by_the_training_clis(admin, monkeypatch):
     seen = _capture_argv(admin, monkeypatch)
     with pytest.raises(Captured):
-        admin.build_dataset(True, "a red circle\na blue square", 2)
+        admin.build_dataset(admin.token, "a red circle\na blue square", 2)
     with pytest.raises(Captured):
-        admin.start_ppo(True, 1, 5, "psnr + 10*gms")
+        admin.start_ppo(admin.token, 1, 5, "psnr + 10*gms")
     with pytest.raises(Captured):
-        next(admin.evaluate(True, "a green triangle", "3,4", 1))
+        next(admin.evaluate(admin.token, "a green triangle", "3,4", 1))
     assert [a[2] for a in seen] == ["training.dataset", "training.train", "training.evaluate"]
     for argv in seen:
         assert str(admin.db) in argv  # every child writes to the app's store
@@ -75,17 +76,17 @@ def test_admin_commands_are_accepted_by_the_training_clis(admin, monkeypatch):
 
 
 @pytest.mark.parametrize("call, field", [
-    (lambda a: a.build_dataset(True, "  \n", 2), "Training prompts"),
-    (lambda a: a.build_dataset(True, "x", 0), "Seeds per prompt"),
-    (lambda a: a.start_ppo(True, None, 5), "Dataset"),
-    (lambda a: a.start_ppo(True, 7, 5), "Dataset"),
-    (lambda a: a.start_ppo(True, 1, 0), "Updates"),
-    (lambda a: a.start_ppo(True, 1, 5, "psnr+rm -rf"), "Reward"),
-    (lambda a: next(a.evaluate(True, "x", "0,3", 1)), "Steps"),
-    (lambda a: next(a.evaluate(True, "", "3", 1)), "Held-out prompts"),
-    (lambda a: a.activate(True, 2), "Checkpoint id"),
-    (lambda a: a.assign(True, 2), "Checkpoint id"),
-    (lambda a: a.assign(True, "x"), "Checkpoint id"),
+    (lambda a: a.build_dataset(a.token, "  \n", 2), "Training prompts"),
+    (lambda a: a.build_dataset(a.token, "x", 0), "Seeds per prompt"),
+    (lambda a: a.start_ppo(a.token, None, 5), "Dataset"),
+    (lambda a: a.start_ppo(a.token, 7, 5), "Dataset"),
+    (lambda a: a.start_ppo(a.token, 1, 0), "Updates"),
+    (lambda a: a.start_ppo(a.token, 1, 5, "psnr+rm -rf"), "Reward"),
+    (lambda a: next(a.evaluate(a.token, "x", "0,3", 1)), "Steps"),
+    (lambda a: next(a.evaluate(a.token, "", "3", 1)), "Held-out prompts"),
+    (lambda a: a.activate(a.token, 2), "Checkpoint id"),
+    (lambda a: a.assign(a.token, 2), "Checkpoint id"),
+    (lambda a: a.assign(a.token, "x"), "Checkpoint id"),
 ])
 def test_bad_admin_input_names_the_field_and_starts_nothing(admin, call, field):
     with pytest.raises(gr.Error, match=field):
@@ -103,5 +104,5 @@ def test_background_process_never_blocks_and_stops_on_request(admin):
     while "working" not in admin.slot.status() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "running" in admin.slot.status() and "working" in admin.slot.status()
-    assert "Stopped the ppo process" in admin.stop(True)
+    assert "Stopped the ppo process" in admin.stop(admin.token)
     assert run.proc.poll() is not None and "finished with exit code" in admin.slot.status()

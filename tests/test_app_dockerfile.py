@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import tomllib
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -69,13 +70,20 @@ def test_dockerfile_runs_the_app_as_a_non_root_user_with_the_db_on_the_volume(in
     assert users and users[-1] not in ("root", "0"), "the app must not run as root"
 
     cmd = json.loads(instructions[cmd_at][1])  # exec form, so signals reach Python
-    assert cmd[0].startswith("python") and cmd[1] == "app.py"
+    # The console script pip installs from pyproject.toml, and it is the app's main().
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    assert scripts.get(cmd[0]) == "webui.app:main"
     workdir = PurePosixPath([a for i, a in instructions[:cmd_at] if i == "WORKDIR"][-1])
     copies = [a.split() for i, a in instructions if i == "COPY"]
     assert any(c[-2:] == [".", "."] for c in copies), "the repository is copied into WORKDIR"
-    assert (REPO / cmd[1]).is_file() and workdir.is_absolute()
+    assert workdir.is_absolute()
+    assert any("pip install" in a and a.rstrip().endswith(".") for i, a in instructions if i == "RUN")
+    # An init as PID 1 forwards SIGTERM (docker stop) and reaps zombies; it is installed by apt.
+    entry = [json.loads(a) for i, a in instructions if i == "ENTRYPOINT"]
+    assert entry and entry[-1][0].endswith("/tini") and entry[-1][1:] == ["--"]
+    assert any("apt-get install" in a and " tini" in a for i, a in instructions if i == "RUN")
 
-    args = app.parse_args(cmd[2:])  # SystemExit on an unknown flag or a bad value
+    args = app.parse_args(cmd[1:])  # SystemExit on an unknown flag or a bad value
     assert args.host == "0.0.0.0" and args.share is False  # inside a container; publish the port on localhost
     exposed = {int(p.split("/")[0]) for i, a in instructions if i == "EXPOSE" for p in a.split()}
     assert args.port in exposed

@@ -250,3 +250,44 @@ def test_browser_preview_and_refine(real_app):
             page.screenshot(path=str(ARTIFACTS / "app-admin.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_16_concurrent_users_get_no_errors(real_app):
+    """Load, bounded: 16 users on loopback each preview a grid of two new seeds (noise rows are written
+    concurrently), search and poll jobs through raw HTTP. 0 errors; the store's integrity_check is ok."""
+    import json
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_app_hostile import call
+
+    url, backend, _tmp = real_app
+    h, w = backend.default_size
+    errors: list[str] = []
+    preview_s: list[float] = []
+
+    def user(u: int) -> None:
+        for k in range(1):
+            body = json.dumps({"data": [f"user {u} shape {k}", "", 2, 1000 + 10 * u + 2 * k, "", 4, "ddim",
+                                        backend.default_guidance, w, h, 10]})
+            event, data, took = call(url, "preview", body, timeout=120)
+            if event != "complete":
+                errors.append(f"preview {u}/{k}: {event} {data}")
+            preview_s.append(took)
+        for api, payload in (("search_history", [f"user {u}"]), ("jobs", [])):
+            event, data, _ = call(url, api, json.dumps({"data": payload}), timeout=60)
+            if event != "complete":
+                errors.append(f"{api} {u}: {event} {data}")
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        for f in [pool.submit(user, u) for u in range(16)]:
+            f.result()
+    wall = time.perf_counter() - t0
+    p95 = statistics.quantiles(preview_s, n=20, method="inclusive")[-1]
+    print(f"\n16 users, {len(preview_s)} previews in {wall:.1f} s: {len(errors)} errors; preview latency median "
+          f"{statistics.median(preview_s):.2f} s, p95 {p95:.2f} s, max {max(preview_s):.2f} s")
+    assert errors == []
+    assert backend.store.integrity_check() == ["ok"]
+    n = backend.store.query_one("SELECT count(*) AS n FROM noise WHERE seed BETWEEN 1000 AND 1200")["n"]
+    assert n == 16 * 2

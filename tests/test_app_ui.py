@@ -141,11 +141,13 @@ def test_admin_endpoints_are_private_and_locked(served, tmp_path, monkeypatch):
         admin.unlock("anything")
     monkeypatch.setenv(ADMIN_PASSWORD_ENV, "s3cret")
     admin = Admin(paths.db, paths.work, paths.exports, None, backend)
-    with pytest.raises(gr.Error, match="unlock"):
-        admin.start_ppo(False, 1, 10)
-    with pytest.raises(gr.Error, match="wrong password"):
-        admin.unlock("guess")
-    assert admin.unlock("s3cret")[0] is True
+    for forged in (False, True, None, "a-guessed-token"):
+        with pytest.raises(gr.Error, match="unlock"):
+            admin.start_ppo(forged, 1, 10)
+    refused = admin.unlock("guess")
+    assert refused[3] == "Admin password: wrong password." and refused[0] == gr.skip()  # nothing unlocked
+    token = admin.unlock("s3cret")[0]
+    assert isinstance(token, str) and len(token) >= 32 and admin.gate.alive(token)
     assert admin.slot.current is None  # nothing was started by the refused calls
 
 

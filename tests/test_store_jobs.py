@@ -156,11 +156,14 @@ def test_interrupt_job_requeues_like_recover_interrupted(s: store.Store) -> None
     with pytest.raises(ValueError, match="max_restarts"):
         s.interrupt_job(other, max_restarts=-1)
     assert s.get_job(other).state == "running"
-    # The same restart count as a crash: recover_interrupted sees restarts 1 -> 2 > max_restarts 1.
+    # A clean shutdown is not the job's fault: only crashes count toward recover_interrupted's limit.
     s.claim_job(a, "cpu")
-    assert s.recover_interrupted(max_restarts=1) == [other]
+    assert s.recover_interrupted(max_restarts=1) == [a, other]  # a: 1 clean stop + 1 crash, restarts 2
+    assert (s.get_job(a).state, s.get_job(a).restarts) == ("queued", 2)
+    s.claim_job(a, "cpu")
+    assert s.recover_interrupted(max_restarts=1) == []  # the second crash is one too many
     job = s.get_job(a)
-    assert (job.state, job.restarts) == ("failed", 2) and "2 restarts" in job.error
+    assert (job.state, job.restarts) == ("failed", 3) and "3 restarts (2 of them counted" in job.error
     # A requested cancel wins, and interrupt_job has its own optional limit.
     s.claim_job(other, "cpu")
     s.request_cancel(other)

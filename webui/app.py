@@ -20,14 +20,17 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import argparse
 import logging
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import gradio as gr
 
 from runtime.cli import DB_HELP, add_db_option, add_model_options, load_options
 from webui.admin import ADMIN_PASSWORD_ENV, MODEL_DEFAULT, Admin, reward_choices
+from webui.guard import guarded_app, trusted_hosts
 from webui.handlers import Handlers
 from webui.inputs import DEFAULT_REFINE_STEPS, MAX_PROMPTS, PREVIEW_STEPS
 from webui.views import Backend
@@ -58,6 +61,17 @@ class AppPaths:
         cache_root = Path(cache_root).expanduser().resolve()
         return cls(db=db_path, exports=cache_root / "exports", gradio_tmp=cache_root / "gradio",
                    work=db_path.parent / "diffusion-preview-work")
+
+    def check(self) -> None:
+        """Refuse, before any folder is created, a database inside a served folder or in a place the store
+        cannot write (a read-only folder): one :class:`store.errors.StoreError` sentence."""
+        from store.connection import check_location
+        from store.errors import StoreError
+
+        for served in (self.exports, self.gradio_tmp):
+            if self.db.is_relative_to(served) or self.work.is_relative_to(served):
+                raise StoreError(f"--db: {self.db} is inside the served folder {served}; put the database elsewhere")
+        check_location(self.db, [self.exports, self.gradio_tmp])
 
     def prepare(self) -> None:
         """Create the folders and refuse a database inside a served folder."""
@@ -156,7 +170,7 @@ def history_tab() -> SimpleNamespace:
 def admin_tab(admin: Admin) -> SimpleNamespace:
     """Password, dataset, PPO run with its live reward plot, checkpoints, evaluation."""
     with gr.Tab("Admin", id="admin"):
-        unlocked = gr.State(False)
+        unlocked = gr.State(None)  # the admin session token (webui.admin.UnlockGate), None while locked
         if not admin.enabled:
             gr.Markdown(f"**Admin is disabled.** Set the environment variable `{ADMIN_PASSWORD_ENV}` "
                         "and restart the app to enable dataset building, PPO training and checkpoints.")
@@ -165,7 +179,9 @@ def admin_tab(admin: Admin) -> SimpleNamespace:
             unlock_btn = gr.Button("Unlock", elem_id="unlock-btn", scale=0)
         lock_note = gr.Markdown()
         with gr.Column(visible=False) as panel:
-            proc_status = gr.Markdown(elem_id="admin-proc")
+            with gr.Row():
+                proc_status = gr.Markdown(elem_id="admin-proc")
+                logout_btn = gr.Button("Lock (log out)", size="sm", scale=0, elem_id="logout-btn")
             with gr.Accordion("1. Offline dataset", open=True):
                 ds_prompts = gr.Textbox(label="Training prompts (one per line)", lines=4)
                 with gr.Row():
@@ -201,9 +217,12 @@ def admin_tab(admin: Admin) -> SimpleNamespace:
     return SimpleNamespace(**locals())
 
 
-def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
-    """The four tabs and their wiring. Every listener has an api_name; admin ones are private."""
-    h = Handlers(backend)
+def build_demo(backend: Backend, admin: Admin, user_header: str | None = None) -> gr.Blocks:
+    """The four tabs and their wiring. Every listener has an api_name; admin ones are private.
+
+    ``user_header``: multi-user mode behind a reverse proxy; each request's owner is that header.
+    """
+    h = Handlers(backend, user_header)
     # delete_cache: Gradio's copies of served PNGs older than a day go, hourly (the store keeps the originals).
     with gr.Blocks(title="Diffusion Preview", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## Diffusion Preview  \nModel: `{backend.model_name}` · previews are few-step estimates "
@@ -219,7 +238,8 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
         ex.dice.click(h.dice, None, [ex.seed_start, ex.seed_list], api_name="dice", queue=False)
         preview = ex.preview_btn.click(
             h.preview, ex.fields, [ex.gallery, ex.snapshot, ex.selection, ex.status], api_name="preview",
-            concurrency_limit=8, concurrency_id="preview", trigger_mode="once", show_progress="minimal")
+            concurrency_limit=8, concurrency_id="preview", trigger_mode="once", show_progress="minimal",
+            preprocess=False)  # raw values: webui.inputs checks each (text for a Number, NaN...) with one message
         preview.then(h.search, hi.query, history_out, api_name="history_after_preview", **private)
         # Stop ends the stream between chunks; the engine then drops the chunks not yet started.
         ex.stop_btn.click(None, None, None, cancels=[preview], api_name="stop_preview", **private)
@@ -228,7 +248,7 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
         ex.all_btn.click(h.select_all, ex.snapshot, ex.selection, api_name="select_all", queue=False)
         ex.clear_btn.click(lambda: gr.Dropdown(value=[]), None, ex.selection, api_name="clear_selection", queue=False)
         ex.refine_btn.click(h.refine, [ex.selection, ex.snapshot, ex.refine_steps], ex.refine_status,
-                            api_name="refine", trigger_mode="once"
+                            api_name="refine", trigger_mode="once", preprocess=False
                             ).then(h.jobs, rf.signature, jobs_out, api_name="jobs_after_refine", **private)
 
         # Refine: polled from the store; the Refresh button is the public endpoint.
@@ -236,7 +256,8 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
                       **private)
         rf.refresh_btn.click(h.jobs_now, None, jobs_out, api_name="jobs", **reads)
         demo.load(h.jobs, rf.signature, jobs_out, api_name="jobs_on_load", **private)
-        rf.cancel_btn.click(h.cancel, rf.cancel_id, rf.cancel_status, api_name="cancel_job")
+        rf.cancel_btn.click(h.cancel, rf.cancel_id, rf.cancel_status, api_name="cancel_job",
+                            preprocess=False)  # the handler checks the raw id: text, NaN, 2**63 -> one message
 
         # History.
         gr.on([hi.search_btn.click, hi.query.submit], h.search, hi.query, history_out, api_name="search_history",
@@ -246,10 +267,13 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
         hi.send_btn.click(h.send_to_explore, hi.item, ex.fields + [tabs], api_name="send_to_explore")
         hi.png_btn.click(h.png, hi.item, hi.png_file, api_name="history_png")
 
-        # Admin: private endpoints; every handler re-checks the session's unlock flag.
-        gr.on([ad.unlock_btn.click, ad.password.submit], admin.unlock, [ad.password],
-              [ad.unlocked, ad.panel, ad.lock_row, ad.lock_note, ad.timer], concurrency_limit=1,
+        # Admin: private endpoints; every handler re-checks the session token. The unlock answers at once
+        # (no sleep; wrong passwords back off per client) and bypasses the queue, so it cannot fill it.
+        lock_outputs = [ad.unlocked, ad.panel, ad.lock_row, ad.lock_note, ad.timer]
+        gr.on([ad.unlock_btn.click, ad.password.submit], admin.unlock, [ad.password], lock_outputs, queue=False,
               api_name="admin_unlock", **private)
+        ad.logout_btn.click(admin.logout, [ad.unlocked], lock_outputs, queue=False, api_name="admin_logout",
+                            **private)
         ad.ds_btn.click(admin.build_dataset, [ad.unlocked, ad.ds_prompts, ad.ds_seeds], ad.proc_status,
                         api_name="admin_build_dataset", **private)
         ad.ppo_btn.click(admin.start_ppo, [ad.unlocked, ad.ppo_dataset, ad.ppo_updates, ad.ppo_reward], ad.proc_status,
@@ -266,8 +290,14 @@ def build_demo(backend: Backend, admin: Admin) -> gr.Blocks:
     return demo
 
 
-def launch_kwargs(paths: AppPaths, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False) -> dict:
-    """The launch settings that keep file access minimal; tests launch with the same ones."""
+def launch_kwargs(paths: AppPaths, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+                  trusted: list[str] | tuple[str, ...] = (), stopping: threading.Event | None = None,
+                  user_header: str | None = None, auth: Any = None) -> dict:
+    """The launch settings that keep file access minimal; tests launch with the same ones.
+
+    The app is a :func:`webui.guard.guarded_app`: requests naming an untrusted Host, cross-origin
+    writes, uploads and the monitoring pages are refused before Gradio sees them.
+    """
     blocked = [str(paths.db), str(paths.db) + "-wal", str(paths.db) + "-shm", str(paths.work)]
     return dict(
         server_name=host,
@@ -281,6 +311,8 @@ def launch_kwargs(paths: AppPaths, host: str = "127.0.0.1", port: int | None = 7
         footer_links=["api"],
         css_paths=[STATIC / "app.css"],
         js=(STATIC / "app.js").read_text(encoding="utf-8"),
+        _app=guarded_app(trusted_hosts(host, trusted, share), stopping, user_header),
+        auth=auth,
     )
 
 
@@ -292,7 +324,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="open a public gradio.live link for 72 h (off by default)")
+    p.add_argument("--trusted-host", action="append", default=[], metavar="NAME",
+                   help="a host name (or *.domain) browsers may use to reach the app, besides localhost and "
+                   "--host; repeat or separate with commas. Needed with --host 0.0.0.0 for names other than "
+                   "localhost (DNS-rebinding protection)")
+    u = p.add_argument_group("multi-user mode (each user sees and cancels only their own jobs and history)")
+    u.add_argument("--auth-file", default=None, metavar="PATH",
+                   help="Gradio login: a file of 'name:password' lines (# comments)")
+    u.add_argument("--user-header", default=None, metavar="NAME",
+                   help="the header an authenticating reverse proxy sets to the user's name (e.g. "
+                   "X-Forwarded-User); requests without it are refused. Bind to 127.0.0.1 behind the proxy")
+    p.add_argument("--check-db", choices=("quick", "full", "off"), default="quick",
+                   help="at start: quick = PRAGMA quick_check (default); full = integrity_check and every stored "
+                   "image, noise and checkpoint hash (reads the whole database); off")
     return p.parse_args(argv)
+
+
+def read_auth_file(path: str | Path) -> Any:
+    """Gradio's ``auth`` callable from a file of ``name:password`` lines (blank lines and # comments skipped).
+
+    :raises ValueError: naming the file and line of a malformed entry.
+    """
+    import hmac
+
+    users: dict[str, str] = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, sep, password = line.partition(":")
+        if not sep or not name.strip() or not password or len(name.strip()) > 100:
+            raise ValueError(f"--auth-file: line {n} of {path} is not 'name:password'")
+        users[name.strip()] = password
+    if not users:
+        raise ValueError(f"--auth-file: {path} names no user")
+
+    def check(name: str, password: str) -> bool:
+        known = users.get(str(name)[:100])
+        return known is not None and hmac.compare_digest(str(password)[:1000].encode(), known.encode())
+
+    return check
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -301,25 +371,45 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Gradio self-request otherwise
     from store.errors import StoreError
     from webui.backend import EngineBackend  # heavy imports (torch, the model) after argument parsing
+    from webui.shutdown import TRAINER_GRACE_S, WORKER_GRACE_S, GracefulStop
 
     paths = AppPaths.default(args.db)
+    try:
+        paths.check()
+        auth = read_auth_file(args.auth_file) if args.auth_file else None
+    except (StoreError, ValueError, OSError) as exc:
+        sys.exit(f"error: {exc}")
+    if args.user_header and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("--user-header trusts whoever sets %s: bind to 127.0.0.1 behind the proxy", args.user_header)
     paths.prepare()
+    stop = GracefulStop().install()  # SIGTERM / SIGINT from here on only ask for a clean stop
     if args.host not in ("127.0.0.1", "localhost", "::1") or args.share:
         logger.warning("the app is reachable from other machines (host %s, share %s); it has no user login",
                        args.host, args.share)
     try:
         backend = EngineBackend.open(model=args.model, db=paths.db, exports=paths.exports, devices=args.device,
-                                     forbid_under=[paths.exports, paths.gradio_tmp], options=load_options(args))
+                                     forbid_under=[paths.exports, paths.gradio_tmp], options=load_options(args),
+                                     check=args.check_db)
     except (ValueError, OSError, StoreError) as exc:
         sys.exit(f"error: {exc}")
     admin = Admin(db=paths.db, work=paths.work, exports=paths.exports, model=args.model, backend=backend)
-    demo = build_demo(backend, admin)
+    demo = build_demo(backend, admin, args.user_header)
     demo.queue(max_size=128, default_concurrency_limit=4)
     try:
-        demo.launch(**launch_kwargs(paths, args.host, args.port, args.share))
+        if not stop.requested.is_set():  # a signal during the model load: stop without serving
+            demo.launch(prevent_thread_lock=True,
+                        **launch_kwargs(paths, args.host, args.port, args.share, args.trusted_host, stop.stopping,
+                                        args.user_header, auth))
+            stop.wait()
     finally:
-        admin.close()
-        backend.close()
+        stop.shutdown([
+            ("stopping the training process", lambda left: admin.close(min(TRAINER_GRACE_S, left))),
+            ("stopping the device worker and closing the store",
+             lambda left: backend.close(min(WORKER_GRACE_S, left))),
+            ("closing the web server", lambda left: demo.close()),
+        ])
+    logging.shutdown()
+    os._exit(0)  # every resource is closed; leftover request threads must not hold the exit past the budget
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ class EngineBackend:
     @classmethod
     def open(cls, model: str | None = None, db: Path | None = None, exports: Path = Path("exports"),
              devices: str | None = None, forbid_under: list[Path] | None = None,
-             chunk_size: int | None = None, options: Any = None) -> "EngineBackend":
+             chunk_size: int | None = None, options: Any = None, check: str = "quick") -> "EngineBackend":
         """Open the store (refusing a served folder), start one device worker per device, resume jobs."""
         # Import the engine (and through torchmetrics, transformers) on this thread BEFORE the worker
         # thread starts loading the model: two threads importing transformers' lazy modules at once
@@ -75,7 +75,7 @@ class EngineBackend:
         from runtime.worker import DeviceWorker, WorkerPool
         from store import open_store
 
-        store = open_store(db, forbid_under=forbid_under or [exports], app_lock=True)
+        store = open_store(db, forbid_under=forbid_under or [exports], app_lock=True, check=check)
         names = _devices(devices)
         if len(names) == 1:
             executor: Any = DeviceWorker(factory=lambda: load_model(model, device=names[0], options=options),
@@ -94,8 +94,20 @@ class EngineBackend:
             logger.info("re-queued refine jobs interrupted by the last shutdown: %s", requeued)
         return backend
 
-    def close(self) -> None:
-        self.executor.close()
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the device worker(s) after their current unit of work, then close the store.
+
+        A refine job the worker was running is interrupted by the worker (``interrupted`` -> ``queued``,
+        its step finished first); one still ``running`` after ``timeout`` (a worker stuck in a long unit) is
+        marked the same way here, so a clean stop never counts as a crash at the next start.
+        """
+        self.executor.close(timeout)
+        try:
+            for job in self.store.list_jobs(states=["running"], owner=None, limit=10_000):
+                state = self.store.interrupt_job(job.id, note="the app stopped while it ran")
+                logger.info("refine job %d was still running at shutdown; it is %s", job.id, state)
+        except Exception:  # noqa: BLE001 - the next start's recovery re-queues it anyway
+            logger.warning("could not mark the running refine jobs interrupted at shutdown", exc_info=True)
         self.store.close()
 
     def prune_exports(self, max_age_s: float = EXPORT_MAX_AGE_S) -> int:

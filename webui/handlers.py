@@ -15,7 +15,19 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from webui.inputs import REFINE_STEPS, FieldError, dice_seed, parse_explore, parse_int
+from store.errors import StoreError
+from webui.inputs import (
+    MAX_ITEM_CHARS,
+    MAX_SEARCH_CHARS,
+    MAX_TILES,
+    REFINE_STEPS,
+    FieldError,
+    check_field_text,
+    dice_seed,
+    parse_explore,
+    parse_int,
+)
+from webui.rejects import reject
 from webui.views import Backend, HistoryItem, JobView, Tile
 
 logger = logging.getLogger(__name__)
@@ -25,14 +37,24 @@ LOCAL_OWNER = "local"
 _REF = re.compile(r"(preview|final):(\d{1,18})")
 
 
-def owner_of(request: gr.Request | None) -> str:
-    """The row owner: the logged-in user when auth is on, else the single local user."""
+MAX_OWNER_CHARS = 100
+
+
+def owner_of(request: gr.Request | None, user_header: str | None = None) -> str:
+    """The row owner: the user a trusted reverse proxy names in ``user_header`` (multi-user mode), else
+    the logged-in user when Gradio auth is on, else the single local user."""
+    if user_header:
+        headers = getattr(request, "headers", None) or {}
+        name = str(headers.get(user_header.lower()) or headers.get(user_header) or "").strip()
+        if not name or len(name) > MAX_OWNER_CHARS or not name.isprintable():
+            raise reject(f"User: the request carries no valid {user_header} header.", request, "Not signed in")
+        return name
     name = getattr(request, "username", None) if request is not None else None
     return name or LOCAL_OWNER
 
 
-def _error(exc: Exception) -> gr.Error:
-    return gr.Error(str(exc), title="Check the input")
+def _error(exc: Exception, request: gr.Request | None = None) -> gr.Error:
+    return reject(exc, request)
 
 
 def tile_caption(tile: Tile) -> str:
@@ -47,8 +69,13 @@ def tile_label(i: int, tile: Tile) -> str:
 class Handlers:
     """Event functions bound to one backend (shared by every session; per-session data is gr.State)."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, user_header: str | None = None) -> None:
         self.backend = backend
+        self.user_header = user_header
+
+    def owner(self, request: gr.Request | None) -> str:
+        """Who this request acts for: each user sees and cancels only their own rows."""
+        return owner_of(request, self.user_header)
 
     # --- Explore ------------------------------------------------------------------------------
     def dice(self) -> tuple[int, str]:
@@ -82,8 +109,8 @@ class Handlers:
                 refine_steps, solvers=b.solvers(), max_size=b.max_size,
             )
         except FieldError as exc:
-            raise _error(exc) from None
-        owner = owner_of(request)
+            raise _error(exc, request) from None
+        owner = self.owner(request)
         run = uuid.uuid4().hex[:8]
         total = len(settings.prompts) * len(settings.seeds)
         tiles: list[Tile] = []
@@ -97,8 +124,8 @@ class Handlers:
                 if now - last >= STREAM_MIN_INTERVAL_S and len(tiles) < total:
                     yield self._grid(run, tiles, f"{len(tiles)} / {total} previews…", first=last == 0.0)
                     last = now
-        except ValueError as exc:
-            raise _error(exc) from None
+        except (ValueError, StoreError) as exc:
+            raise _error(exc, request) from None
         ran = f" {b.solver_status()}." if settings.solver == "consistency" else ""  # which policy, in words
         yield self._grid(run, tiles, f"{len(tiles)} previews in {time.monotonic() - t0:.1f} s.{ran} "
                                      "Click tiles to select them, then press Refine.", first=last == 0.0)
@@ -130,28 +157,30 @@ class Handlers:
     def refine(self, selected: list[str] | None, snapshot: dict | None, refine_steps: float,
                request: gr.Request) -> str:
         """Queue one refine job per selected tile; ids come from the rendered snapshot, re-read by the backend."""
-        if not snapshot or not snapshot.get("tiles"):
-            raise gr.Error("Selection: preview a grid first, then select tiles to refine.", title="Nothing to refine")
+        if not isinstance(snapshot, dict) or not snapshot.get("tiles"):
+            raise reject("Selection: preview a grid first, then select tiles to refine.", request, "Nothing to refine")
         if not selected:
-            raise gr.Error("Selection: select at least one tile (click it in the grid).", title="Nothing to refine")
+            raise reject("Selection: select at least one tile (click it in the grid).", request, "Nothing to refine")
+        if not isinstance(selected, list) or len(selected) > MAX_TILES:
+            raise reject(f"Selection: at most {MAX_TILES} tiles.", request)
         preview_ids = []
         for value in selected:
-            run, _, index = str(value).partition(":")
+            run, _, index = str(value)[:40].partition(":")
             if run != snapshot["run"] or not index.isdigit() or int(index) >= len(snapshot["tiles"]):
-                raise gr.Error("Selection: the grid changed since you selected; select the tiles again.")
+                raise reject("Selection: the grid changed since you selected; select the tiles again.", request)
             preview_ids.append(int(snapshot["tiles"][int(index)]["preview_id"]))
         try:
             steps = parse_int(refine_steps, "Refine steps", *REFINE_STEPS)
-            job_ids = self.backend.refine(preview_ids, steps, owner_of(request))
-        except ValueError as exc:
-            raise _error(exc) from None
+            job_ids = self.backend.refine(preview_ids, steps, self.owner(request))
+        except (ValueError, StoreError) as exc:
+            raise _error(exc, request) from None
         gr.Info(f"Queued {len(job_ids)} refine job(s); follow them in the Refine tab.")
         return f"Queued refine job(s) {', '.join('#' + str(j) for j in job_ids)} — see the Refine tab."
 
     # --- Refine -------------------------------------------------------------------------------
     def jobs(self, signature: str | None, request: gr.Request) -> tuple[Any, Any, str]:
         """The job list (HTML with progress bars) and the finals beside their previews; skipped if unchanged."""
-        views = self.backend.jobs(owner_of(request))
+        views = self.backend.jobs(self.owner(request))
         # Consistency is stored just after a job turns done: its arrival must change the signature too.
         sig = repr([(v.job_id, v.state, v.step, v.total, round(v.eta_s or 0), sorted(v.consistency)) for v in views])
         if sig == signature:
@@ -162,23 +191,31 @@ class Handlers:
         """The job list and finals, always sent (the Refresh button and API clients)."""
         return self.jobs(None, request)
 
-    def cancel(self, job_id: float | None, request: gr.Request) -> str:
-        if job_id is None or isinstance(job_id, bool) or float(job_id) != int(job_id) or job_id < 1:
-            raise gr.Error("Job id: enter the number of a job from the list.", title="Check the input")
+    def cancel(self, job_id: object, request: gr.Request) -> str:
+        """Cancel a job by id. Wired with ``preprocess=False``: the raw value (a number, text, 2**63,
+        Infinity, NaN...) is checked here, so every bad id gets the same one-sentence message."""
         try:
-            state = self.backend.cancel(int(job_id), owner_of(request))
-        except ValueError as exc:
-            raise _error(exc) from None
+            number = parse_int(job_id, "Job id", 1, 2**62)
+        except FieldError:
+            raise reject("Job id: enter the number of a job from the list.", request) from None
+        try:
+            state = self.backend.cancel(number, self.owner(request))
+        except (ValueError, StoreError) as exc:
+            raise _error(exc, request) from None
         if state == "running":
-            return f"Job #{int(job_id)}: cancel requested; it stops after its current model step."
-        return f"Job #{int(job_id)}: {state}."
+            return f"Job #{number}: cancel requested; it stops after its current model step."
+        return f"Job #{number}: {state}."
 
     # --- History ------------------------------------------------------------------------------
     def search(self, query: str | None, request: gr.Request) -> tuple[list, list[str], str]:
-        query = (query or "").strip()
-        if len(query) > 200:
-            raise gr.Error("Search: at most 200 characters.", title="Check the input")
-        items = self.backend.history(query, owner_of(request))
+        try:
+            query = check_field_text(query, "Search", MAX_SEARCH_CHARS).strip()
+        except FieldError as exc:
+            raise _error(exc, request) from None
+        try:
+            items = self.backend.history(query, self.owner(request))
+        except (ValueError, StoreError) as exc:
+            raise _error(exc, request) from None
         gallery = [(str(it.path), history_caption(it)) for it in items]
         refs = [it.ref for it in items]
         note = f"{len(items)} image(s)" + (f" matching “{query}”" if query else "") + ". Click one to pick it."
@@ -190,13 +227,14 @@ class Handlers:
         return refs[evt.index]
 
     def _item(self, ref: str | None, request: gr.Request | None) -> HistoryItem:
-        m = _REF.fullmatch((ref or "").strip())
+        text = ref if isinstance(ref, str) and len(ref) <= MAX_ITEM_CHARS else ""
+        m = _REF.fullmatch(text.strip())
         if not m:
-            raise gr.Error("Item: pick an image in the history (e.g. final:12 or preview:3).", title="Check the input")
+            raise reject("Item: pick an image in the history (e.g. final:12 or preview:3).", request)
         try:
-            return self.backend.history_item(m.group(0), owner_of(request))
-        except (ValueError, KeyError) as exc:
-            raise gr.Error(f"Item: {exc}", title="Not found") from None
+            return self.backend.history_item(m.group(0), self.owner(request))
+        except (ValueError, KeyError, StoreError) as exc:
+            raise reject(f"Item: {exc}", request, "Not found") from None
 
     def send_to_explore(self, ref: str, request: gr.Request) -> tuple:
         """Every Explore field from a stored image, and the Explore tab selected."""

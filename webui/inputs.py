@@ -26,6 +26,14 @@ REFINE_STEPS = (1, MAX_REFINE_STEPS)
 GUIDANCE_MAX = engine_limits.MAX_GUIDANCE
 MAX_TILES = 256  # prompts x seeds in one grid: what a browser gallery shows comfortably
 
+# Length limits of the text fields, checked before any parsing (so no input can make parsing slow).
+MAX_PROMPTS_FIELD_CHARS = MAX_PROMPTS * (MAX_PROMPT_CHARS + 1) + 1000  # 16 prompts, newlines, blank lines
+MAX_SEED_LIST_CHARS = 1000  # 64 ten-digit seeds with separators fit
+MAX_SEARCH_CHARS = 200
+MAX_SOLVER_CHARS = 300
+MAX_ITEM_CHARS = 40  # "final:123456789012345678"
+quote = engine_limits.quote
+
 
 class FieldError(ValueError):
     """Bad input in one UI field; ``field`` is the field's label."""
@@ -53,8 +61,28 @@ class ExploreSettings:
         return asdict(self)
 
 
+def check_field_text(value: object, field: str, limit: int) -> str:
+    """``value`` as text of at most ``limit`` characters and valid Unicode, checked before any parsing.
+
+    ``None`` is the empty text. Anything else that is not text, anything longer than ``limit`` and a
+    lone surrogate (which the store cannot encode) are one :class:`FieldError` naming the field.
+    """
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise FieldError(field, f"expected text, got {type(value).__name__}")
+    if len(value) > limit:
+        raise FieldError(field, f"at most {limit} characters, got {len(value)}")
+    try:
+        engine_limits.check_unicode(value, field)
+    except ValueError as exc:
+        raise FieldError(field, str(exc).removeprefix(field + " ")) from None
+    return value
+
+
 def parse_prompts(text: str | None) -> list[str]:
     """One prompt per non-empty line."""
+    text = check_field_text(text, "Prompts", MAX_PROMPTS_FIELD_CHARS)
     prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if not prompts:
         raise FieldError("Prompts", "enter at least one prompt (one per line)")
@@ -67,7 +95,7 @@ def parse_prompts(text: str | None) -> list[str]:
 
 
 def parse_negative(text: str | None) -> str:
-    neg = (text or "").strip()
+    neg = check_field_text(text, "Negative prompt", MAX_PROMPT_CHARS + 100).strip()
     if "\n" in neg:
         raise FieldError("Negative prompt", "one line only (it applies to every prompt)")
     if len(neg) > MAX_PROMPT_CHARS:
@@ -80,44 +108,59 @@ def parse_int(value: object, name: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or value is None or value == "":
         raise FieldError(name, f"enter a whole number in {lo}..{hi}")
     if isinstance(value, str):
-        value = value.strip()
-        if not re.fullmatch(r"[+-]?\d+", value):
-            raise FieldError(name, f"enter a whole number in {lo}..{hi}, got {value!r}")
+        value = value.strip()[:40]  # a longer number is out of range anyway; never parse megabytes
+        if not re.fullmatch(r"[+-]?\d{1,30}", value):
+            raise FieldError(name, f"enter a whole number in {lo}..{hi}, got {quote(value, 20)}")
         value = int(value)
     if isinstance(value, float):
         if not math.isfinite(value) or value != int(value):
             raise FieldError(name, f"enter a whole number in {lo}..{hi}, got {value!r}")
         value = int(value)
     if not isinstance(value, int):
-        raise FieldError(name, f"enter a whole number in {lo}..{hi}, got {value!r}")
+        raise FieldError(name, f"enter a whole number in {lo}..{hi}, got {type(value).__name__}")
     if not lo <= value <= hi:
         raise FieldError(name, f"must be in {lo}..{hi}, got {value}")
     return value
 
 
-def parse_seed_list(text: str, field: str = "Seed list", limit: int = MAX_SEEDS) -> list[int]:
-    """``"3, 17, 100-103"`` -> [3, 17, 100, 101, 102, 103]: the engine's grammar, order kept, no repeats."""
-    if not re.fullmatch(r"\s*\d+\s*(-\s*\d+\s*)?(,\s*\d+\s*(-\s*\d+\s*)?)*", text):
-        raise FieldError(field, f"enter numbers and ranges separated by commas, like 3, 17, 100-103; got {text!r}")
-    for lo, hi in re.findall(r"(\d+)\s*-\s*(\d+)", text):  # bound each range before expanding it
-        if int(hi) - int(lo) >= limit:
-            raise FieldError(field, f"at most {limit} values, but {lo}-{hi} alone has {int(hi) - int(lo) + 1}")
-    try:
-        seeds = engine_limits.parse_seeds(re.sub(r"\s+", "", text))
-    except ValueError as exc:
-        raise FieldError(field, str(exc)) from None
-    if len(seeds) > limit:
-        raise FieldError(field, f"at most {limit} values, got {len(seeds)}")
-    if max(seeds) > SEED_MAX:
-        raise FieldError(field, f"values are in 0..{SEED_MAX}, got {max(seeds)}")
+def parse_seed_list(text: str, field: str = "Seed list", limit: int = MAX_SEEDS,
+                    max_chars: int = MAX_SEED_LIST_CHARS) -> list[int]:
+    """``"3, 17, 100-103"`` -> [3, 17, 100, 101, 102, 103]: the engine's grammar, order kept, no repeats.
+
+    Linear time: the length is checked first, then the text is split on commas and each part read on
+    its own (a part is a number or ``a-b``), each range bounded before it is expanded.
+    """
+    text = check_field_text(text, field, max_chars)
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, dash, hi = part.partition("-")
+        lo, hi = lo.strip(), hi.strip()
+        if not _digits(lo) or (dash and not _digits(hi)):
+            raise FieldError(field, f"enter numbers and ranges separated by commas, like 3, 17, 100-103; "
+                                    f"cannot read {quote(part.strip(), 20)}")
+        a = int(lo)
+        b = int(hi) if dash else a
+        if a > SEED_MAX or b > SEED_MAX:
+            raise FieldError(field, f"values are in 0..{SEED_MAX}, got {max(a, b)}")
+        if b < a:
+            raise FieldError(field, f"the range {a}-{b} runs backwards")
+        if len(seeds) + (b - a + 1) > limit:
+            raise FieldError(field, f"at most {limit} values, got more")
+        seeds.extend(range(a, b + 1))
     if len(set(seeds)) != len(seeds):
         raise FieldError(field, "a value appears twice")
     return seeds
 
 
+def _digits(text: str) -> bool:
+    """A non-negative decimal integer of at most 20 ASCII digits."""
+    return 0 < len(text) <= 20 and text.isascii() and text.isdigit()
+
+
 def parse_seeds(seed_list: str | None, count: object, start: object) -> list[int]:
     """The explicit list when given, else ``count`` seeds from ``start`` (seed + i, as A1111 does)."""
-    if seed_list and seed_list.strip():
+    seed_list = check_field_text(seed_list, "Seed list", MAX_SEED_LIST_CHARS)
+    if seed_list.strip():
         return parse_seed_list(seed_list)
     n = parse_int(count, "Seed count", 1, MAX_SEEDS)
     s = parse_int(start, "Seed start", 0, SEED_MAX)
@@ -132,9 +175,9 @@ def parse_guidance(value: object) -> float:
     try:
         g = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise FieldError("Guidance", f"enter a number, got {value!r}") from None
+        raise FieldError("Guidance", f"enter a number, got {quote(value, 20)}") from None
     if not math.isfinite(g) or not 0.0 <= g <= GUIDANCE_MAX:
-        raise FieldError("Guidance", f"must be a finite number in 0..{GUIDANCE_MAX:g}, got {value!r}")
+        raise FieldError("Guidance", f"must be a finite number in 0..{GUIDANCE_MAX:g}, got {quote(value, 20)}")
     return g
 
 
@@ -172,10 +215,11 @@ def parse_explore(
 
 
 def _solver(value: str | None, solvers: list[str] | None) -> str:
+    value = check_field_text(value, "Solver", MAX_SOLVER_CHARS)
     if not value:
         raise FieldError("Solver", "choose a solver")
     if solvers is not None and value not in solvers:
-        raise FieldError("Solver", f"unknown solver {value!r}; choose one of {', '.join(solvers)}")
+        raise FieldError("Solver", f"unknown solver {quote(value)}; choose one of {', '.join(solvers)}")
     return value
 
 
