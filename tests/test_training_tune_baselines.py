@@ -1,6 +1,5 @@
 """training.tune_baselines: the coordinate descent, the names it writes, the file the registry reads back."""
 
-import json
 
 import pytest
 
