@@ -58,13 +58,18 @@ def iter_lmm(eps_fn: EpsFn, x_T: torch.Tensor, grid: TimeGrid, table: torch.Tens
     alpha, n = grid.alpha.tolist(), grid.n.tolist()
     rows = table.tolist()
     history: deque[torch.Tensor] = deque(maxlen=order)
-    if alpha[0] == 0.0:  # a flow grid starting at t = 1: n_0 = inf (solver.schedules.FlowSchedule)
-        yield from _iter_lmm_from_pure_noise(eps_fn, x_T, grid, rows, history)
-        return
     if any(a == 0.0 for a in alpha[1:]):
         raise ValueError("only the first grid point may have alpha = 0 (n = inf)")
-    y = x_T.float() / alpha[0]
-    for i in range(num_steps):
+    start = 0
+    if alpha[0] == 0.0:  # a flow grid starting at t = 1: n_0 = inf (solver.schedules.FlowSchedule)
+        y, first = _first_step_from_pure_noise(eps_fn, x_T, grid, rows[0], history)
+        if num_steps == 1:
+            _check_final(y, num_steps)
+        yield first
+        start = 1
+    else:
+        y = x_T.float() / alpha[0]
+    for i in range(start, num_steps):
         t = grid.timesteps[i]
         eps = eps_fn(y * alpha[i], t).float()
         history.appendleft(eps)
@@ -75,36 +80,26 @@ def iter_lmm(eps_fn: EpsFn, x_T: torch.Tensor, grid: TimeGrid, table: torch.Tens
         yield SamplerStep(i=i, num_steps=num_steps, t=t, x=y * alpha[i + 1], denoised=denoised)
 
 
-def _iter_lmm_from_pure_noise(
-    eps_fn: EpsFn, x_T: torch.Tensor, grid: TimeGrid, rows: list[list[float]], history: deque
-) -> Iterator[SamplerStep]:
-    """eq. 10 on a grid whose first point has alpha_0 = 0, n_0 = inf (flow matching at t = 1).
+def _first_step_from_pure_noise(
+    eps_fn: EpsFn, x_T: torch.Tensor, grid: TimeGrid, row: list[float], history: deque
+) -> tuple[torch.Tensor, SamplerStep]:
+    """Step 0 of eq. 10 on a grid whose first point has alpha_0 = 0, n_0 = inf (flow matching at t = 1).
 
     There ``eps_fn`` returns the denoised x0_hat (``Denoiser.guided_eps``'s convention at alpha = 0)
     and eps_0 = x_T / sigma_0 exactly; step 0 is the limit y_1 = x0_hat + n_1 eps_0 of
     y_1 = y_0 + (n_1 - n_0) eps_0 (derivation: ``solver.schedules.FlowSchedule``). Its row must be
-    w = (1, 0, ...), which every rule and policy gives at step 0 (one epsilon, sum w = 1).
+    w = (1, 0, ...), which every rule and policy gives at step 0 (one epsilon, sum w = 1). Returns y_1
+    (eps_0 is pushed onto ``history``) and the step's record.
     """
-    alpha, sigma, n = grid.alpha.tolist(), grid.sigma.tolist(), grid.n.tolist()
-    if rows[0][0] != 1.0 or any(w != 0.0 for w in rows[0][1:]):
-        raise ValueError(f"step 0 from n = inf must be the DDIM step w = (1, 0, ...), got {rows[0]}")
-    num_steps = grid.num_steps
+    if row[0] != 1.0 or any(w != 0.0 for w in row[1:]):
+        raise ValueError(f"step 0 from n = inf must be the DDIM step w = (1, 0, ...), got {row}")
     t = grid.timesteps[0]
     x_T = x_T.float()
     denoised = eps_fn(x_T, t).float()
-    eps = x_T / sigma[0]
+    eps = x_T / float(grid.sigma[0])
     history.appendleft(eps)
-    y = denoised + n[1] * eps
-    yield SamplerStep(i=0, num_steps=num_steps, t=t, x=y * alpha[1], denoised=denoised)
-    for i in range(1, num_steps):
-        t = grid.timesteps[i]
-        eps = eps_fn(y * alpha[i], t).float()
-        history.appendleft(eps)
-        denoised = y - n[i] * eps
-        y = lmm_step(y, n[i], n[i + 1], list(history), rows[i])
-        if i == num_steps - 1:
-            _check_final(y, num_steps)
-        yield SamplerStep(i=i, num_steps=num_steps, t=t, x=y * alpha[i + 1], denoised=denoised)
+    y = denoised + float(grid.n[1]) * eps
+    return y, SamplerStep(i=0, num_steps=grid.num_steps, t=t, x=y * float(grid.alpha[1]), denoised=denoised)
 
 
 def sample_lmm(eps_fn: EpsFn, x_T: torch.Tensor, grid: TimeGrid, table: torch.Tensor) -> torch.Tensor:

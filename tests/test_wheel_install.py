@@ -77,4 +77,4 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_from_another_folder(tmp_path)
     with Image.open(record["path"]) as png:  # the embedded model and the policy shipped inside the wheel
         params = png.info["parameters"]
     assert record["solver"] == "consistency" and record["size"] == [32, 32]
-    assert "Model: embedded" in params and "Preview solver: consistency shipped training/checkpoints/default" in params
+    assert "Model: embedded" in params and "ConsistencySolver shipped training/checkpoints/default, trained for this model" in params
