@@ -8,8 +8,8 @@ from typing import Any, Sequence
 
 import torch
 
-from models.base import Denoiser
-from models.sd import LoadOptions, _as_prompt_list, resolve_device_dtype
+from models.base import Conditioning, Denoiser
+from models.sd import LoadOptions, _as_prompt_list, place_pipeline, resolve_device_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,17 @@ def prompt_lists(prompts: Sequence[str] | str, negative_prompts: Sequence[str] |
     if len(negatives) != len(prompts):
         raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
     return prompts, negatives
+
+
+def pooled_conditioning(prompts: list[str], negatives: list[str], encode: Any) -> Conditioning:
+    """Conditioning from ``encode(texts) -> [token embeddings, pooled embedding]`` (each distinct text once):
+    the token states as context and the pooled embeddings as the ``pooled_projections`` extra (SD3, FLUX)."""
+    cond, pooled = unique_rows(prompts, encode)
+    uncond, uncond_pooled = unique_rows(negatives, encode)
+    return Conditioning(
+        cond=cond, uncond=uncond, prompts=prompts, negative_prompts=negatives,
+        cond_extra={"pooled_projections": pooled}, uncond_extra={"pooled_projections": uncond_pooled},
+    )
 
 
 def unique_rows(texts: list[str], encode: Any) -> list[torch.Tensor]:
@@ -49,14 +60,7 @@ class FlowPipelineDenoiser(Denoiser):
         self.pipe, self.model_id, self.options = pipe, model_id, options
         self.transformer, self.vae = pipe.transformer, pipe.vae
         self.dtype = self.transformer.dtype
-        requested = torch.device(device) if device is not None else None
-        if options.cpu_offload:
-            if requested is None or requested.type != "cuda":
-                raise ValueError("cpu_offload needs a CUDA device (device='cuda')")
-            pipe.enable_model_cpu_offload(device=requested)
-        elif requested is not None:
-            pipe.to(requested)
-        self.device = pipe._execution_device if options.cpu_offload else self.transformer.device
+        self.device = place_pipeline(pipe, device, options, self.transformer)
         self.vae.enable_slicing()
         if options.vae_tiling:
             self.vae.enable_tiling()

@@ -20,7 +20,7 @@ import torch
 
 from models.base import Conditioning
 from models.errors import UnsupportedModelError
-from models.flow_common import FlowPipelineDenoiser, prompt_lists, unique_rows
+from models.flow_common import FlowPipelineDenoiser, pooled_conditioning, prompt_lists
 from models.sd import LoadOptions
 from solver.schedules import FlowSchedule
 
@@ -82,12 +82,7 @@ class FluxDenoiser(FlowPipelineDenoiser):
             )
             return [embeds.to(self.dtype), pooled.to(self.dtype)]
 
-        cond, pooled = unique_rows(prompts, encode)
-        uncond, uncond_pooled = unique_rows(negatives, encode)
-        return Conditioning(
-            cond=cond, uncond=uncond, prompts=prompts, negative_prompts=negatives,
-            cond_extra={"pooled_projections": pooled}, uncond_extra={"pooled_projections": uncond_pooled},
-        )
+        return pooled_conditioning(prompts, negatives, encode)
 
     @torch.no_grad()
     def model_output(

@@ -25,6 +25,20 @@ logger = logging.getLogger(__name__)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def place_pipeline(pipe: Any, device: Any, options: "LoadOptions", network: Any) -> torch.device:
+    """Put ``pipe`` on ``device`` (or, with ``options.cpu_offload``, keep each part on the CPU until it runs);
+    returns the device its ``network`` (UNet or transformer) computes on."""
+    requested = torch.device(device) if device is not None else None
+    if options.cpu_offload:
+        if requested is None or requested.type != "cuda":
+            raise ValueError("cpu_offload needs a CUDA device (device='cuda')")
+        pipe.enable_model_cpu_offload(device=requested)
+        return pipe._execution_device
+    if requested is not None:
+        pipe.to(requested)
+    return network.device
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """What a user can ask of a loaded model.
@@ -96,14 +110,7 @@ class StableDiffusionDenoiser(Denoiser):
         self.model_id = model_id
         self.options = options
         self.dtype = pipe.unet.dtype
-        requested = torch.device(device) if device is not None else None
-        if options.cpu_offload:
-            if requested is None or requested.type != "cuda":
-                raise ValueError("cpu_offload needs a CUDA device (device='cuda')")
-            pipe.enable_model_cpu_offload(device=requested)
-        elif requested is not None:
-            pipe.to(requested)
-        self.device = pipe._execution_device if options.cpu_offload else pipe.unet.device
+        self.device = place_pipeline(pipe, device, options, pipe.unet)
         if options.attention_slicing:
             pipe.enable_attention_slicing()
         pipe.vae.enable_slicing()  # decode a batch of previews one image at a time
