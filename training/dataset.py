@@ -52,8 +52,11 @@ class DatasetMismatch(ValueError):
 # ------------------------------------------------------------------------------------------------
 # Input parsing (shared with training.evaluate)
 # ------------------------------------------------------------------------------------------------
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Non-empty, non-comment lines of a UTF-8 prompt file; a ValueError naming the file otherwise."""
+def read_prompts(path: str | os.PathLike, max_prompts: int | None = None) -> list[str]:
+    """Non-empty, non-comment lines of a UTF-8 prompt file (the first ``max_prompts`` of them, if given);
+    a ValueError naming the file or the limit otherwise."""
+    if max_prompts is not None and max_prompts < 1:
+        raise ValueError(f"max_prompts must be >= 1, got {max_prompts}")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -61,7 +64,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"prompts: prompt file {str(path)!r} holds no prompt (one per line)")
-    return prompts
+    return prompts if max_prompts is None else prompts[:max_prompts]
 
 
 def parse_int_list(text: str, name: str, low: int, high: int) -> list[int]:

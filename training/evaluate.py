@@ -486,11 +486,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         torch.set_num_threads(args.threads)
 
     # bad input: all checked before the model is loaded or anything is sampled
-    prompts = read_prompts(args.prompts)
-    if args.max_prompts is not None:
-        if args.max_prompts < 1:
-            raise ValueError(f"max_prompts must be >= 1, got {args.max_prompts}")
-        prompts = prompts[: args.max_prompts]
+    prompts = read_prompts(args.prompts, args.max_prompts)
     seeds = parse_int_list(args.seeds, "seeds", 0, 2**32 - 1)
     steps = parse_int_list(args.steps, "steps", 1, MAX_PREVIEW_STEPS)
     names = parse_solvers(args.solvers, args.tuned_file)

@@ -324,11 +324,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         return 0
     if "heldout" in Path(args.prompts).name:
         raise ValueError(f"prompts: {args.prompts!r} is the held-out file; tune on a validation split")
-    prompts = read_prompts(args.prompts)
-    if args.max_prompts is not None:
-        if args.max_prompts < 1:
-            raise ValueError(f"max_prompts must be >= 1, got {args.max_prompts}")
-        prompts = prompts[: args.max_prompts]
+    prompts = read_prompts(args.prompts, args.max_prompts)
     seeds = parse_int_list(args.seeds, "seeds", 0, 2**32 - 1)
     steps = parse_int_list(args.steps, "steps", 1, MAX_PREVIEW_STEPS)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
