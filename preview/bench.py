@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -43,6 +44,8 @@ from runtime.cli import add_db_option, add_model_options, model_from_args
 from runtime.images import to_pil
 from runtime.request import PreviewRequest
 from runtime.worker import DeviceWorker
+
+logger = logging.getLogger(__name__)
 
 PROMPT = "a red circle on a blue background"
 AGAINST = ("diffusers",)
@@ -126,7 +129,7 @@ def diffusers_pipeline(model: Any) -> Any:
     """diffusers' own pipeline of ``model``'s family, built on the model's modules (nothing is copied)."""
     from models.sd import StableDiffusionDenoiser
 
-    if not isinstance(model, StableDiffusionDenoiser):
+    if type(model) is not StableDiffusionDenoiser:  # SDXL's denoiser is a subclass with another pipeline
         raise BenchError(f"--against diffusers: {model.model_id} has no diffusers pipeline to compare with (only "
                          "Stable Diffusion models do); run the bench without --against for this model")
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -180,15 +183,16 @@ def png_seconds(size: tuple[int, int]) -> dict[str, float]:
     return out
 
 
-def embedded_random_weights():
-    """The embedded model's exact architecture and text encoder, UNet weights random (seed 0)."""
+def embedded_random_weights(device: str | None = None):
+    """The embedded model's exact architecture and text encoder, UNet weights random (seed 0), on ``device``
+    (default: CUDA when present, else the CPU)."""
     from models.embedded.config import PATCH, SCHEDULER_CONFIG, UNET_CONFIG
     from models.embedded.model import EmbeddedDenoiser
     from models.embedded.network import PatchUNet
     from models.embedded.text import TextEncoder
 
     torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return EmbeddedDenoiser(PatchUNet(UNET_CONFIG, PATCH), TextEncoder(device), SCHEDULER_CONFIG, device)
 
 
@@ -281,6 +285,7 @@ def _positive(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         _positive(args)
         counts = parse_seed_counts(args.seeds_list) if args.seeds_list else [args.seeds]
@@ -295,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = tempfile.TemporaryDirectory()
     store = open_store(args.db or Path(tmp.name) / "bench.db")
-    factory = embedded_random_weights if args.random_weights else (lambda: model_from_args(args))
+    factory = (lambda: embedded_random_weights(args.device)) if args.random_weights else (lambda: model_from_args(args))
     worker = DeviceWorker(factory=factory, name="device")
     try:
         model = worker.wait_ready()
@@ -383,7 +388,7 @@ def _run(args: argparse.Namespace, counts: list[int], worker: DeviceWorker, mode
             row["grid_during_refine_s"] = _median(busy)
             row["contention"] = round(statistics.median(busy) / grid_s, 3)
         per_seeds[str(n)] = row
-        print(f"{n} seeds: {json.dumps(row)}", file=sys.stderr)
+        logger.info("%d seeds: %s", n, json.dumps(row))  # scripts/gpu_bench.sh greps these lines
     main_row = per_seeds[str(args.seeds)]
     invariant = worker.submit(lambda m: decode_batch_invariant(m, store, min(4, args.seeds), size)).result()
     return {
@@ -414,7 +419,7 @@ def _grid_during_refine(service: RefineService, engine: PreviewEngine, request: 
     service.cancel(job)
     service.wait(job)
     if not still_running:
-        print("warning: the refine finished before the grid did; raise --refine-steps", file=sys.stderr)
+        logger.warning("warning: the refine finished before the grid did; raise --refine-steps")
     return wall
 
 

@@ -72,3 +72,27 @@ def model_from_args(args: argparse.Namespace, *, device: Any = None) -> Any:
     from models.registry import load_model
 
     return load_model(args.model, device=args.device or device, options=load_options(args))
+
+
+def model_argv(args: argparse.Namespace) -> list[str]:
+    """The model options of ``args`` as command-line words, for a child command (the app's training jobs) that
+    must load the same model the same way. Local paths are made absolute (the child runs elsewhere); of a
+    comma list of devices the child gets the first."""
+    import os
+
+    def path(value: str) -> str:
+        return os.path.abspath(value) if os.path.exists(value) else value
+
+    out: list[str] = []
+    if getattr(args, "model", None):
+        out += ["--model", path(args.model)]
+    if getattr(args, "config", None):
+        out += ["--config", path(args.config)]
+    if getattr(args, "fp16", None) is not None:
+        out.append("--fp16" if args.fp16 else "--no-fp16")
+    if getattr(args, "device", None):
+        out += ["--device", str(args.device).split(",")[0].strip()]
+    for flag in ("cpu_offload", "attention_slicing", "vae_tiling"):
+        if getattr(args, flag, False):
+            out.append("--" + flag.replace("_", "-"))
+    return out

@@ -149,7 +149,7 @@ class FlowDiffusersSolver(Solver):
 FLOW_BASELINES = ("ddim", "euler", "dpmpp2m", "unipc", "dpm2m")  # ddim = euler on a flow schedule
 
 
-def _flow_baseline(name: str, schedule: FlowSchedule) -> FlowDiffusersSolver:
+def _flow_baseline(name: str, schedule: FlowSchedule) -> Solver:
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
     if name in ("ddim", "euler"):

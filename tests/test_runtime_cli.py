@@ -101,3 +101,23 @@ def test_preview_cli_loads_a_single_file_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     assert preview_main(argv[:-4] + ["--device", "cpu"]) == 1
     assert capsys.readouterr().err.startswith("error:")
+
+
+def test_the_apps_training_jobs_get_the_same_model_options(tmp_path):
+    """Admin starts training CLIs in a child process: model_argv gives them the app's model and how it loads
+    (local paths made absolute, the first of several devices), so a single-file checkpoint loads there too."""
+    from runtime.cli import model_argv
+    from webui.app import parse_args
+
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    (tmp_path / "cfg").mkdir()
+    app = parse_args(["--model", str(tmp_path / "m.safetensors"), "--config", str(tmp_path / "cfg"), "--no-fp16",
+                      "--device", "cuda:0,cuda:1", "--vae-tiling", "--attention-slicing"])
+    words = model_argv(app)
+    child = argparse.ArgumentParser()
+    add_model_options(child)
+    job = child.parse_args(words)
+    assert job.model == str(tmp_path / "m.safetensors") and job.config == str(tmp_path / "cfg")
+    assert job.device == "cuda:0" and job.fp16 is False and job.vae_tiling and job.attention_slicing
+    assert load_options(job) == load_options(app)
+    assert model_argv(parse_args([])) == []

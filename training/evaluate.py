@@ -114,8 +114,9 @@ def resolve_solvers(names: Sequence[str], model: Any, store: Any = None, tuned_f
         policy.eval()
         out.append(NamedSolver(name, get_solver("consistency", model.scheduler_config, policy=policy), True))
         if policy.learn_time_grid and fixed_grid:
-            fixed = LMMSolver(name=f"{name}@fixed-grid", schedule=schedule_from_config(model.scheduler_config),
-                              table_fn=policy.coefficient_table)
+            schedule = schedule_from_config(model.scheduler_config)
+            fixed = LMMSolver(name=f"{name}@fixed-grid", schedule=schedule, table_fn=policy.coefficient_table,
+                              grid_fn=lambda k, policy=policy, schedule=schedule: policy.default_grid(schedule, k))
             out.append(NamedSolver(fixed.name, fixed, True))
     return out
 

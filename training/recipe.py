@@ -46,6 +46,7 @@ from typing import Any, Sequence
 import torch
 
 from runtime.cli import add_db_option, add_model_options
+from solver.registry import TUNED_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def default_fit_weights(min_steps: int, max_steps: int) -> str:
     return ",".join(f"{k}:{LONG_PREVIEW_WEIGHT:g}" for k in range(first, max_steps + 1))
 
 
-DEFAULT_TUNED = "training/results/tuned_baselines.json"
+DEFAULT_TUNED = TUNED_FILE  # training/results/tuned_baselines.json beside the package, wherever the command runs
 
 
 def default_residual_decay(min_steps: int, max_steps: int) -> str:
@@ -247,7 +248,7 @@ def warm_start(config: Any, model: Any, settings: Any) -> Path:
                    max_steps=config.max_steps, seed=config.seed, threads=config.threads).validate()
     dataset = load_dataset(config.dataset, model_id=model.model_id, reference_solver=FULL_STEP_SOLVER)
     policy, log, fit = distill(dcfg, model, dataset)
-    save_distilled(policy, dcfg, log, final, fit)
+    save_distilled(policy, dcfg, log, final, fit, model=model)
     return final
 
 
@@ -397,11 +398,15 @@ def build_recipe_dataset(model: Any, out: Path, num_prompts: int, seeds: list[in
                   batch_size=32, shard_size=32, pairing=pairing)
 
 
-def install_policy(final: Path, install: Path, summary: dict[str, Any]) -> None:
-    """Copy the chosen policy's files to ``install``, with ``recipe.json``: how this policy was chosen."""
+def install_policy(final: Path, install: Path, summary: dict[str, Any], model: Any) -> None:
+    """Copy the chosen policy's files to ``install``, with ``recipe.json`` (how this policy was chosen) and
+    ``model_identity.json`` (the model it was trained for, so it is never taken for another model's)."""
+    from preview.identity import model_identity, write_identity
+
     install.mkdir(parents=True, exist_ok=True)
     for name in ("policy.safetensors", "policy_config.json", "train_config.json", "metrics.json"):
         shutil.copy2(final / name, install / name)
+    write_identity(install, model_identity(model))
     (install / "recipe.json").write_text(json.dumps(summary, indent=1))
 
 
@@ -463,7 +468,7 @@ def run_recipe(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
                "ppo_deterministic_reward": metrics.get("deterministic_reward"),
                "ppo_reward_mean": metrics.get("reward_mean")}
     if args.install:
-        install_policy(final, Path(args.install), summary)
+        install_policy(final, Path(args.install), summary, model)
     return summary
 
 

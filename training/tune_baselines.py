@@ -47,6 +47,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from runtime.cli import add_model_options, model_from_args
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUT = "training/results/tuned_baselines.json"
@@ -299,7 +301,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--seeds", default="2-3")
     parser.add_argument("--steps", default="3-6", help=f"step counts K, each in 1..{MAX_PREVIEW_STEPS}")
     parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--model", default=None)
+    add_model_options(parser)
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--reference-steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=24)
@@ -333,9 +335,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     if args.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {args.batch_size}")
     if model is None:
-        from models.registry import load_model
-
-        model = load_model(args.model)
+        model = model_from_args(args)
     from solver.registry import scheduler_identity
 
     t0 = time.perf_counter()

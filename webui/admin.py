@@ -36,10 +36,9 @@ from webui.rejects import client_address, reject
 logger = logging.getLogger(__name__)
 
 ADMIN_PASSWORD_ENV = "DIFFUSION_PREVIEW_ADMIN_PASSWORD"
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]  # the folder holding the packages: training jobs run from here
 MAX_TRAIN_PROMPTS = 10_000
 STOP_GRACE_S = 10.0
-SHUTDOWN_GRACE_S = 4.0  # at app shutdown the trainer gets this long to record its run, then it is killed
 LOG_TAIL_CHARS = 1500
 MAX_PASSWORD_CHARS = 1000
 SESSION_IDLE_S = 30 * 60  # an unlocked Admin tab locks itself after this long without an admin action
@@ -219,8 +218,11 @@ def tail_text(path: Path, limit: int = LOG_TAIL_CHARS) -> str:
 class Admin:
     """Handlers of the Admin tab (all private endpoints)."""
 
-    def __init__(self, db: Path, work: Path, exports: Path, model: str | None, backend: Any) -> None:
+    def __init__(self, db: Path, work: Path, exports: Path, model: str | None, backend: Any,
+                 model_argv: list[str] | None = None) -> None:
         self.db, self.work, self.exports, self.model, self.backend = db, work, exports, model, backend
+        # the app's model options as the training jobs take them (runtime.cli.model_argv); else --model alone
+        self.model_argv = list(model_argv) if model_argv is not None else (["--model", model] if model else [])
         self.work.mkdir(parents=True, exist_ok=True)
         self.slot = ProcessSlot(work)
         self.gate = UnlockGate()
@@ -276,7 +278,7 @@ class Admin:
 
     # --- background work ----------------------------------------------------------------------
     def _model_args(self) -> list[str]:
-        return ["--model", self.model] if self.model else []
+        return list(self.model_argv)
 
     def _prompt_file(self, kind: str, text: str | None, field: str) -> tuple[Path, int]:
         """Prompts typed in the tab, written to a file whose name the app chooses."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import gradio as gr
 
-from runtime.cli import DB_HELP, add_db_option, add_model_options, load_options
+from runtime.cli import DB_HELP, add_db_option, add_model_options, load_options, model_argv
 from webui.admin import ADMIN_PASSWORD_ENV, MODEL_DEFAULT, Admin, reward_choices
 from webui.guard import guarded_app, trusted_hosts
 from webui.handlers import Handlers
@@ -383,16 +383,17 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning("--user-header trusts whoever sets %s: bind to 127.0.0.1 behind the proxy", args.user_header)
     paths.prepare()
     stop = GracefulStop().install()  # SIGTERM / SIGINT from here on only ask for a clean stop
-    if args.host not in ("127.0.0.1", "localhost", "::1") or args.share:
-        logger.warning("the app is reachable from other machines (host %s, share %s); it has no user login",
-                       args.host, args.share)
+    if (args.host not in ("127.0.0.1", "localhost", "::1") or args.share) and not (args.auth_file or args.user_header):
+        logger.warning("the app is reachable from other machines (host %s, share %s) and has no user login "
+                       "(--auth-file or --user-header give one)", args.host, args.share)
     try:
         backend = EngineBackend.open(model=args.model, db=paths.db, exports=paths.exports, devices=args.device,
                                      forbid_under=[paths.exports, paths.gradio_tmp], options=load_options(args),
                                      check=args.check_db)
     except (ValueError, OSError, StoreError) as exc:
         sys.exit(f"error: {exc}")
-    admin = Admin(db=paths.db, work=paths.work, exports=paths.exports, model=args.model, backend=backend)
+    admin = Admin(db=paths.db, work=paths.work, exports=paths.exports, model=args.model, backend=backend,
+                  model_argv=model_argv(args))
     demo = build_demo(backend, admin, args.user_header)
     demo.queue(max_size=128, default_concurrency_limit=4)
     try:
