@@ -298,15 +298,16 @@ class HistoryStore(NoiseStore):
         *,
         search: str | None = None,
         generation_id: int | None = None,
-        owner: str = DEFAULT_OWNER,
+        owner: str | None = DEFAULT_OWNER,
         limit: int = 100,
         offset: int = 0,
         with_images: bool = False,
     ) -> list[Preview]:
-        """Newest first, optionally filtered by prompt text (literal, LIKE) or generation."""
+        """Newest first, optionally filtered by prompt text (literal, LIKE) or generation; ``owner=None``
+        for every owner's."""
         check_positive_int(limit, "limit", MAX_LIST)
-        where = "v.owner = ?"
-        params: list[Any] = [owner]
+        where = "(? IS NULL OR v.owner = ?)"
+        params: list[Any] = [owner, owner]
         if search:
             where += " AND p.prompt LIKE ? ESCAPE '\\'"
             params.append(like_pattern(search))
@@ -316,15 +317,16 @@ class HistoryStore(NoiseStore):
         return self._previews(where, params + [limit, offset], with_images=with_images,
                               tail="ORDER BY v.id DESC LIMIT ? OFFSET ?")
 
-    def list_final_ids(self, *, search: str | None = None, owner: str = DEFAULT_OWNER, limit: int = 100) -> list[int]:
-        """Ids of ``owner``'s finals, newest first, optionally only those whose prompt contains ``search``
-        (literal, LIKE); no image is read."""
+    def list_final_ids(self, *, search: str | None = None, owner: str | None = DEFAULT_OWNER,
+                       limit: int = 100) -> list[int]:
+        """Ids of ``owner``'s finals (``None``: everyone's), newest first, optionally only those whose prompt
+        contains ``search`` (literal, LIKE); no image is read."""
         check_positive_int(limit, "limit", MAX_LIST)
         rows = self.query(
             "SELECT f.id FROM finals f JOIN refine_jobs j ON j.id = f.job_id "
             "JOIN generations g ON g.id = j.generation_id JOIN prompts p ON p.id = g.prompt_id "
-            "WHERE f.owner = ? AND p.prompt LIKE ? ESCAPE '\\' ORDER BY f.id DESC LIMIT ?",
-            [owner, like_pattern(search or ""), limit])
+            "WHERE (? IS NULL OR f.owner = ?) AND p.prompt LIKE ? ESCAPE '\\' ORDER BY f.id DESC LIMIT ?",
+            [owner, owner, like_pattern(search or ""), limit])
         return [r["id"] for r in rows]
 
     def get_final(self, final_id: int) -> Final:

@@ -377,11 +377,12 @@ class JobStore(HistoryStore):
         rows = self.query(f"SELECT * FROM refine_jobs WHERE {' AND '.join(where)} ORDER BY id LIMIT ?", params + [limit])
         return [_job(r) for r in rows]
 
-    def newest_job_stamps(self, *, owner: str = DEFAULT_OWNER, limit: int = 50) -> list[JobStamp]:
-        """The stamps of ``owner``'s newest jobs, newest first (one small query, no job rows decoded)."""
+    def newest_job_stamps(self, *, owner: str | None = DEFAULT_OWNER, limit: int = 50) -> list[JobStamp]:
+        """The stamps of ``owner``'s newest jobs (``None``: everyone's), newest first (one small query, no job
+        rows decoded)."""
         check_positive_int(limit, "limit", MAX_LIST)
-        rows = self.query("SELECT id, state, progress_step, restarts, updated_at FROM refine_jobs WHERE owner = ? "
-                          "ORDER BY id DESC LIMIT ?", [owner, limit])
+        rows = self.query("SELECT id, state, progress_step, restarts, updated_at FROM refine_jobs "
+                          "WHERE (? IS NULL OR owner = ?) ORDER BY id DESC LIMIT ?", [owner, owner, limit])
         return [JobStamp(**r) for r in rows]
 
     def job_history(self, job_id: int) -> list[JobEvent]:

@@ -67,12 +67,16 @@ class FakeBackend:
                 out.append(Tile(pid, prompt, seed, self._png(f"preview-{pid}.png", prompt, seed, settings)))
             yield out
 
-    def refine(self, preview_ids: list[int], steps: int, owner: str) -> list[int]:
+    def _mine(self, pid: int, owner: str | None) -> bool:
+        """Whether ``owner`` may see preview ``pid`` (``None``: an admin, who sees every user's)."""
+        return owner is None or self.owners.get(pid, owner) == owner
+
+    def refine(self, preview_ids: list[int], steps: int, owner: str | None) -> list[int]:
         self.calls.append("refine")
         for pid in preview_ids:
             if pid not in self.previews:
                 raise ValueError(f"preview {pid} does not exist")
-            if self.owners.get(pid, owner) != owner:
+            if not self._mine(pid, owner):
                 raise ValueError(f"Selection: preview {pid} is not yours")
         ids = []
         for pid in preview_ids:
@@ -98,7 +102,7 @@ class FakeBackend:
     def jobs(self, owner: str, limit: int = 50) -> list[JobView]:
         out = []
         mine = [(jid, j) for jid, j in sorted(self.jobs_.items(), reverse=True)
-                if self.owners.get(j["preview_id"], owner) == owner]
+                if self._mine(j["preview_id"], owner)]
         for jid, j in mine[:limit]:
             settings, prompt, seed = self.previews[j["preview_id"]]
             done = j["state"] == "done"
@@ -111,7 +115,7 @@ class FakeBackend:
     def cancel(self, job_id: int, owner: str) -> str:
         if job_id not in self.jobs_:
             raise ValueError(f"Job id: no job #{job_id}")
-        if self.owners.get(self.jobs_[job_id]["preview_id"], owner) != owner:
+        if not self._mine(self.jobs_[job_id]["preview_id"], owner):
             raise ValueError(f"Job id: job #{job_id} is not yours")
         self.jobs_[job_id]["state"] = "cancelled"
         return "cancelled"
@@ -119,10 +123,10 @@ class FakeBackend:
     def history(self, query: str, owner: str, limit: int = 48) -> list[HistoryItem]:
         items = []
         for jid, j in sorted(self.jobs_.items(), reverse=True):
-            if j["state"] == "done" and self.owners.get(j["preview_id"], owner) == owner:
+            if j["state"] == "done" and self._mine(j["preview_id"], owner):
                 items.append(self.history_item(f"final:{jid}", owner))
         for pid in sorted(self.previews, reverse=True):
-            if self.owners.get(pid, owner) != owner:
+            if not self._mine(pid, owner):
                 continue
             items.append(self.history_item(f"preview:{pid}", owner))
         return [it for it in items if query.lower() in it.settings.prompts[0].lower()][:limit]

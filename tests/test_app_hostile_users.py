@@ -34,7 +34,7 @@ def proxied(tmp_path_factory):
         paths = app_paths(tmp)
         backend = FakeBackend(paths.exports)
         admin = Admin(paths.db, paths.work, paths.exports, None, backend)
-        demo = app.build_demo(backend, admin, user_header=HEADER)
+        demo = app.build_demo(backend, admin, user_header=HEADER, admin_users=["root"])
         demo.queue(max_size=64, default_concurrency_limit=4)
         _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True,
                                 **app.launch_kwargs(paths, "127.0.0.1", free_port(), user_header=HEADER))
@@ -63,6 +63,24 @@ def test_users_see_and_cancel_only_their_own_rows(proxied):
     assert event == "complete" and len(data[0]) >= 1
     event, data, _ = alice(url, "cancel_job", json.dumps({"data": [job]}))
     assert event == "complete" and data == [f"Job #{job}: cancelled."]
+
+
+def test_an_admin_user_sees_refines_and_cancels_every_users_rows(proxied):
+    """--admin-users: the named users' scope is every user's rows; others still see only their own."""
+    backend, url = proxied
+    alice, root = as_user("alice"), as_user("root")
+    event, data, _ = alice(url, "preview", json.dumps({"data": list({**GOOD, "prompts": "alice's draft"}.values())}))
+    assert event == "complete", data
+    pid = max(p for p, o in backend.owners.items() if o == "alice")
+    (job,) = backend.refine([pid], 50, "alice")
+    event, data, _ = root(url, "search_history", json.dumps({"data": ["draft"]}))
+    assert event == "complete" and len(data[0]) >= 1
+    event, data, _ = root(url, "jobs", json.dumps({"data": []}))
+    assert event == "complete" and "draft" in json.dumps(data)
+    event, data, _ = root(url, "cancel_job", json.dumps({"data": [job]}))
+    assert event == "complete" and data == [f"Job #{job}: cancelled."]
+    event, data, _ = as_user("bob")(url, "search_history", json.dumps({"data": ["draft"]}))
+    assert event == "complete" and data[0] == []
 
 
 def test_a_request_without_the_user_header_is_refused(proxied):

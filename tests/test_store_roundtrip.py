@@ -158,3 +158,18 @@ def test_corrupted_images_and_weights_name_the_row(s: store.Store) -> None:
         s.load_checkpoint_weights(ck)
     assert s.list_previews()[0].id == pid  # listing without images still works
     assert len(s.verify_blobs()) == 2
+
+
+def test_owner_none_lists_every_owners_previews_and_jobs(s):
+    """owner=None (an admin's scope in multi-user mode) lists every user's rows; a name lists only theirs."""
+    from PIL import Image
+
+    for owner in ("alice", "bob"):
+        nid, _ = s.get_or_create_noise(1, (4, 8, 8))
+        gid = s.add_generation(model_id="m", prompt=f"{owner}'s cat", seed=1, height=64, width=64, guidance=3.0,
+                               noise_id=nid, owner=owner)
+        s.add_preview(gid, solver="ddim", steps=4, image=Image.new("RGB", (8, 8)), timings_ms={"device": 1.0})
+    assert sorted(p.generation.prompt for p in s.list_previews(owner=None)) == ["alice's cat", "bob's cat"]
+    assert [p.generation.prompt for p in s.list_previews(owner="bob")] == ["bob's cat"]
+    assert s.list_previews(owner="carol") == []
+    assert s.newest_job_stamps(owner=None) == [] and s.list_final_ids(owner=None) == []

@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Sequence
 
 import gradio as gr
 
@@ -217,12 +217,13 @@ def admin_tab(admin: Admin) -> SimpleNamespace:
     return SimpleNamespace(**locals())
 
 
-def build_demo(backend: Backend, admin: Admin, user_header: str | None = None) -> gr.Blocks:
+def build_demo(backend: Backend, admin: Admin, user_header: str | None = None,
+               admin_users: Sequence[str] = ()) -> gr.Blocks:
     """The four tabs and their wiring. Every listener has an api_name; admin ones are private.
 
     ``user_header``: multi-user mode behind a reverse proxy; each request's owner is that header.
     """
-    h = Handlers(backend, user_header)
+    h = Handlers(backend, user_header, admin_users)
     # delete_cache: Gradio's copies of served PNGs older than a day go, hourly (the store keeps the originals).
     with gr.Blocks(title="Diffusion Preview", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## Diffusion Preview  \nModel: `{backend.model_name}` · previews are few-step estimates "
@@ -334,6 +335,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     u.add_argument("--user-header", default=None, metavar="NAME",
                    help="the header an authenticating reverse proxy sets to the user's name (e.g. "
                    "X-Forwarded-User); requests without it are refused. Bind to 127.0.0.1 behind the proxy")
+    u.add_argument("--admin-users", default="", metavar="NAMES",
+                   help="comma-separated user names (of --auth-file or --user-header) who see, refine and cancel "
+                   "every user's jobs and history")
     p.add_argument("--check-db", choices=("quick", "full", "off"), default="quick",
                    help="at start: quick = PRAGMA quick_check (default); full = integrity_check and every stored "
                    "image, noise and checkpoint hash (reads the whole database); off")
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {exc}")
     admin = Admin(db=paths.db, work=paths.work, exports=paths.exports, model=args.model, backend=backend,
                   model_argv=model_argv(args))
-    demo = build_demo(backend, admin, args.user_header)
+    demo = build_demo(backend, admin, args.user_header, [n.strip() for n in args.admin_users.split(",") if n.strip()])
     demo.queue(max_size=128, default_concurrency_limit=4)
     try:
         if not stop.requested.is_set():  # a signal during the model load: stop without serving

@@ -196,8 +196,9 @@ class EngineBackend:
             self.store.export_png(kind, row_id, path)
         return path
 
-    def refine(self, preview_ids: list[int], steps: int, owner: str) -> list[int]:
-        """Queue a refine per preview, after checking every id exists and belongs to ``owner``."""
+    def refine(self, preview_ids: list[int], steps: int, owner: str | None) -> list[int]:
+        """Queue a refine per preview, after checking every id exists and belongs to ``owner`` (``None``: an
+        admin, who may refine anyone's; the job belongs to the preview's owner)."""
         from refine.full_step import check_full_steps
         from store.errors import NotFoundError
 
@@ -207,7 +208,7 @@ class EngineBackend:
                 preview = self.store.get_preview(pid, with_image=False)
             except NotFoundError:
                 raise ValueError(f"Selection: preview {pid} no longer exists") from None
-            if preview.owner != owner:
+            if owner is not None and preview.owner != owner:
                 raise ValueError(f"Selection: preview {pid} is not yours")
             if preview.generation.model_id != self.model_name:
                 raise ValueError(f"Selection: preview {pid} was made with {preview.generation.model_id}, "
@@ -215,7 +216,7 @@ class EngineBackend:
         return [self.refine_service.refine_preview(pid, steps) for pid in preview_ids]
 
     # --- Refine -------------------------------------------------------------------------------
-    def jobs(self, owner: str, limit: int = 50) -> list[JobView]:
+    def jobs(self, owner: str | None, limit: int = 50) -> list[JobView]:
         """The newest jobs; a job whose row did not change since the last poll costs no further query."""
         views = []
         for key in self.store.newest_job_stamps(owner=owner, limit=limit):
@@ -250,14 +251,14 @@ class EngineBackend:
                        final_path=final_path, consistency=consistency, error=p.error)
         return view
 
-    def cancel(self, job_id: int, owner: str) -> str:
+    def cancel(self, job_id: int, owner: str | None) -> str:
         from store.errors import JobStateError, NotFoundError
 
         try:
             job = self.store.get_job(job_id)
         except NotFoundError:
             raise ValueError(f"Job id: there is no job #{job_id}") from None
-        if job.owner != owner:
+        if owner is not None and job.owner != owner:
             raise ValueError(f"Job id: job #{job_id} is not yours")
         try:
             return self.refine_service.cancel(job_id)
@@ -265,7 +266,7 @@ class EngineBackend:
             raise ValueError(f"Job id: {exc}") from None
 
     # --- History ------------------------------------------------------------------------------
-    def history(self, query: str, owner: str, limit: int = 48) -> list[HistoryItem]:
+    def history(self, query: str, owner: str | None, limit: int = 48) -> list[HistoryItem]:
         """Finals first, then previews, newest first, whose prompt contains ``query``."""
         finals = self.store.list_final_ids(search=query or None, owner=owner, limit=limit)
         items = [self.history_item(f"final:{fid}", owner) for fid in finals]
@@ -282,7 +283,7 @@ class EngineBackend:
         return HistoryItem("preview", p.id, self._settings(p.generation, p.solver, p.steps),
                            self.export("preview", p.id, p.png_sha256), p.created_at)
 
-    def history_item(self, ref: str, owner: str) -> HistoryItem:
+    def history_item(self, ref: str, owner: str | None) -> HistoryItem:
         """``preview:ID`` or ``final:ID`` of ``owner``; ValueError when missing or someone else's."""
         from store.errors import NotFoundError
 
@@ -291,11 +292,11 @@ class EngineBackend:
         try:
             if kind == "preview":
                 p = self.store.get_preview(row_id, with_image=False)
-                if p.owner != owner:
+                if owner is not None and p.owner != owner:
                     raise NotFoundError("previews", row_id)
                 return self._preview_item(p)
             final = self.store.get_final(row_id)
-            if final.owner != owner:
+            if owner is not None and final.owner != owner:
                 raise NotFoundError("finals", row_id)
             job = self.store.get_job(final.job_id)
             gen = self.store.get_generation(job.generation_id)

@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import gradio as gr
 
@@ -69,13 +69,20 @@ def tile_label(i: int, tile: Tile) -> str:
 class Handlers:
     """Event functions bound to one backend (shared by every session; per-session data is gr.State)."""
 
-    def __init__(self, backend: Backend, user_header: str | None = None) -> None:
+    def __init__(self, backend: Backend, user_header: str | None = None, admin_users: Sequence[str] = ()) -> None:
         self.backend = backend
         self.user_header = user_header
+        self.admin_users = frozenset(admin_users)
 
     def owner(self, request: gr.Request | None) -> str:
-        """Who this request acts for: each user sees and cancels only their own rows."""
+        """Who this request acts for: new rows are theirs."""
         return owner_of(request, self.user_header)
+
+    def scope(self, request: gr.Request | None) -> str | None:
+        """Whose rows this request may see, refine and cancel: the user's own, or everyone's (``None``) for
+        the admin users named at start (``--admin-users``)."""
+        owner = self.owner(request)
+        return None if owner in self.admin_users else owner
 
     # --- Explore ------------------------------------------------------------------------------
     def dice(self) -> tuple[int, str]:
@@ -171,7 +178,7 @@ class Handlers:
             preview_ids.append(int(snapshot["tiles"][int(index)]["preview_id"]))
         try:
             steps = parse_int(refine_steps, "Refine steps", *REFINE_STEPS)
-            job_ids = self.backend.refine(preview_ids, steps, self.owner(request))
+            job_ids = self.backend.refine(preview_ids, steps, self.scope(request))
         except (ValueError, StoreError) as exc:
             raise _error(exc, request) from None
         gr.Info(f"Queued {len(job_ids)} refine job(s); follow them in the Refine tab.")
@@ -180,7 +187,7 @@ class Handlers:
     # --- Refine -------------------------------------------------------------------------------
     def jobs(self, signature: str | None, request: gr.Request) -> tuple[Any, Any, str]:
         """The job list (HTML with progress bars) and the finals beside their previews; skipped if unchanged."""
-        views = self.backend.jobs(self.owner(request))
+        views = self.backend.jobs(self.scope(request))
         # Consistency is stored just after a job turns done: its arrival must change the signature too.
         sig = repr([(v.job_id, v.state, v.step, v.total, round(v.eta_s or 0), sorted(v.consistency)) for v in views])
         if sig == signature:
@@ -199,7 +206,7 @@ class Handlers:
         except FieldError:
             raise reject("Job id: enter the number of a job from the list.", request) from None
         try:
-            state = self.backend.cancel(number, self.owner(request))
+            state = self.backend.cancel(number, self.scope(request))
         except (ValueError, StoreError) as exc:
             raise _error(exc, request) from None
         if state == "running":
@@ -213,7 +220,7 @@ class Handlers:
         except FieldError as exc:
             raise _error(exc, request) from None
         try:
-            items = self.backend.history(query, self.owner(request))
+            items = self.backend.history(query, self.scope(request))
         except (ValueError, StoreError) as exc:
             raise _error(exc, request) from None
         gallery = [(str(it.path), history_caption(it)) for it in items]
@@ -232,7 +239,7 @@ class Handlers:
         if not m:
             raise reject("Item: pick an image in the history (e.g. final:12 or preview:3).", request)
         try:
-            return self.backend.history_item(m.group(0), self.owner(request))
+            return self.backend.history_item(m.group(0), self.scope(request))
         except (ValueError, KeyError, StoreError) as exc:
             raise reject(f"Item: {exc}", request, "Not found") from None
 
