@@ -36,28 +36,24 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def _load_unet_family(cls: Any, source: str, single_file: Path | None, device: Any, dtype: Any, options: LoadOptions,
+                      local_only: bool) -> Denoiser:
+    """A Stable Diffusion-family denoiser class from a single file (with ``options.config``) or a folder / hub id."""
+    if single_file is not None:
+        return cls.from_single_file(single_file, config=options.config, device=device, dtype=dtype, options=options)
+    return cls.from_pretrained(source, device=device, dtype=dtype, options=options, local_files_only=local_only)
+
+
 def _load_sd(source: str, single_file: Path | None, device: Any, dtype: Any, options: LoadOptions, local_only: bool) -> Denoiser:
     from models.sd import StableDiffusionDenoiser
 
-    if single_file is not None:
-        return StableDiffusionDenoiser.from_single_file(
-            single_file, config=options.config, device=device, dtype=dtype, options=options  # type: ignore[arg-type]
-        )
-    return StableDiffusionDenoiser.from_pretrained(
-        source, device=device, dtype=dtype, options=options, local_files_only=local_only
-    )
+    return _load_unet_family(StableDiffusionDenoiser, source, single_file, device, dtype, options, local_only)
 
 
 def _load_sdxl(source: str, single_file: Path | None, device: Any, dtype: Any, options: LoadOptions, local_only: bool) -> Denoiser:
     from models.sdxl import StableDiffusionXLDenoiser
 
-    if single_file is not None:
-        return StableDiffusionXLDenoiser.from_single_file(
-            single_file, config=options.config, device=device, dtype=dtype, options=options  # type: ignore[arg-type]
-        )
-    return StableDiffusionXLDenoiser.from_pretrained(
-        source, device=device, dtype=dtype, options=options, local_files_only=local_only
-    )
+    return _load_unet_family(StableDiffusionXLDenoiser, source, single_file, device, dtype, options, local_only)
 
 
 def _load_flow(kind: str) -> Callable[..., Denoiser]:

@@ -340,26 +340,25 @@ class Admin:
                 gr.Dropdown(choices=choices, value=value))
 
     def activate(self, session: Any, checkpoint_id: Any) -> tuple[str, Any]:
-        self._check(session)
-        try:
-            cid = parse_int(checkpoint_id, "Checkpoint id", 1, 2**62)
-            name = self.backend.activate_checkpoint(cid)
-        except (FieldError, ValueError, LookupError) as exc:
-            raise reject(exc, what="admin input") from None
-        self.backend.reload_solver()
-        return (f"Checkpoint #{cid} ({name}) is now the active ConsistencySolver for this model. "
-                f"Previews run: {self.backend.solver_status()}", self.backend.checkpoints_table())
+        return self._checkpoint_action(session, checkpoint_id, self.backend.activate_checkpoint,
+                                       "Checkpoint #{cid} ({name}) is now the active ConsistencySolver for this model.")
 
     def assign(self, session: Any, checkpoint_id: Any) -> tuple[str, Any]:
         """“Use for this model too”: run a checkpoint trained on another model (same schedule family) here."""
+        return self._checkpoint_action(session, checkpoint_id, self.backend.assign_checkpoint,
+                                       "This model now runs checkpoint #{cid} ({name}).")
+
+    def _checkpoint_action(self, session: Any, checkpoint_id: Any, action: Callable[[int], str],
+                           done: str) -> tuple[str, Any]:
+        """Check the session and the id, run ``action(id)`` (-> the checkpoint's name), reload the solver."""
         self._check(session)
         try:
             cid = parse_int(checkpoint_id, "Checkpoint id", 1, 2**62)
-            name = self.backend.assign_checkpoint(cid)
+            name = action(cid)
         except (FieldError, ValueError, LookupError) as exc:
             raise reject(exc, what="admin input") from None
         self.backend.reload_solver()
-        return (f"This model now runs checkpoint #{cid} ({name}). Previews run: {self.backend.solver_status()}",
+        return (done.format(cid=cid, name=name) + f" Previews run: {self.backend.solver_status()}",
                 self.backend.checkpoints_table())
 
     def evaluate(self, session: Any, prompts_text: str | None, steps_text: str | None,
