@@ -3,6 +3,7 @@
 import pytest
 import torch
 from diffusers import FluxPipeline
+from pipeline_hooks import capture
 
 from models.flux import FluxDenoiser
 from models.registry import load_model
@@ -39,20 +40,6 @@ def pack(model, x):
     b, c, h, w = x.shape
     return model.pipe._pack_latents(x, b, c, h, w)
 
-
-def capture(pipe, **kwargs):
-    """Every transformer call of one pipeline run (inputs and velocity), from a forward hook."""
-    calls = []
-
-    def hook(mod, args, kw, out):
-        calls.append({"x": kw["hidden_states"], "t": kw["timestep"], "v": out[0] if isinstance(out, tuple) else out.sample})
-
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        pipe(**kwargs)
-    finally:
-        handle.remove()
-    return calls
 
 
 def test_dev_guided_output_equals_the_pipeline(dev, pipe):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from pipeline_hooks import capture
 
 from models.registry import load_model
 from models.sd3 import StableDiffusion3Denoiser
@@ -26,19 +27,6 @@ def model(folder):
 def pipe(model):
     return model.pipe  # the very parts the backend loaded; the pipeline's own loop runs on them
 
-
-def capture(pipe, **kwargs):
-    calls = []
-
-    def hook(mod, args, kw, out):
-        calls.append({"x": kw["hidden_states"], "t": kw["timestep"], "v": out[0] if isinstance(out, tuple) else out.sample})
-
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        pipe(**kwargs)
-    finally:
-        handle.remove()
-    return calls
 
 
 @pytest.mark.parametrize("negative", ["", "blurry"])

@@ -84,6 +84,20 @@ def validation_prompts(n: int = 300, train: int = 160) -> list[str]:
     return [p for p in training_prompts(n + 200, seed=99) if p not in taken][:n]
 
 
+def heldout_captions_outside(n: int, seed: int, taken: set[str], what: str) -> list[str]:
+    """The first ``n`` distinct captions of the held-out distribution (:func:`models.embedded.captions.heldout_scenes`
+    with ``seed``) that are not in ``taken`` (``what`` names it in the error when there are too few)."""
+    from models.embedded.captions import heldout_scenes
+
+    out: list[str] = []
+    for _, text in heldout_scenes(3 * n, seed=seed):
+        if text not in taken and text not in out:
+            out.append(text)
+    if len(out) < n:
+        raise ValueError(f"n: only {len(out)} distinct captions outside {what}, asked for {n}")
+    return out[:n]
+
+
 SHIFTED_VALIDATION_PROMPTS = VALIDATION_PROMPTS.parent / "shifted_validation_prompts.txt"
 
 
@@ -93,17 +107,9 @@ def shifted_validation_prompts(n: int = 200, seed: int = 777) -> list[str]:
     that the held-out set measures (training-grammar prompts), so changes aimed at it are checked here,
     at noise seeds 2-3, before the held-out file is touched. ``models/embedded/shifted_validation_prompts.txt``
     holds the default 200."""
-    from models.embedded.captions import heldout_scenes
     from models.embedded.evaluate import load_heldout_prompts
 
-    heldout = set(load_heldout_prompts())
-    out: list[str] = []
-    for _, text in heldout_scenes(3 * n, seed=seed):
-        if text not in heldout and text not in out:
-            out.append(text)
-    if len(out) < n:
-        raise ValueError(f"n: only {len(out)} distinct captions outside the held-out file, asked for {n}")
-    return out[:n]
+    return heldout_captions_outside(n, seed, set(load_heldout_prompts()), "the held-out file")
 
 
 FRESH_HELDOUT_PROMPTS = VALIDATION_PROMPTS.parent / "fresh_heldout_prompts.txt"
@@ -115,18 +121,11 @@ def fresh_heldout_prompts(n: int = 120, seed: int = 20261204) -> list[str]:
     old held-out file (whose seeds 0-1 chose recipe defaults), not the validation or shifted-validation
     splits, not the recipe's training prompts. A test set frozen after tuning was done:
     ``models/embedded/fresh_heldout_prompts.txt`` holds the default 120, evaluated once."""
-    from models.embedded.captions import heldout_scenes
     from models.embedded.evaluate import load_heldout_prompts
 
     taken = (set(load_heldout_prompts()) | set(validation_prompts()) | set(shifted_validation_prompts())
              | set(training_prompts(160)))
-    out: list[str] = []
-    for _, text in heldout_scenes(3 * n, seed=seed):
-        if text not in taken and text not in out:
-            out.append(text)
-    if len(out) < n:
-        raise ValueError(f"n: only {len(out)} distinct captions outside the other prompt files, asked for {n}")
-    return out[:n]
+    return heldout_captions_outside(n, seed, taken, "the other prompt files")
 
 
 BASE_CANDIDATES = ("ddim", "dpm2m", "ab2", "ab3", "ab4")
