@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from solver.outputs import flow_start_denoised, to_epsilon
+from solver.outputs import start_denoised, to_epsilon
 from solver.schedules import Schedule, schedule_family
 
 logger = logging.getLogger(__name__)
@@ -133,16 +133,16 @@ class Denoiser(ABC):
         return schedule_family(self.schedule)
 
     def solver_output(self, out: torch.Tensor, x: torch.Tensor, alpha: Any, sigma: Any) -> torch.Tensor:
-        """The raw model output as the solver takes it: eps, except at alpha = 0 (the flow start t = 1),
-        where eps = x carries no model information and the denoised x0_hat is returned instead
-        (``solver.schedules.FlowSchedule`` derives the first step from it). float32."""
-        eps = to_epsilon(out, x, alpha, sigma, self.schedule.prediction_type)
-        if self.schedule.kind != "flow":
-            return eps
+        """The raw model output as the solver takes it: eps, except at alpha = 0 (the flow start t = 1, or
+        the first point of a zero-terminal-SNR VP schedule), where eps = x carries no model information and
+        the denoised x0_hat is returned instead (``solver.outputs.start_denoised``; the solver's first step
+        is derived from it in ``solver.schedules.FlowSchedule``). float32."""
+        prediction_type = self.schedule.prediction_type
+        eps = to_epsilon(out, x, alpha, sigma, prediction_type)
         if not torch.is_tensor(alpha):
-            return flow_start_denoised(out, x) if alpha == 0.0 else eps
+            return start_denoised(out, x, prediction_type) if alpha == 0.0 else eps
         start = alpha == 0.0
-        return torch.where(start, flow_start_denoised(out, x), eps) if bool(start.any()) else eps
+        return torch.where(start, start_denoised(out, x, prediction_type), eps) if bool(start.any()) else eps
 
     def _time_inputs(self, x: torch.Tensor, t: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
         """(alpha, sigma, t, t for the [uncond; cond] pair): floats for one t, (B, 1, ...) tensors per row."""

@@ -44,13 +44,21 @@ def to_epsilon(
     return x + alpha * out
 
 
-def flow_start_denoised(model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x0_hat = x - v at the flow start t = 1 (alpha = 0), where eps = x carries no model information.
+def start_denoised(model_output: torch.Tensor, x: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """x0_hat at alpha = 0 (sigma = 1), where eps = x carries no model information: the start of a flow
+    schedule (t = 1: x0_hat = x - v) and of a zero-terminal-SNR VP schedule (v = alpha eps - sigma x0 = -x0,
+    so x0_hat = -v; an x0 prediction is x0_hat itself). An epsilon prediction holds no x0 there: ValueError.
 
-    ``Denoiser.guided_eps`` returns this there instead of eps; the solver's first step is then the
-    limit of eq. 10 (derivation in ``solver.schedules.FlowSchedule``). float32.
+    ``Denoiser.guided_eps`` returns this there instead of eps; the solver's first step is then the limit of
+    eq. 10, y_1 = x0_hat + n_1 eps_0 (derivation in ``solver.schedules.FlowSchedule``). float32.
     """
     out = model_output.float()
     if torch.isnan(out).any():
         raise ValueError("model_output contains NaN")
-    return x.float() - out
+    if prediction_type == "flow_prediction":
+        return x.float() - out
+    if prediction_type == "v_prediction":
+        return -out
+    if prediction_type == "sample":
+        return out
+    raise ValueError(f"prediction_type {prediction_type!r} holds no data prediction at alpha = 0 (zero SNR)")

@@ -131,7 +131,7 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
             "prediction_type": prediction_type, "rescale_betas_zero_snr": rescale_betas_zero_snr,
         }
         try:
-            schedule = VPSchedule.from_config(schedule_config, timestep_spacing=timestep_spacing)
+            schedule = VPSchedule.from_config(schedule_config, timestep_spacing=timestep_spacing, exact_zero_snr=False)
         except NotImplementedError as err:  # diffusers' reply to an unknown beta_schedule
             raise ValueError(f"beta_schedule {beta_schedule!r} is unknown: {err}") from None
         self.schedule = VPSchedule(

@@ -72,21 +72,22 @@ class VPSchedule:
     kind = "vp"
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], timestep_spacing: str = "trailing") -> "VPSchedule":
+    def from_config(cls, config: Mapping[str, Any], timestep_spacing: str = "trailing",
+                    exact_zero_snr: bool = True) -> "VPSchedule":
         """Read betas and prediction type from any diffusers scheduler config (DDIM, PNDM, DPM, ...).
 
         Zero terminal SNR (``rescale_betas_zero_snr=True``, Lin et al. 2024): the rescaled schedule
         ends at abar_{T-1} = 0, i.e. alpha = 0, n = sigma / alpha = inf, where y = x / alpha and the
-        step of eq. 10 are not finite. The solver's first step is the first-order one (w = (1), the
-        only row a one-entry history allows), x_1 = alpha_1 x0_hat + sigma_1 eps_0 with
-        x0_hat = (x_0 - sigma_0 eps_0) / alpha_0: at alpha_0 = 0 that is 0 / 0 for a model seen
-        through epsilon (``eps = x`` exactly there, so x0_hat is not recoverable from it). We
-        therefore start where diffusers' multistep solvers start for such configs
-        (``DPMSolverMultistepScheduler``, ``EulerDiscreteScheduler``, ``UniPCMultistepScheduler``):
-        abar_{T-1} = 2^-24, alpha_0 = 2^-12. This choice also balances the two errors of the first
-        step in float32: the distance to the alpha = 0 limit is O(alpha_0) and the rounding of
-        y_0 = x_0 / alpha_0 against n_0 eps_0 is O(2^-24 / alpha_0); both are about 2^-12.
-        Every grid is then finite (tested against DDIMScheduler and DPMSolverMultistepScheduler).
+        step of eq. 10 are not finite. Its limit is finite: with one epsilon in the history the first row
+        is w = (1), and y_1 = y_0 + (n_1 - n_0) eps_0 = (x_0 - sigma_0 eps_0) / alpha_0 + n_1 eps_0
+        = x0_hat + n_1 eps_0, i.e. x_1 = alpha_1 x0_hat + sigma_1 eps_0 (DDIM from alpha = 0, as
+        ``DDIMScheduler`` steps). A v- or x0-prediction model gives x0_hat at alpha = 0 (v = -x0 there), so
+        for those (``exact_zero_snr``, the default) the grid keeps alpha_0 = 0 and the solver takes that
+        limit step (``Denoiser.solver_output`` hands it x0_hat there, ``solver.sampling.iter_lmm`` steps).
+        An epsilon-prediction model holds no x0 at alpha = 0 (eps = x exactly), so for it, or with
+        ``exact_zero_snr=False``, the schedule starts where diffusers' multistep solvers start for such
+        configs (``DPMSolverMultistepScheduler``, ``EulerDiscreteScheduler``): abar_{T-1} = 2^-24,
+        alpha_0 = 2^-12, and every grid point is finite.
         """
         from diffusers import DDIMScheduler
 
@@ -95,7 +96,8 @@ class VPSchedule:
         config.pop("steps_offset", None)  # the solver's own grid: trailing spacing, no offset (paper.md N1)
         ddim = DDIMScheduler.from_config(config, timestep_spacing=timestep_spacing)
         alphas_cumprod = ddim.alphas_cumprod.to(torch.float64)
-        if config.get("rescale_betas_zero_snr"):
+        if config.get("rescale_betas_zero_snr") and not (exact_zero_snr and ddim.config.prediction_type in (
+                "v_prediction", "sample")):
             alphas_cumprod[-1] = ZERO_SNR_ABAR
         return cls(
             alphas_cumprod=alphas_cumprod,
