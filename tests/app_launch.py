@@ -46,3 +46,19 @@ def launched(backend, paths: app.AppPaths, model: str | None = None) -> Iterator
         admin.close()
         demo.close()
 
+
+def fake_server(tmp_path_factory, name: str) -> Iterator[tuple]:
+    """(backend, paths, url) of the app on a FakeBackend, with the Admin tab disabled; for module fixtures:
+    ``yield from fake_server(tmp_path_factory, "app")``."""
+    import pytest
+    from app_fake_backend import FakeBackend
+
+    from webui.admin import ADMIN_PASSWORD_ENV
+
+    tmp = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(ADMIN_PASSWORD_ENV, raising=False)
+        paths = app_paths(tmp)
+        backend = FakeBackend(paths.exports)
+        with launched(backend, paths) as (url, _admin):
+            yield backend, paths, url

@@ -13,10 +13,8 @@ import time
 
 import httpx
 import pytest
-from app_fake_backend import FakeBackend
-from app_launch import app_paths, launched
+from app_launch import fake_server
 
-from webui.admin import ADMIN_PASSWORD_ENV
 from webui.guard import is_trusted, same_origin, trusted_hosts
 from webui.inputs import MAX_SEED_LIST_CHARS, FieldError, parse_explore, parse_seed_list
 
@@ -27,13 +25,7 @@ MB = 1_000_000
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hostile")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv(ADMIN_PASSWORD_ENV, raising=False)
-        paths = app_paths(tmp)
-        backend = FakeBackend(paths.exports)
-        with launched(backend, paths) as (url, _admin):
-            yield backend, paths, url
+    yield from fake_server(tmp_path_factory, "hostile")
 
 
 def call(url: str, api: str, body: str, timeout: float = 20.0, headers: dict | None = None) -> tuple[str, dict, float]:

@@ -13,8 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from app_fake_backend import FakeBackend
-from app_launch import app_paths, launched
+from app_launch import fake_server
 
 from webui.app import launch_kwargs
 
@@ -36,13 +35,7 @@ def explore(**changes):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One server for the module (launching costs seconds); each test gets a fresh backend state."""
-    tmp = tmp_path_factory.mktemp("app")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv(ADMIN_PASSWORD_ENV, raising=False)
-        paths = app_paths(tmp)
-        backend = FakeBackend(paths.exports)
-        with launched(backend, paths) as (url, _admin):
-            yield backend, paths, url
+    yield from fake_server(tmp_path_factory, "app")
 
 
 @pytest.fixture()
