@@ -33,13 +33,14 @@ def app_paths(tmp: Path) -> app.AppPaths:
 
 
 @contextlib.contextmanager
-def launched(backend, paths: app.AppPaths, model: str | None = None) -> Iterator[tuple[str, Admin]]:
-    """Yield (url, admin) of the running app; close the server in any case."""
+def launched(backend, paths: app.AppPaths, model: str | None = None, user_header: str | None = None,
+             admin_users: tuple[str, ...] = ()) -> Iterator[tuple[str, Admin]]:
+    """Yield (url, admin) of the running app (multi-user mode with ``user_header``); close it in any case."""
     admin = Admin(db=paths.db, work=paths.work, exports=paths.exports, model=model, backend=backend)
-    demo = app.build_demo(backend, admin)
+    demo = app.build_demo(backend, admin, user_header=user_header, admin_users=admin_users)
     demo.queue(max_size=64, default_concurrency_limit=4)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True,
-                            **app.launch_kwargs(paths, "127.0.0.1", free_port()))
+                            **app.launch_kwargs(paths, "127.0.0.1", free_port(), user_header=user_header))
     try:
         yield url, admin
     finally:

@@ -10,11 +10,11 @@ import json
 import httpx
 import pytest
 from app_fake_backend import FakeBackend
-from app_launch import app_paths, free_port
+from app_launch import app_paths, launched
 from test_app_hostile import GOOD, call
 
 from webui import app
-from webui.admin import ADMIN_PASSWORD_ENV, Admin
+from webui.admin import ADMIN_PASSWORD_ENV
 
 HEADER = "X-Forwarded-User"
 
@@ -33,16 +33,8 @@ def proxied(tmp_path_factory):
         mp.delenv(ADMIN_PASSWORD_ENV, raising=False)
         paths = app_paths(tmp)
         backend = FakeBackend(paths.exports)
-        admin = Admin(paths.db, paths.work, paths.exports, None, backend)
-        demo = app.build_demo(backend, admin, user_header=HEADER, admin_users=["root"])
-        demo.queue(max_size=64, default_concurrency_limit=4)
-        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True,
-                                **app.launch_kwargs(paths, "127.0.0.1", free_port(), user_header=HEADER))
-        try:
+        with launched(backend, paths, user_header=HEADER, admin_users=("root",)) as (url, _admin):
             yield backend, url
-        finally:
-            admin.close()
-            demo.close()
 
 
 def test_users_see_and_cancel_only_their_own_rows(proxied):
