@@ -88,6 +88,7 @@ class Denoiser(ABC):
     size_multiple: int  # height and width must be multiples of this (the downsampling factor)
     default_size: tuple[int, int]  # (height, width) in pixels
     max_size: int = 2048
+    takes_image: bool = False  # an editing model (FLUX.1 Kontext): every sample is conditioned on an input image
 
     # --- what a backend implements -------------------------------------------------------------
     @abstractmethod
@@ -122,6 +123,14 @@ class Denoiser(ABC):
                 raise ValueError(
                     f"{name} must be a multiple of {self.size_multiple} for {self.model_id}, got {value}"
                 )
+
+    def image_conditioning(self, cond: Conditioning, image: Any, height: int, width: int) -> Conditioning:
+        """``cond`` conditioned on an input image as well (editing models override this; ``models.kontext``)."""
+        raise ValueError(f"image: {self.model_id} is a text-to-image model and takes no input image")
+
+    def default_size_for(self, image: Any, keep_size: bool = False) -> tuple[int, int]:
+        """(height, width) of an edit of ``image`` when none is asked (editing models override this)."""
+        raise ValueError(f"image: {self.model_id} is a text-to-image model and takes no input image")
 
     def scheduler_config_for(self, height: int, width: int) -> dict[str, Any]:
         """The scheduler config for images of height x width (FLUX's shift depends on the size)."""

@@ -95,17 +95,16 @@ class FluxDenoiser(FlowPipelineDenoiser):
         """
         if extra is None or "pooled_projections" not in extra:
             raise ValueError("FLUX needs the pooled CLIP embedding (extra['pooled_projections']) from encode_prompts")
-        b, c, h, w = x.shape
+        b, _, h, w = x.shape
         f = self.vae_scale_factor
         x = x.to(self.device, self.dtype)
-        packed = self.pipe._pack_latents(x, b, c, h, w)
-        img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype)
+        tokens, img_ids = self._tokens(x, extra)
         txt_ids = torch.zeros(context.shape[1], 3, device=self.device, dtype=self.dtype)
         t = torch.as_tensor(t, device=self.device)
-        t = (t.expand(b) if t.ndim == 0 else t).to(packed.dtype)
+        t = (t.expand(b) if t.ndim == 0 else t).to(tokens.dtype)
         guidance = extra.get("guidance")
         out = self.transformer(
-            hidden_states=packed,
+            hidden_states=tokens,
             timestep=t / 1000,
             guidance=None if guidance is None else guidance.to(self.device, torch.float32),
             pooled_projections=extra["pooled_projections"].to(self.device, self.dtype),
@@ -114,7 +113,14 @@ class FluxDenoiser(FlowPipelineDenoiser):
             img_ids=img_ids,
             return_dict=False,
         )[0]
-        return self.pipe._unpack_latents(out, h * f, w * f, f)
+        return self.pipe._unpack_latents(out[:, : (h // 2) * (w // 2)], h * f, w * f, f)
+
+    def _tokens(self, x: torch.Tensor, extra: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer's image tokens for latents x (B, C, h, w): 2 x 2 patches, and their position ids.
+        An editing backend appends its input image's tokens (``models.kontext``); the velocity of the first
+        (h / 2) (w / 2) tokens is x's."""
+        b, c, h, w = x.shape
+        return self.pipe._pack_latents(x, b, c, h, w), self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype)
 
     @torch.no_grad()
     def guided_eps(self, x: torch.Tensor, t: torch.Tensor | int | float, cond: Conditioning, guidance: float) -> torch.Tensor:
@@ -127,13 +133,13 @@ class FluxDenoiser(FlowPipelineDenoiser):
         xin = x32.to(self.dtype)
         g = torch.full((x.shape[0],), float(guidance), dtype=torch.float32) if self.guidance_embeds else None
 
-        def output(context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-            extra = {"pooled_projections": pooled} | ({} if g is None else {"guidance": g})
+        def output(context: torch.Tensor, extra: dict[str, torch.Tensor]) -> torch.Tensor:
+            extra = dict(extra) | ({} if g is None else {"guidance": g})  # pooled embedding (and input image)
             return self.solver_output(self.model_output(xin, t, context, None, extra=extra), x32, alpha, sigma)
 
-        out = output(cond.cond, cond.cond_extra["pooled_projections"])
+        out = output(cond.cond, cond.cond_extra)
         if self.true_cfg_scale > 1.0 and any(n.strip() for n in cond.negative_prompts):
-            neg = output(cond.uncond, cond.uncond_extra["pooled_projections"])
+            neg = output(cond.uncond, cond.uncond_extra)
             out = neg + self.true_cfg_scale * (out - neg)
         return out.to(x.device)
 

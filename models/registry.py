@@ -60,6 +60,8 @@ def _load_flow(kind: str) -> Callable[..., Denoiser]:
     def load(source: str, single_file: Path | None, device: Any, dtype: Any, options: LoadOptions, local_only: bool) -> Denoiser:
         if kind == "flux":
             from models.flux import FluxDenoiser as backend
+        elif kind == "kontext":
+            from models.kontext import FluxKontextDenoiser as backend  # type: ignore[assignment]
         else:
             from models.sd3 import StableDiffusion3Denoiser as backend  # type: ignore[assignment]
         if single_file is not None:
@@ -78,6 +80,7 @@ BACKENDS: dict[str, Callable[..., Denoiser]] = {
     "StableDiffusionXLPipeline": _load_sdxl,
     "StableDiffusion3Pipeline": _load_flow("sd3"),
     "FluxPipeline": _load_flow("flux"),
+    "FluxKontextPipeline": _load_flow("kontext"),
 }
 # Known architectures with no backend yet: the name a user recognises.
 PLANNED: dict[str, str] = {
@@ -96,6 +99,7 @@ FAMILY_NAMES = {
     "StableDiffusionXLPipeline": "SDXL",
     "StableDiffusion3Pipeline": "Stable Diffusion 3",
     "FluxPipeline": "FLUX",
+    "FluxKontextPipeline": "FLUX.1 Kontext",
 }
 _SD_UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 

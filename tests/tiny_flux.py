@@ -59,3 +59,13 @@ def save_tiny_flux(folder: Path, seed: int = 0, guidance_embeds: bool = True) ->
     folder = Path(folder)
     build_tiny_flux(folder.parent / f"{folder.name}_src", seed, guidance_embeds).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def save_tiny_kontext(folder: Path, seed: int = 0) -> Path:
+    """A tiny FLUX.1 Kontext folder: the dev-like parts of :func:`build_tiny_flux` in a FluxKontextPipeline."""
+    from diffusers import FluxKontextPipeline
+
+    folder = Path(folder)
+    parts = build_tiny_flux(folder.parent / f"{folder.name}_src", seed, guidance_embeds=True).components
+    FluxKontextPipeline(**parts).save_pretrained(folder, safe_serialization=True)
+    return folder
