@@ -3,6 +3,7 @@
 Example::
 
     python -m preview --prompt "a red circle on a blue background" --seeds 0-7 --steps 4 --out previews/
+    python -m preview --model KONTEXT --image in.png --prompt "make the sky purple" --seeds 0-7 --out edits/
 
 Prints one JSON object per image (prompt, seed, steps, solver, path, ids, timings). Without
 ``--model`` the embedded default model is used and nothing is fetched from the network.
@@ -34,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", help="negative prompt")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--image", default=None, help="input image of an edit (an editing model such as FLUX.1 Kontext); "
+                   "each --prompt is then an instruction")
+    p.add_argument("--keep-image-size", action="store_true",
+                   help="with --image and no --height/--width: keep the input's size, not the nearest preferred resolution")
     p.add_argument("--chunk-size", type=int, default=None, help="UNet rows per model call (default: measured per device, see preview.batching)")
     p.add_argument("--max-seeds", type=int, default=DEFAULT_MAX_SEEDS)
     p.add_argument("--preview-decoder", default=None,
@@ -58,7 +63,8 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
         return 2
     request = PreviewRequest(prompts=args.prompt, seeds=seeds, steps=args.steps, solver=args.solver,
                              guidance=args.guidance, height=args.height, width=args.width,
-                             negative_prompt=args.negative_prompt)
+                             negative_prompt=args.negative_prompt, image=args.image,
+                             keep_image_size=args.keep_image_size)
     try:
         worker, store = start_worker_and_store(args.model, args.db, model, device=args.device,
                                                options=load_options(args))
@@ -84,6 +90,7 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
                 "path": str(path),
                 "preview_id": r.preview_id, "generation_id": r.generation_id, "checkpoint_id": r.checkpoint_id,
                 "guidance": r.guidance, "size": [r.height, r.width],
+                **({} if r.input_image_id is None else {"input_image_id": r.input_image_id}),
                 "timings_ms": {k: round(v, 2) for k, v in r.timings_ms.items()},
             }), flush=True)
     finally:

@@ -72,6 +72,7 @@ class PreviewResult:
     pixels: torch.Tensor = field(repr=False)
     timings_ms: dict[str, float] = field(default_factory=dict)
     chunk_index: int = 0
+    input_image_id: int | None = None  # the stored input image of an edit
 
 
 @dataclass
@@ -138,6 +139,8 @@ def run_chunk(
     cache: dict | None = None,
     emit: Callable[[int, torch.Tensor, dict[str, float]], None] | None = None,
     also_prompts: Sequence[str] = (),
+    image: Image.Image | None = None,
+    size: tuple[int, int] | None = None,
 ) -> _ChunkOutput:
     """One chunk on the device: encode, K solver steps (one guided call each), decode. Runs on the worker.
 
@@ -147,11 +150,17 @@ def run_chunk(
     :mod:`preview.batching`) through the model's ``preview_decode`` when it has one (a fast preview
     decoder) or its ``decode``, and handed to ``emit(row, pixels, timings_ms)`` at once, so the host
     encodes and stores tile i while the device decodes tile i + 1 and then starts the next chunk.
+    An edit's input ``image`` (with the output ``size``) joins every row's conditioning
+    (``model.image_conditioning``; the model caches its encoding).
     """
     b = noise.shape[0]
     device = torch.device(model.device)
     t0 = time.perf_counter()
-    cond = pad_conditioning(encode_each(model, prompts, negative_prompt, cache, also_prompts), chunk_size)
+    cond = encode_each(model, prompts, negative_prompt, cache, also_prompts)
+    if image is not None:
+        assert size is not None  # validated with the image
+        cond = model.image_conditioning(cond, image, *size)
+    cond = pad_conditioning(cond, chunk_size)
     x_T = pad_rows(noise, chunk_size).to(device, torch.float32)
     t1 = time.perf_counter()
 
@@ -260,6 +269,8 @@ class PreviewEngine:
         shape = model.latent_shape(req.height, req.width)
         size = self.chunk_size_for(req.height, req.width)
         noise_by_seed = {s: self.store.get_or_create_noise(s, shape) for s in req.seeds}
+        owner = {} if self.owner is None else {"owner": self.owner}
+        input_image_id = None if req.image is None else self.store.put_input_image(req.image, **owner).id
         pairs = req.pairs
         group = rows_per_commit(req.height, req.width, size)
         pool = ThreadPoolExecutor(max_workers=self.store_threads, thread_name_prefix="preview-store")
@@ -283,13 +294,15 @@ class PreviewEngine:
                     rows = list(pending)
                     pending.clear()
                     try:
-                        stored.put(pool.submit(self._store_rows, req, solver, part, rows, noise_by_seed, index))
+                        stored.put(pool.submit(self._store_rows, req, solver, part, rows, noise_by_seed, index,
+                                               input_image_id))
                     except RuntimeError:  # the pool was shut down: the caller closed the stream
                         pass
 
                 also = req.prompts if index == 0 else ()  # the first chunk encodes every prompt of the grid
                 fn = (lambda m, prompts=prompts, noise=noise, emit=emit, also=also: run_chunk(
-                    m, solver, prompts, req.negative_prompt, noise, req.guidance, req.steps, size, self._cache, emit, also))
+                    m, solver, prompts, req.negative_prompt, noise, req.guidance, req.steps, size, self._cache, emit, also,
+                    req.image, (req.height, req.width)))
                 future = self.executor.submit(fn, priority=PREVIEW, label="preview")
                 future.add_done_callback(lambda _, stored=stored: stored.put(_CHUNK_DONE))
                 submitted.append((future, stored))
@@ -305,12 +318,12 @@ class PreviewEngine:
 
     def _store_rows(self, req: PreviewRequest, solver: ResolvedSolver, part: Sequence[tuple[str, int]],
                     rows: list[tuple[int, torch.Tensor, dict[str, float]]], noise_by_seed: dict,
-                    chunk_index: int) -> list[PreviewResult]:
+                    chunk_index: int, input_image_id: int | None = None) -> list[PreviewResult]:
         """Store decoded rows: one row in its own transactions (its PNG encoded beside other rows'), or
         several in one transaction (one commit, when the images are small enough that the commit dominates)."""
         def store_all() -> list[PreviewResult]:
             return [self._store_one(req, solver, part[row][0], part[row][1], noise_by_seed[part[row][1]][0],
-                                    pixels, timings, chunk_index) for row, pixels, timings in rows]
+                                    pixels, timings, chunk_index, input_image_id) for row, pixels, timings in rows]
 
         if len(rows) == 1:
             return store_all()
@@ -318,10 +331,13 @@ class PreviewEngine:
             return store_all()
 
     def _store_one(self, req: PreviewRequest, solver: ResolvedSolver, prompt: str, seed: int, noise_id: int,
-                   pixels: torch.Tensor, timings: dict[str, float], chunk_index: int) -> PreviewResult:
+                   pixels: torch.Tensor, timings: dict[str, float], chunk_index: int,
+                   input_image_id: int | None = None) -> PreviewResult:
         model = self.model
         assert req.height is not None and req.width is not None and req.guidance is not None  # validated
-        extra = {} if self.owner is None else {"owner": self.owner}
+        extra: dict[str, Any] = {} if self.owner is None else {"owner": self.owner}
+        if input_image_id is not None:
+            extra["input_image_id"] = input_image_id
         generation_id = self.store.add_generation(
             model_id=model.model_id, prompt=prompt, negative_prompt=req.negative_prompt, seed=seed,
             height=req.height, width=req.width, guidance=req.guidance, noise_id=noise_id, **extra)
@@ -333,4 +349,5 @@ class PreviewEngine:
             preview_id=preview_id, generation_id=generation_id, noise_id=noise_id, prompt=prompt,
             negative_prompt=req.negative_prompt, seed=seed, steps=req.steps, solver=solver.label,
             checkpoint_id=solver.checkpoint_id, guidance=float(req.guidance), height=int(req.height),
-            width=int(req.width), image=image, pixels=pixels, timings_ms=timings, chunk_index=chunk_index)
+            width=int(req.width), image=image, pixels=pixels, timings_ms=timings, chunk_index=chunk_index,
+            input_image_id=input_image_id)

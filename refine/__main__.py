@@ -4,6 +4,7 @@ Examples::
 
     python -m refine --prompt "a red circle on a blue background" --seed 3 --steps 40 --out finals/
     python -m refine --preview-id 12 --out finals/
+    python -m refine --model KONTEXT --image in.png --prompt "make the sky purple" --seed 3 --out finals/
 
 Prints one JSON object (prompt, seed, steps, solver, path, ids, and for a preview its consistency
 with the final). The job goes through the store's queue like the app's, and this process claims and
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--image", default=None, help="input image of a fresh edit (an editing model such as FLUX.1 Kontext)")
+    p.add_argument("--keep-image-size", action="store_true",
+                   help="with --image and no --height/--width: keep the input's size, not the nearest preferred resolution")
     p.add_argument("--out", required=True, help="folder for the PNG file")
     add_model_options(p)
     add_db_option(p)
@@ -51,6 +55,8 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
     args = parser.parse_args(argv)
     if args.prompt is not None and args.seed is None:
         parser.error("--seed is required with --prompt")
+    if args.image is not None and args.preview_id is not None:
+        parser.error("--image is for a fresh edit (--prompt); a preview is refined with its own stored input image")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from refine.jobs import FINISHED, RefineService
     from runtime.worker import start_worker_and_store
@@ -69,7 +75,7 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
             else:
                 job_id = service.refine_new(args.prompt, args.seed, negative_prompt=args.negative_prompt,
                                             guidance=args.guidance, height=args.height, width=args.width,
-                                            steps=args.steps)
+                                            steps=args.steps, image=args.image, keep_image_size=args.keep_image_size)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -95,6 +101,8 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
             "path": str(path), "job_id": job_id, "final_id": p.final_id, "preview_id": job.preview_id,
             "restarts": p.restarts,
         }
+        if generation.input_image_id is not None:
+            record["input_image_id"] = generation.input_image_id
         if job.preview_id is not None:
             rows = store.list_consistency(preview_id=job.preview_id, final_id=p.final_id)
             if rows:

@@ -39,7 +39,15 @@ from models.base import Denoiser
 from refine.consistency import measure_consistency
 from refine.full_step import DEFAULT_STEPS, FULL_STEP_SOLVER, check_full_steps, iterate_full_step
 from runtime.images import image_to_tensor, to_pil
-from runtime.request import MAX_PROMPT_CHARS, check_guidance, check_prompts, check_seeds, check_size, default_guidance
+from runtime.request import (
+    MAX_PROMPT_CHARS,
+    check_guidance,
+    check_image,
+    check_prompts,
+    check_request_size,
+    check_seeds,
+    default_guidance,
+)
 from runtime.worker import REFINE, DeviceWorker, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -122,18 +130,26 @@ class RefineService:
         width: int | None = None,
         steps: int = DEFAULT_STEPS,
         owner: str | None = None,
+        image: Any = None,
+        keep_image_size: bool = False,
     ) -> int:
-        """Queue a fresh full-step image of (prompt, seed) with no preview; everything validated first."""
+        """Queue a fresh full-step image of (prompt, seed) with no preview; everything validated first.
+
+        ``image``: the input image of an edit (bytes, a path or a PIL image; an editing model needs one), stored
+        once by its hash; ``keep_image_size`` as in :class:`runtime.request.PreviewRequest`."""
         model = self.model
         (prompt,) = check_prompts([prompt])
         (seed,) = check_seeds([seed], 1)
         if not isinstance(negative_prompt, str) or len(negative_prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"negative_prompt must be text of at most {MAX_PROMPT_CHARS} characters")
         g = check_guidance(default_guidance(model) if guidance is None else guidance)
-        h, w = check_size(model, height, width)
+        image = check_image(model, image)
+        h, w = check_request_size(model, height, width, image, keep_image_size)
         check_full_steps(steps)
-        extra = {} if owner is None else {"owner": owner}
-        with self.store.transaction():  # noise (if new), generation and job: all or nothing
+        extra: dict[str, Any] = {} if owner is None else {"owner": owner}
+        with self.store.transaction():  # input image and noise (if new), generation and job: all or nothing
+            if image is not None:
+                extra["input_image_id"] = self.store.put_input_image(image, **({} if owner is None else {"owner": owner})).id
             noise_id, _ = self.store.get_or_create_noise(seed, model.latent_shape(h, w))
             generation_id = self.store.add_generation(model_id=model.model_id, prompt=prompt, negative_prompt=negative_prompt,
                                                       seed=seed, height=h, width=w, guidance=g, noise_id=noise_id, **extra)
@@ -269,6 +285,12 @@ class RefineService:
         t0 = time.perf_counter()
         noise = store.get_noise(generation.noise_id).unsqueeze(0)
         cond = model.encode_prompts([generation.prompt], generation.negative_prompt)
+        input_image_id = getattr(generation, "input_image_id", None)
+        if input_image_id is not None:  # an edit: the same stored input image as its previews
+            image = store.get_input_image(input_image_id).image()
+            cond = model.image_conditioning(cond, image, generation.height, generation.width)
+        elif getattr(model, "takes_image", False):
+            raise ValueError(f"generation {generation.id} has no input image, and {model.model_id} is an editing model")
         yield  # setup is one unit of device work, each model step another: a waiting preview goes between
         x = None
         last_write = 0.0

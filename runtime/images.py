@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from PIL import Image
@@ -90,3 +92,37 @@ def read_input_image(data: bytes, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS) ->
                                   "(dropping transparency would change the image the edit starts from)")
         return rgba.convert("RGB")
     raise InputImageError(f"image: mode {mode} is not supported; save the image as 8-bit RGB")
+
+
+def as_input_image(image: Any, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> Image.Image:
+    """An input image given as bytes, a file path or a PIL image -> 8-bit RGB, by :func:`read_input_image`'s rules
+    (a PIL image that is already RGB and within the pixel limit is taken as it is)."""
+    import io
+    import os
+
+    if isinstance(image, Image.Image):
+        if image.mode in _REFUSED:
+            raise InputImageError(f"image: mode {image.mode} is refused: {_REFUSED[image.mode]}")
+        if image.width * image.height > max_pixels:
+            raise InputImageError(f"image: {image.width}x{image.height} is {image.width * image.height} pixels, "
+                                  f"over the limit of {max_pixels}")
+        if image.mode == "RGB":
+            return image
+        buffer = io.BytesIO()
+        try:
+            image.save(buffer, format="PNG")  # the file rules below decide what converts safely
+        except (OSError, ValueError) as exc:
+            raise InputImageError(f"image: mode {image.mode} is not supported ({type(exc).__name__}); "
+                                  "save the image as 8-bit RGB") from None
+        return read_input_image(buffer.getvalue(), max_pixels)
+    if isinstance(image, (bytes, bytearray)):
+        return read_input_image(bytes(image), max_pixels)
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise InputImageError(f"image: no such file {path!r}")
+        if os.path.getsize(path) > MAX_INPUT_BYTES:
+            raise InputImageError(f"image: the file is {os.path.getsize(path)} bytes, over the limit of {MAX_INPUT_BYTES}")
+        with open(path, "rb") as f:
+            return read_input_image(f.read(), max_pixels)
+    raise InputImageError(f"image: expected image bytes, a file path or a PIL image, got {type(image).__name__}")

@@ -75,6 +75,11 @@ class PreviewRequest:
         guidance: classifier-free guidance scale w >= 0 (``None`` = the model's default).
         height, width: pixels (``None`` = the model's default size).
         negative_prompt: the text of the unconditional branch ("" = unconditional).
+        image: the input image of an edit (an editing model such as FLUX.1 Kontext needs one, a
+            text-to-image model takes none): PNG/JPEG/WebP bytes, a file path or a PIL image, checked by
+            :func:`runtime.images.read_input_image` (modes, pixel limit); validated into 8-bit RGB.
+        keep_image_size: with an image and no height / width: keep the input's size (rounded down to the
+            model's size multiple) instead of the nearest preferred resolution.
     """
 
     prompts: Sequence[str]
@@ -86,6 +91,8 @@ class PreviewRequest:
     width: int | None = None
     negative_prompt: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    image: Any = None
+    keep_image_size: bool = False
 
     @property
     def pairs(self) -> list[tuple[str, int]]:
@@ -158,6 +165,32 @@ def check_size(model: Any, height: Any, width: Any) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def check_image(model: Any, image: Any, max_pixels: int | None = None) -> Any:
+    """The input image as 8-bit RGB (``None`` for a text-to-image request); one ValueError naming ``image``
+    when an editing model gets none, a text-to-image model gets one, or the image itself is refused."""
+    from runtime.images import DEFAULT_MAX_INPUT_PIXELS, as_input_image
+
+    takes = bool(getattr(model, "takes_image", False))
+    if image is None:
+        if takes:
+            raise ValueError(f"image: {model.model_id} is an editing model; give an input image to edit")
+        return None
+    if not takes:
+        raise ValueError(f"image: {model.model_id} is a text-to-image model and takes no input image")
+    return as_input_image(image, DEFAULT_MAX_INPUT_PIXELS if max_pixels is None else max_pixels)
+
+
+def check_request_size(model: Any, height: Any, width: Any, image: Any, keep_image_size: Any) -> tuple[int, int]:
+    """(height, width) of a request: as given, else the size the model picks for the input image of an edit
+    (``default_size_for``), else the model's default size."""
+    if not isinstance(keep_image_size, bool):
+        raise ValueError(f"keep_image_size must be true or false, got {quote(keep_image_size)}")
+    if image is not None and (height is None or width is None):
+        h, w = model.default_size_for(image, keep_image_size)
+        height, width = (h if height is None else height), (w if width is None else width)
+    return check_size(model, height, width)
+
+
 def check_solver(name: Any) -> str:
     from solver.registry import solver_names
 
@@ -188,7 +221,8 @@ def validate(request: PreviewRequest, model: Any, max_seeds: int = DEFAULT_MAX_S
     steps = check_steps(request.steps, MAX_STEPS)
     solver = check_solver(request.solver)
     guidance = check_guidance(default_guidance(model) if request.guidance is None else request.guidance)
-    height, width = check_size(model, request.height, request.width)
+    image = check_image(model, request.image)
+    height, width = check_request_size(model, request.height, request.width, image, request.keep_image_size)
     return PreviewRequest(
         prompts=tuple(prompts),
         seeds=tuple(seeds),
@@ -199,4 +233,6 @@ def validate(request: PreviewRequest, model: Any, max_seeds: int = DEFAULT_MAX_S
         width=width,
         negative_prompt=request.negative_prompt,
         extra=dict(request.extra),
+        image=image,
+        keep_image_size=request.keep_image_size,
     )
