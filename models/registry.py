@@ -3,7 +3,8 @@
 - no name: the embedded default model (``models.embedded.load_embedded``), no network;
 - a local diffusers folder (``model_index.json``), dispatched on its pipeline class name;
 - a single-file ``.safetensors`` checkpoint, with the configs of a local diffusers folder
-  (``LoadOptions.config``); pickle checkpoints (``.ckpt``, ``.pt``, ``.bin``) are refused;
+  (``LoadOptions.config``): the whole model for SD 1.x/2.x and SDXL, the transformer alone for SD3 and
+  FLUX (every other part from that folder); pickle checkpoints (``.ckpt``, ``.pt``, ``.bin``) are refused;
 - otherwise a Hugging Face hub id, read from the local cache only when HF_HUB_OFFLINE=1 or the hub
   cannot be reached.
 
@@ -62,11 +63,8 @@ def _load_flow(kind: str) -> Callable[..., Denoiser]:
             from models.flux import FluxDenoiser as backend
         else:
             from models.sd3 import StableDiffusion3Denoiser as backend  # type: ignore[assignment]
-        if single_file is not None:
-            raise UnsupportedModelError(
-                f"{single_file.name}: single-file {backend.family_name} checkpoints are not supported yet; "
-                "pass the diffusers folder (model_index.json) instead"
-            )
+        if single_file is not None:  # the transformer from the file, the rest from options.config
+            return backend.from_single_file(single_file, config=options.config, device=device, dtype=dtype, options=options)
         return backend.from_pretrained(source, device=device, dtype=dtype, options=options, local_files_only=local_only)
 
     return load

@@ -115,10 +115,12 @@ def test_single_file_of_an_unrecognised_family_needs_config_and_nothing_is_writt
 
 
 @pytest.mark.parametrize(("key", "class_name", "arch"), MARKERS[1:])
-def test_single_file_flow_checkpoints_are_not_supported_yet(tmp_path, key, class_name, arch):
+def test_single_file_flow_checkpoint_needs_a_config_folder_with_a_transformer(tmp_path, key, class_name, arch):
+    """SD3 / FLUX single files are the transformer alone: the config folder must describe one."""
     ckpt = _sd_like_checkpoint(tmp_path / "m.safetensors", {key: torch.zeros(2)}, sd=False)
-    with pytest.raises(UnsupportedModelError, match=f"single-file {arch} checkpoints are not supported yet") as err:
-        load_model(str(ckpt), options=LoadOptions(config=_folder(tmp_path, class_name)))
+    config = _folder(tmp_path, class_name)
+    with pytest.raises(ModelLoadError, match=f"^config: {config} has no transformer entry in model_index.json$") as err:
+        load_model(str(ckpt), options=LoadOptions(config=config))
     _one_sentence(err)
 
 
