@@ -197,8 +197,12 @@ def _unused_weights(logger_name: str) -> Iterator[list[str]]:
 
     handler = _Catch(logging.WARNING)
     source = logging.getLogger(logger_name)
+    level = source.level
+    if source.getEffectiveLevel() > logging.WARNING:  # diffusers' verbosity turned down: still hear this one
+        source.setLevel(logging.WARNING)
     source.addHandler(handler)
     try:
         yield found
     finally:
         source.removeHandler(handler)
+        source.setLevel(level)

@@ -83,11 +83,12 @@ PLANNED: dict[str, str] = {
     "StableDiffusionInpaintPipeline": "Stable Diffusion inpainting",
     "StableDiffusionUpscalePipeline": "Stable Diffusion upscaler",
 }
-# Markers of single-file checkpoints (original key layouts): pipeline class -> key prefixes.
+# Markers of single-file checkpoints (original key layouts): pipeline class -> key prefixes, in the order
+# they are tried (FLUX before SD3: an all-in-one FLUX file carries text_encoders.* too).
 _SINGLE_FILE_MARKERS: dict[str, tuple[str, ...]] = {
     "StableDiffusionXLPipeline": ("conditioner.embedders.",),
-    "StableDiffusion3Pipeline": ("joint_blocks.", "model.diffusion_model.joint_blocks.", "text_encoders."),
     "FluxPipeline": ("double_blocks.", "model.diffusion_model.double_blocks."),
+    "StableDiffusion3Pipeline": ("joint_blocks.", "model.diffusion_model.joint_blocks.", "text_encoders."),
 }
 FAMILY_NAMES = {
     "StableDiffusionPipeline": "Stable Diffusion 1.x/2.x",

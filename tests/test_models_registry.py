@@ -124,6 +124,15 @@ def test_single_file_flow_checkpoint_needs_a_config_folder_with_a_transformer(tm
     _one_sentence(err)
 
 
+def test_an_all_in_one_flux_file_is_flux_though_it_carries_text_encoders(tmp_path):
+    """ComfyUI's all-in-one FLUX files hold text_encoders.* (also an SD3 marker) beside the transformer."""
+    ckpt = _sd_like_checkpoint(tmp_path / "m.safetensors", {
+        "model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(2),
+        "text_encoders.clip_l.transformer.text_model.final_layer_norm.bias": torch.zeros(2),
+        "vae.decoder.conv_in.bias": torch.zeros(2)}, sd=False)
+    assert registry.single_file_family(ckpt) == "FluxPipeline"
+
+
 def test_single_file_of_an_inpainting_model(tmp_path):
     ckpt = tmp_path / "inpaint.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 9, 3, 3)}, str(ckpt))

@@ -116,10 +116,19 @@ def test_flux_single_file_of_another_variant_than_its_config(flux):
     tmp, folders, configs = flux
     dev = save_flux_single_file(folders[True], tmp / "dev.safetensors")
     schnell = save_flux_single_file(folders[False], tmp / "schnell.safetensors")
-    for ckpt, config, what in [(schnell, configs[True], "no weights for"), (dev, configs[False], "has no place for")]:
-        with converter_at_tiny_width(), pytest.raises(ModelLoadError, match=f"^config: .*{ckpt.name}, which has .*{what}") as err:
-            load_model(str(ckpt), device="cpu", options=LoadOptions(config=config))
-        assert "\n" not in str(err.value)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    cases = [(schnell, configs[True], "no weights for", verbosity), (dev, configs[False], "has no place for", verbosity),
+             (dev, configs[False], "has no place for", diffusers_logging.ERROR)]  # diffusers' warnings turned off
+    try:
+        for ckpt, config, what, level in cases:
+            diffusers_logging.set_verbosity(level)
+            with converter_at_tiny_width(), pytest.raises(ModelLoadError, match=f"^config: .*{ckpt.name}, which has .*{what}") as err:
+                load_model(str(ckpt), device="cpu", options=LoadOptions(config=config))
+            assert "\n" not in str(err.value)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def test_flux_single_file_with_a_config_of_another_family(flux, tmp_path):
