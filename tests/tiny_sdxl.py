@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny_sd import MAX_TOKENS, _tokenizer
+from tests.tiny_sd import MAX_TOKENS, _tokenizer, _unet_to_ldm, _vae_to_ldm
 
 HIDDEN = 32
 
@@ -107,8 +107,6 @@ def save_sgm_single_file(folder: Path, path: Path) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from tests.tiny_sd import _unet_to_ldm, _vae_to_ldm
 
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
