@@ -34,7 +34,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, device_help: str = DEV
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help=MODEL_HELP)
     g.add_argument("--config", default=None, help="local diffusers folder with the configs of a single-file "
-                   ".safetensors checkpoint (nothing is fetched)")
+                   ".safetensors checkpoint; for an SD3 / FLUX transformer file also every other part (nothing is fetched)")
     g.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
                    help="float16 weights (default: on CUDA only)")
     g.add_argument("--device", default=None, help=device_help)
