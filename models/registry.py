@@ -115,6 +115,7 @@ def load_model(
 ) -> Denoiser:
     """Resolve ``--model NAME_OR_PATH`` to a loaded backend (see the module docstring)."""
     options = options or LoadOptions()
+    _check_true_cfg(options, None if name_or_path is None else "")
     if name_or_path is None:
         return _load_embedded(device, dtype)
     _check_load_arguments(device, dtype, options)
@@ -302,6 +303,7 @@ def _build(
     options: LoadOptions,
     local_only: bool,
 ) -> Denoiser:
+    _check_true_cfg(options, class_name)
     if class_name in PLANNED:
         raise UnsupportedModelError(f"{source} is a {class_name} ({PLANNED[class_name]}), which is not supported yet")
     loader = BACKENDS.get(class_name)
@@ -319,6 +321,21 @@ def _build(
             torch.cuda.empty_cache()
         text = str(e).strip()
         raise ModelLoadError(f"could not load {source}: {text.splitlines()[0] if text else type(e).__name__}") from e
+
+
+TRUE_CFG_FAMILIES = ("FluxPipeline", "FluxKontextPipeline")
+
+
+def _check_true_cfg(options: LoadOptions, class_name: str | None) -> None:
+    """``true_cfg_scale``: a finite number >= 1, and above 1 only for FLUX (``class_name`` "" = not known yet)."""
+    if not isinstance(options, LoadOptions):
+        return  # refused by _check_load_arguments, naming options
+    s = options.true_cfg_scale
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 1.0 <= float(s) <= 50.0:
+        raise ValueError(f"true_cfg_scale must be a number in 1..50 (1 = off), got {s!r}")
+    if float(s) != 1.0 and class_name != "" and class_name not in TRUE_CFG_FAMILIES:
+        what = FAMILY_NAMES.get(class_name or "", "the embedded model" if class_name is None else class_name)
+        raise ModelLoadError(f"true_cfg_scale: true CFG is for FLUX models; this is {what}, whose guidance is classic CFG")
 
 
 def _check_load_arguments(device: Any, dtype: Any, options: LoadOptions) -> None:
