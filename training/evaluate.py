@@ -2,6 +2,14 @@
 
     python -m training.evaluate --prompts FILE --seeds 0-3 --steps 3,4,5,6,8 \\
         --solvers consistency,ddim,dpmpp2m,unipc,deis,ipndm [--model M] --json OUT [--plot PNG]
+    python -m training.evaluate --model KONTEXT_DIR --images FOLDER --instructions FILE --seeds 0-3 \\
+        --steps 3,4,5,6,8 --solvers consistency,dpm2m,euler --json OUT [--plot PNG] [--keep-image-size]
+
+An editing model (FLUX.1 Kontext) is evaluated on (input image, instruction, seed) pairs: every image of
+the folder (``training.dataset.read_image_folder``: the app's rules, equal files once) x every instruction
+x every seed, each preview and reference conditioned on its image, all at one output size (as an editing
+dataset: ``--height/--width`` or ``model.default_size_for``, the same for every image). A built editing
+dataset's ``images/`` folder is such a folder. The JSON then also lists the images and the pairs.
 
 For each solver and step count K: PSNR, SSIM and the structure measure (GMS) to the reference, the
 model-based measures whose weights were given (``--reward-weights depth=DIR,...``), and the NFE the
@@ -41,7 +49,15 @@ import torch
 
 from runtime.cli import add_db_option, add_model_options
 from training.config import MAX_PREVIEW_STEPS
-from training.dataset import parse_int_list, read_prompts
+from training.dataset import (
+    InputImages,
+    check_images_for_model,
+    condition_on_images,
+    edit_size,
+    parse_int_list,
+    read_image_folder,
+    read_prompts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +99,15 @@ def parse_solvers(text: str, tuned_file: str | None = None) -> list[str]:
 
 
 def resolve_solvers(names: Sequence[str], model: Any, store: Any = None, tuned_file: str | None = None,
-                    steps: Sequence[int] = (), fixed_grid: bool = True) -> list[NamedSolver]:
+                    steps: Sequence[int] = (), fixed_grid: bool = True,
+                    size: tuple[int, int] | None = None) -> list[NamedSolver]:
     """Solver objects for ``names``; checkpoints are loaded (and checked) here, before any sampling, and so
-    is the tuned file of ``tuned:*`` names (its model and K range against ``model`` and ``steps``)."""
+    is the tuned file of ``tuned:*`` names (its model and K range against ``model`` and ``steps``).
+    ``size``: the images' (height, width) where the time grid depends on it (``Denoiser.scheduler_config_for``)."""
     from solver.registry import LMMSolver, get_solver
     from solver.schedules import schedule_from_config
 
+    config = model.scheduler_config if size is None else model.scheduler_config_for(*size)
     out = []
     for name in names:
         policy = None
@@ -96,7 +115,7 @@ def resolve_solvers(names: Sequence[str], model: Any, store: Any = None, tuned_f
             from solver.registry import check_tuned, read_tuned, tuned_solver
 
             check_tuned(read_tuned(tuned_file), model.model_id, steps, model.scheduler_config)
-            out.append(NamedSolver(name, tuned_solver(name, model.scheduler_config, tuned_file, model.model_id), False))
+            out.append(NamedSolver(name, tuned_solver(name, config, tuned_file, model.model_id), False))
             continue
         if name == "consistency":
             from preview.solvers import resolve_policy
@@ -109,12 +128,12 @@ def resolve_solvers(names: Sequence[str], model: Any, store: Any = None, tuned_f
             policy, description = resolve_path_policy(name.split(":", 1)[1], model)
             logger.info("%s = %s", name, description)
         if policy is None:
-            out.append(NamedSolver(name, get_solver(name, model.scheduler_config), False))
+            out.append(NamedSolver(name, get_solver(name, config), False))
             continue
         policy.eval()
-        out.append(NamedSolver(name, get_solver("consistency", model.scheduler_config, policy=policy), True))
+        out.append(NamedSolver(name, get_solver("consistency", config, policy=policy), True))
         if policy.learn_time_grid and fixed_grid:
-            schedule = schedule_from_config(model.scheduler_config)
+            schedule = schedule_from_config(config)
             fixed = LMMSolver(name=f"{name}@fixed-grid", schedule=schedule, table_fn=policy.coefficient_table,
                               grid_fn=lambda k, policy=policy, schedule=schedule: policy.default_grid(schedule, k))
             out.append(NamedSolver(fixed.name, fixed, True))
@@ -229,8 +248,14 @@ def evaluate(
     batch_size: int = 32,
     negative_prompt: str = "",
     progress: bool = True,
+    images: InputImages | None = None,
+    size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Every measure for every (solver, K); returns the JSON document (see the module docstring)."""
+    """Every measure for every (solver, K); returns the JSON document (see the module docstring).
+
+    ``images`` (an editing model): ``prompts`` are instructions, the pairs every image x every instruction
+    x every seed, each conditioned on its image at ``size`` = (height, width) (the solvers must be resolved
+    for that size too: :func:`resolve_solvers`)."""
     from tqdm.auto import tqdm
 
     from refine.full_step import DEFAULT_STEPS, FULL_STEP_SOLVER, check_full_steps, sample_full_step
@@ -238,11 +263,17 @@ def evaluate(
 
     reference_steps = check_full_steps(DEFAULT_STEPS if reference_steps is None else reference_steps, "reference_steps")
     guidance = float(getattr(model, "default_guidance", 5.0)) if guidance is None else float(guidance)
-    h, w = model.default_size
+    check_images_for_model(model, images)
+    h, w = model.default_size if size is None else size
     shape = model.latent_shape(h, w)
-    pairs = [(p, s) for p in prompts for s in seeds]
+    items = [(p, sha) for sha in images.hashes for p in prompts] if images is not None else [(p, None) for p in prompts]
+    pairs = [(p, s, sha) for p, sha in items for s in seeds]
     chunks = _batched(list(range(len(pairs))), batch_size)
     conds = [model.encode_prompts([pairs[i][0] for i in c], negative_prompt) for c in chunks]
+    if images is not None:
+        conds = [condition_on_images(model, cond, [images.images[pairs[i][2]] for i in c], h, w)
+                 for cond, c in zip(conds, chunks)]
+    full_size = (h, w) if images is not None else None
     noises = [torch.stack([make_noise(pairs[i][1], shape) for i in c]) for c in chunks]
     total = len(chunks) * (reference_steps + sum(s.solver.nfe(k) for s in solvers for k in steps))
     bar = tqdm(total=total, desc="evaluate", unit="call", disable=not progress)
@@ -256,9 +287,10 @@ def evaluate(
         return torch.cat(images)
 
     t0 = time.perf_counter()
-    reference = run(lambda cond, noise, n: sample_full_step(model, cond, noise, guidance, n), reference_steps)
+    reference = run(lambda cond, noise, n: sample_full_step(model, cond, noise, guidance, n, size=full_size),
+                    reference_steps)
     ref_features = {name: sim.features(reference) for name, sim in model_measures.items()}
-    all_prompts = [p for p, _ in pairs]
+    all_prompts = [pair[0] for pair in pairs]
     ref_verdicts, ref_readings = _verdicts(judge(reference, all_prompts)) if judge is not None else (None, None)
     results, agree, per_pair = [], {}, {}
     for named in solvers:
@@ -275,6 +307,7 @@ def evaluate(
             values: dict[str, torch.Tensor] = {}
             row.update(similarity_measures(reference, previews, model_measures, ref_features, values))
             per_pair.update({(named.name, k, m): v for m, v in values.items()})
+            row["per_pair"] = {m: [round(float(x), 5) for x in v] for m, v in values.items()}  # in doc["pairs"] order
             if judge is not None:
                 verdicts, readings = _verdicts(judge(previews, all_prompts))
                 row["adherence"] = 100.0 * float(verdicts.float().mean())
@@ -291,9 +324,14 @@ def evaluate(
         "guidance": guidance,
         "num_prompts": len(prompts),
         "seeds": list(seeds),
+        "size": [h, w],
+        "pairs": [[p, s] if sha is None else [p, s, sha] for p, s, sha in pairs],  # (prompt, seed[, image sha256])
         "results": results,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    if images is not None:
+        doc["num_images"] = len(images.hashes)
+        doc["images"] = {"sha256": list(images.hashes), "sources": dict(images.sources)}
     if ref_verdicts is not None:
         doc["reference"]["adherence"] = 100.0 * float(ref_verdicts.float().mean())
     doc["summary"] = summarize(doc)
@@ -461,7 +499,14 @@ def plot(doc: dict[str, Any], path: str | Path) -> None:
 
 def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--prompts", required=True, help="prompt file, one per line (held out from training)")
+    parser.add_argument("--prompts", "--instructions", dest="prompts", required=True,
+                        help="prompt file, one per line (held out from training); for an editing model the instructions")
+    parser.add_argument("--images", default=None,
+                        help="editing models only: folder of input images; pairs are every image x instruction x seed")
+    parser.add_argument("--keep-image-size", action="store_true",
+                        help="editing: output size = the input's own size (rounded) instead of the preferred resolution")
+    parser.add_argument("--height", type=int, default=None, help="editing: output height (with --width)")
+    parser.add_argument("--width", type=int, default=None, help="editing: output width (with --height)")
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts of the file")
     parser.add_argument("--seeds", default="0-3")
     parser.add_argument("--steps", default="3,4,5,6,8", help=f"preview step counts, each in 1..{MAX_PREVIEW_STEPS}")
@@ -491,6 +536,14 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     seeds = parse_int_list(args.seeds, "seeds", 0, 2**32 - 1)
     steps = parse_int_list(args.steps, "steps", 1, MAX_PREVIEW_STEPS)
     names = parse_solvers(args.solvers, args.tuned_file)
+    images = None
+    if args.images is None:
+        for flag, value in (("keep_image_size", args.keep_image_size), ("height", args.height), ("width", args.width)):
+            if value:
+                raise ValueError(f"{flag}: sets an edit's output size; it needs --images "
+                                 "(text-to-image evaluation uses the model's default size)")
+    else:
+        images = read_image_folder(args.images)
     if args.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {args.batch_size}")
     from training.config import _parse_mapping
@@ -511,10 +564,16 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         from runtime.cli import model_from_args
 
         model = model_from_args(args)
-    solvers = resolve_solvers(names, model, store, tuned_file=args.tuned_file, steps=steps, fixed_grid=args.fixed_grid)
+    check_images_for_model(model, images)
+    size = edit_size(model, images, args.height, args.width, args.keep_image_size) if images is not None else None
+    solvers = resolve_solvers(names, model, store, tuned_file=args.tuned_file, steps=steps, fixed_grid=args.fixed_grid,
+                              size=size)
     doc = evaluate(model, prompts, seeds, steps, solvers, guidance=args.guidance, reference_steps=args.reference_steps,
-                   model_measures=model_measures, judge=load_judge(model), batch_size=args.batch_size)
+                   model_measures=model_measures, judge=load_judge(model), batch_size=args.batch_size,
+                   images=images, size=size)
     doc["prompts"] = str(args.prompts)
+    if images is not None:
+        doc["images"]["folder"] = str(args.images)
     doc["command"] = "python -m training.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
     Path(args.json_out).write_text(json.dumps(doc, indent=1))
     if args.plot:
