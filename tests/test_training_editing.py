@@ -152,11 +152,16 @@ def test_ppo_and_evaluation_on_an_editing_dataset(model, kontext_dir, inputs, tm
     for r in rows.tolist():
         cond = model.image_conditioning(model.encode_prompts([trainer.ds.prompts[r]]), trainer.ds.row_images([r])[0],
                                         SIZE, SIZE)
-        x = sample_lmm(lambda x, t: model.guided_eps(x, t, cond, trainer.guidance), trainer.ds.noise[r : r + 1], grid,
+        x = sample_lmm(lambda x, t, cond=cond: model.guided_eps(x, t, cond, trainer.guidance), trainer.ds.noise[r : r + 1], grid,
                        trainer.policy.coefficient_table(grid))
         want.append(sim.compare(sim.features(model.decode(trainer.ds.target[r : r + 1])),
                                 sim.features(model.decode(x))))
     assert abs(got - float(torch.cat(want).mean())) < 1e-3
+    with torch.no_grad():  # rollouts of a policy with (almost) no noise are the deterministic edits above
+        trainer.policy.log_std.fill_(-30.0)
+    bucket = trainer.rollout(3, rows, update=0)
+    per_row = bucket.rewards.view(len(rows), trainer.cfg.group_size).mean(1)
+    assert (per_row - torch.cat(want)).abs().max().item() < 1e-2
 
     assert evaluate_cli.main(["--instructions", str(instructions), "--images", str(folder), "--seeds", "0",
                               "--keep-image-size", "--steps", "2,4", "--reference-steps", "4",
