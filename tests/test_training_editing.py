@@ -177,3 +177,16 @@ def test_ppo_and_evaluation_on_an_editing_dataset(model, kontext_dir, inputs, tm
     # dpm2m at K = the reference's steps IS the reference: same solver, same per-size grid, same images
     assert rows[("dpm2m", 4)]["psnr"] > 60 and rows[("euler", 4)]["psnr"] < rows[("dpm2m", 4)]["psnr"]
     assert (tmp_path / "eval.png").stat().st_size > 0
+
+    # on the built dataset: its rows are the pairs, its stored targets the references
+    assert evaluate_cli.main(["--dataset", str(tmp_path / "data"), "--steps", "4", "--solvers", "dpm2m,euler",
+                              "--json", str(tmp_path / "eval-ds.json"), *common], model=model) == 0
+    doc = json.loads((tmp_path / "eval-ds.json").read_text())
+    ds = load_dataset(tmp_path / "data")
+    assert doc["pairs"] == [[p, s, sha] for p, s, sha in zip(ds.prompts, ds.seeds, ds.image_ids)]
+    assert doc["reference"] == {"solver": "dpm2m", "steps": 4} and doc["size"] == [SIZE, SIZE]
+    rows = {r["solver"]: r for r in doc["results"]}
+    assert rows["dpm2m"]["psnr"] > 60 and rows["euler"]["psnr"] < rows["dpm2m"]["psnr"]
+    with pytest.raises(ValueError, match="seeds: the dataset fixes it"):
+        evaluate_cli.main(["--dataset", str(tmp_path / "data"), "--seeds", "0", "--json", str(tmp_path / "no.json")])
+    assert not (tmp_path / "no.json").exists()

@@ -8,8 +8,12 @@
 An editing model (FLUX.1 Kontext) is evaluated on (input image, instruction, seed) pairs: every image of
 the folder (``training.dataset.read_image_folder``: the app's rules, equal files once) x every instruction
 x every seed, each preview and reference conditioned on its image, all at one output size (as an editing
-dataset: ``--height/--width`` or ``model.default_size_for``, the same for every image). A built editing
-dataset's ``images/`` folder is such a folder. The JSON then also lists the images and the pairs.
+dataset: ``--height/--width`` or ``model.default_size_for``, the same for every image). The JSON then also
+lists the images and the pairs. ``--dataset DIR`` (instead of ``--prompts``) evaluates on a built dataset,
+text-to-image or editing: its rows are the pairs, its stored full-step targets the references::
+
+    python -m training.evaluate --model KONTEXT_DIR --dataset runs/edit-data --steps 3,4,6 \\
+        --solvers consistency,dpm2m,euler --json OUT
 
 For each solver and step count K: PSNR, SSIM and the structure measure (GMS) to the reference, the
 model-based measures whose weights were given (``--reward-weights depth=DIR,...``), and the NFE the
@@ -51,6 +55,7 @@ from runtime.cli import add_db_option, add_model_options
 from training.config import MAX_PREVIEW_STEPS
 from training.dataset import (
     InputImages,
+    OfflineDataset,
     check_images_for_model,
     condition_on_images,
     edit_size,
@@ -250,32 +255,60 @@ def evaluate(
     progress: bool = True,
     images: InputImages | None = None,
     size: tuple[int, int] | None = None,
+    dataset: OfflineDataset | None = None,
 ) -> dict[str, Any]:
     """Every measure for every (solver, K); returns the JSON document (see the module docstring).
 
     ``images`` (an editing model): ``prompts`` are instructions, the pairs every image x every instruction
     x every seed, each conditioned on its image at ``size`` = (height, width) (the solvers must be resolved
-    for that size too: :func:`resolve_solvers`)."""
+    for that size too: :func:`resolve_solvers`).
+
+    ``dataset`` (a loaded offline dataset, text-to-image or editing): its rows are the pairs and its stored
+    full-step targets the references (nothing is resampled); its guidance, negative prompt, size, images and
+    reference steps are used, and ``prompts``, ``seeds``, ``images``, ``guidance`` and ``reference_steps``
+    must not be given."""
     from tqdm.auto import tqdm
 
     from refine.full_step import DEFAULT_STEPS, FULL_STEP_SOLVER, check_full_steps, sample_full_step
     from store.noise import make_noise
 
-    reference_steps = check_full_steps(DEFAULT_STEPS if reference_steps is None else reference_steps, "reference_steps")
-    guidance = float(getattr(model, "default_guidance", 5.0)) if guidance is None else float(guidance)
-    check_images_for_model(model, images)
+    if dataset is not None:
+        given = [n for n, v in (("prompts", prompts), ("seeds", seeds), ("images", images), ("guidance", guidance),
+                                ("reference_steps", reference_steps)) if v]
+        if given:
+            raise ValueError(f"{given[0]}: the dataset fixes it; evaluate a dataset without it")
+        index = dataset.index
+        prompts, seeds, guidance, negative_prompt = index.prompts, index.seeds, index.guidance, index.negative_prompt
+        reference_steps, size = index.reference_steps, (index.height, index.width)
+        ref_solver = index.reference_solver
+        image_of = dataset.images
+        check_images_for_model(model, image_of or None)
+        pairs = [(p, s, dataset.image_ids[i] if dataset.takes_image else None)
+                 for i, (p, s) in enumerate(zip(dataset.prompts, dataset.seeds))]
+    else:
+        reference_steps = check_full_steps(DEFAULT_STEPS if reference_steps is None else reference_steps,
+                                           "reference_steps")
+        guidance = float(getattr(model, "default_guidance", 5.0)) if guidance is None else float(guidance)
+        ref_solver = FULL_STEP_SOLVER
+        check_images_for_model(model, images)
+        image_of = images.images if images is not None else {}
+        items = [(p, sha) for sha in images.hashes for p in prompts] if images is not None else [(p, None) for p in prompts]
+        pairs = [(p, s, sha) for p, sha in items for s in seeds]
+    guidance = float(guidance)
     h, w = model.default_size if size is None else size
     shape = model.latent_shape(h, w)
-    items = [(p, sha) for sha in images.hashes for p in prompts] if images is not None else [(p, None) for p in prompts]
-    pairs = [(p, s, sha) for p, sha in items for s in seeds]
     chunks = _batched(list(range(len(pairs))), batch_size)
     conds = [model.encode_prompts([pairs[i][0] for i in c], negative_prompt) for c in chunks]
-    if images is not None:
-        conds = [condition_on_images(model, cond, [images.images[pairs[i][2]] for i in c], h, w)
+    if image_of:
+        conds = [condition_on_images(model, cond, [image_of[pairs[i][2]] for i in c], h, w)
                  for cond, c in zip(conds, chunks)]
-    full_size = (h, w) if images is not None else None
-    noises = [torch.stack([make_noise(pairs[i][1], shape) for i in c]) for c in chunks]
-    total = len(chunks) * (reference_steps + sum(s.solver.nfe(k) for s in solvers for k in steps))
+    full_size = (h, w) if image_of else None
+    if dataset is not None:
+        noises = [dataset.noise[c] for c in chunks]
+    else:
+        noises = [torch.stack([make_noise(pairs[i][1], shape) for i in c]) for c in chunks]
+    ref_calls = 0 if dataset is not None else reference_steps
+    total = len(chunks) * (ref_calls + sum(s.solver.nfe(k) for s in solvers for k in steps))
     bar = tqdm(total=total, desc="evaluate", unit="call", disable=not progress)
     model_measures = model_measures or {}
 
@@ -287,8 +320,11 @@ def evaluate(
         return torch.cat(images)
 
     t0 = time.perf_counter()
-    reference = run(lambda cond, noise, n: sample_full_step(model, cond, noise, guidance, n, size=full_size),
-                    reference_steps)
+    if dataset is not None:  # the dataset's full-step targets, decoded
+        reference = torch.cat([model.decode(dataset.target[c].to(model.device)).float().cpu() for c in chunks])
+    else:
+        reference = run(lambda cond, noise, n: sample_full_step(model, cond, noise, guidance, n, size=full_size),
+                        reference_steps)
     ref_features = {name: sim.features(reference) for name, sim in model_measures.items()}
     all_prompts = [pair[0] for pair in pairs]
     ref_verdicts, ref_readings = _verdicts(judge(reference, all_prompts)) if judge is not None else (None, None)
@@ -320,7 +356,7 @@ def evaluate(
     add_paired_differences(results, per_pair, {s.name: s.is_consistency for s in solvers})
     doc: dict[str, Any] = {
         "model": model.model_id,
-        "reference": {"solver": FULL_STEP_SOLVER, "steps": reference_steps},
+        "reference": {"solver": ref_solver, "steps": reference_steps},
         "guidance": guidance,
         "num_prompts": len(prompts),
         "seeds": list(seeds),
@@ -332,6 +368,9 @@ def evaluate(
     if images is not None:
         doc["num_images"] = len(images.hashes)
         doc["images"] = {"sha256": list(images.hashes), "sources": dict(images.sources)}
+    elif dataset is not None and dataset.takes_image:
+        doc["num_images"] = len(dataset.index.images)
+        doc["images"] = {"sha256": list(dataset.index.images), "sources": dict(dataset.index.image_sources)}
     if ref_verdicts is not None:
         doc["reference"]["adherence"] = 100.0 * float(ref_verdicts.float().mean())
     doc["summary"] = summarize(doc)
@@ -499,8 +538,11 @@ def plot(doc: dict[str, Any], path: str | Path) -> None:
 
 def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--prompts", "--instructions", dest="prompts", required=True,
+    parser.add_argument("--prompts", "--instructions", dest="prompts", default=None,
                         help="prompt file, one per line (held out from training); for an editing model the instructions")
+    parser.add_argument("--dataset", default=None,
+                        help="instead of --prompts: a dataset folder (training.dataset); its rows are the pairs and its "
+                             "full-step targets the references")
     parser.add_argument("--images", default=None,
                         help="editing models only: folder of input images; pairs are every image x instruction x seed")
     parser.add_argument("--keep-image-size", action="store_true",
@@ -508,7 +550,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--height", type=int, default=None, help="editing: output height (with --width)")
     parser.add_argument("--width", type=int, default=None, help="editing: output width (with --height)")
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts of the file")
-    parser.add_argument("--seeds", default="0-3")
+    parser.add_argument("--seeds", default=None, help="seeds (default 0-3; not with --dataset)")
     parser.add_argument("--steps", default="3,4,5,6,8", help=f"preview step counts, each in 1..{MAX_PREVIEW_STEPS}")
     parser.add_argument("--solvers", default="consistency,ddim,dpmpp2m,unipc,deis,ipndm")
     add_model_options(parser)
@@ -532,8 +574,22 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         torch.set_num_threads(args.threads)
 
     # bad input: all checked before the model is loaded or anything is sampled
-    prompts = read_prompts(args.prompts, args.max_prompts)
-    seeds = parse_int_list(args.seeds, "seeds", 0, 2**32 - 1)
+    if (args.prompts is None) == (args.dataset is None):
+        raise ValueError("prompts: give a prompt (instruction) file with --prompts, or a dataset folder with --dataset")
+    if args.dataset is not None:
+        from training.dataset import DatasetIndex
+
+        DatasetIndex.read(args.dataset)  # a folder that is no dataset fails here
+        fixed = [("images", args.images), ("seeds", args.seeds), ("max_prompts", args.max_prompts),
+                 ("guidance", args.guidance), ("reference_steps", args.reference_steps), ("height", args.height),
+                 ("width", args.width), ("keep_image_size", args.keep_image_size)]
+        for flag, value in fixed:
+            if value is not None and value is not False:
+                raise ValueError(f"{flag}: the dataset fixes it; drop it with --dataset")
+        prompts, seeds = [], []
+    else:
+        prompts = read_prompts(args.prompts, args.max_prompts)
+        seeds = parse_int_list("0-3" if args.seeds is None else args.seeds, "seeds", 0, 2**32 - 1)
     steps = parse_int_list(args.steps, "steps", 1, MAX_PREVIEW_STEPS)
     names = parse_solvers(args.solvers, args.tuned_file)
     images = None
@@ -564,14 +620,25 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         from runtime.cli import model_from_args
 
         model = model_from_args(args)
-    check_images_for_model(model, images)
-    size = edit_size(model, images, args.height, args.width, args.keep_image_size) if images is not None else None
+    dataset = None
+    if args.dataset is not None:
+        from refine.full_step import FULL_STEP_SOLVER
+        from training.dataset import load_dataset
+
+        dataset = load_dataset(args.dataset, model_id=model.model_id, reference_solver=FULL_STEP_SOLVER)
+        size = (dataset.index.height, dataset.index.width) if dataset.takes_image else None
+    else:
+        check_images_for_model(model, images)
+        size = edit_size(model, images, args.height, args.width, args.keep_image_size) if images is not None else None
     solvers = resolve_solvers(names, model, store, tuned_file=args.tuned_file, steps=steps, fixed_grid=args.fixed_grid,
                               size=size)
     doc = evaluate(model, prompts, seeds, steps, solvers, guidance=args.guidance, reference_steps=args.reference_steps,
                    model_measures=model_measures, judge=load_judge(model), batch_size=args.batch_size,
-                   images=images, size=size)
-    doc["prompts"] = str(args.prompts)
+                   images=images, size=size, dataset=dataset)
+    if dataset is not None:
+        doc["dataset"] = str(args.dataset)
+    else:
+        doc["prompts"] = str(args.prompts)
     if images is not None:
         doc["images"]["folder"] = str(args.images)
     doc["command"] = "python -m training.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
