@@ -220,6 +220,8 @@ def write_images(folder: Path, images: InputImages) -> None:
 
 def read_dataset_images(folder: str | os.PathLike, hashes: Sequence[str]) -> dict[str, Any]:
     """The stored input images of a dataset by hash, each checked against its sha256."""
+    import io
+
     from PIL import Image
 
     out = {}
@@ -231,8 +233,6 @@ def read_dataset_images(folder: str | os.PathLike, hashes: Sequence[str]) -> dic
             raise ValueError(f"dataset: input image {str(path)!r} is missing ({err})") from None
         if hashlib.sha256(data).hexdigest() != sha:
             raise ValueError(f"dataset: input image {str(path)!r} does not match its sha256 (the file was changed)")
-        import io
-
         out[sha] = Image.open(io.BytesIO(data)).convert("RGB")
     return out
 
