@@ -77,10 +77,12 @@ def sample_full_step(
     noise: torch.Tensor,
     guidance: float,
     num_steps: int = DEFAULT_STEPS,
+    size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """The full-step final latent x_0 for ``noise`` (B, C, h, w); float32 on ``model.device``."""
+    """The full-step final latent x_0 for ``noise`` (B, C, h, w); float32 on ``model.device``.
+    ``size``: the image's (height, width), as :func:`iterate_full_step` takes it."""
     last = None
-    for last in iterate_full_step(model, cond, noise, guidance, num_steps):
+    for last in iterate_full_step(model, cond, noise, guidance, num_steps, size=size):
         pass
     assert last is not None  # num_steps >= 1
     return last.x

@@ -194,3 +194,38 @@ def test_a_tuned_file_for_another_model_or_k_range_is_refused_before_any_model_c
     with pytest.raises(ValueError, match="no file"):
         main(base + ["--steps", "3", "--tuned-file", str(tmp_path / "missing.json")], model=model)
     assert model.calls == 0 and not (tmp_path / "o.json").exists()
+
+
+def test_a_built_dataset_is_evaluated_against_its_stored_targets(tmp_path):
+    """--dataset: the dataset's rows are the pairs and its stored full-step targets the references, so the
+    full-step sampler itself at the dataset's step count matches them exactly, and a row's target changed on
+    disk shows in that row's per-pair measure only."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from training.dataset import build_dataset, read_prompts, shard_name
+
+    prompts = read_prompts(write_prompts(tmp_path / "p.txt", 2))
+    build_dataset(GaussianDenoiser(), prompts, [3, 4, 5], tmp_path / "ds", prompt_file_sha256="0" * 64,
+                  reference_steps=6, shard_size=8, progress=False, pairing="product")
+    argv = ["--dataset", str(tmp_path / "ds"), "--steps", "3,6", "--solvers", "dpm2m,ddim", "--db", "",
+            "--json", str(tmp_path / "out.json")]
+    assert main(argv, model=GaussianDenoiser()) == 0
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["pairs"] == [[p, s] for p in prompts for s in (3, 4, 5)] and doc["reference"]["steps"] == 6
+    rows = {(r["solver"], r["steps"]): r for r in doc["results"]}
+    assert min(rows[("dpm2m", 6)]["per_pair"]["psnr"]) > 60 and rows[("ddim", 3)]["psnr"] < 60
+    shard = tmp_path / "ds" / shard_name(0)
+    tensors = load_file(str(shard))
+    tensors["target"][4] += 0.5
+    with safe_open(str(shard), "pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(shard), metadata=metadata)
+    assert main(argv, model=GaussianDenoiser()) == 0
+    rows = {(r["solver"], r["steps"]): r for r in json.loads((tmp_path / "out.json").read_text())["results"]}
+    per_pair = rows[("dpm2m", 6)]["per_pair"]["psnr"]
+    assert per_pair[4] < 40 and min(per_pair[:4] + per_pair[5:]) > 60
+    with pytest.raises(ValueError, match="prompts: give a prompt .* or a dataset"):
+        main(["--dataset", str(tmp_path / "ds"), "--prompts", str(tmp_path / "p.txt"), "--json", "x.json"])
+    with pytest.raises(ValueError, match="reference_steps: the dataset fixes it"):
+        main(["--dataset", str(tmp_path / "ds"), "--reference-steps", "5", "--json", "x.json"])

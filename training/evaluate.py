@@ -2,6 +2,18 @@
 
     python -m training.evaluate --prompts FILE --seeds 0-3 --steps 3,4,5,6,8 \\
         --solvers consistency,ddim,dpmpp2m,unipc,deis,ipndm [--model M] --json OUT [--plot PNG]
+    python -m training.evaluate --model KONTEXT_DIR --images FOLDER --instructions FILE --seeds 0-3 \\
+        --steps 3,4,5,6,8 --solvers consistency,dpm2m,euler --json OUT [--plot PNG] [--keep-image-size]
+
+An editing model (FLUX.1 Kontext) is evaluated on (input image, instruction, seed) pairs: every image of
+the folder (``training.dataset.read_image_folder``: the app's rules, equal files once) x every instruction
+x every seed, each preview and reference conditioned on its image, all at one output size (as an editing
+dataset: ``--height/--width`` or ``model.default_size_for``, the same for every image). The JSON then also
+lists the images and the pairs. ``--dataset DIR`` (instead of ``--prompts``) evaluates on a built dataset,
+text-to-image or editing: its rows are the pairs, its stored full-step targets the references::
+
+    python -m training.evaluate --model KONTEXT_DIR --dataset runs/edit-data --steps 3,4,6 \\
+        --solvers consistency,dpm2m,euler --json OUT
 
 For each solver and step count K: PSNR, SSIM and the structure measure (GMS) to the reference, the
 model-based measures whose weights were given (``--reward-weights depth=DIR,...``), and the NFE the
@@ -41,7 +53,16 @@ import torch
 
 from runtime.cli import add_db_option, add_model_options
 from training.config import MAX_PREVIEW_STEPS
-from training.dataset import parse_int_list, read_prompts
+from training.dataset import (
+    InputImages,
+    OfflineDataset,
+    check_images_for_model,
+    condition_on_images,
+    edit_size,
+    parse_int_list,
+    read_image_folder,
+    read_prompts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +104,15 @@ def parse_solvers(text: str, tuned_file: str | None = None) -> list[str]:
 
 
 def resolve_solvers(names: Sequence[str], model: Any, store: Any = None, tuned_file: str | None = None,
-                    steps: Sequence[int] = (), fixed_grid: bool = True) -> list[NamedSolver]:
+                    steps: Sequence[int] = (), fixed_grid: bool = True,
+                    size: tuple[int, int] | None = None) -> list[NamedSolver]:
     """Solver objects for ``names``; checkpoints are loaded (and checked) here, before any sampling, and so
-    is the tuned file of ``tuned:*`` names (its model and K range against ``model`` and ``steps``)."""
+    is the tuned file of ``tuned:*`` names (its model and K range against ``model`` and ``steps``).
+    ``size``: the images' (height, width) where the time grid depends on it (``Denoiser.scheduler_config_for``)."""
     from solver.registry import LMMSolver, get_solver
     from solver.schedules import schedule_from_config
 
+    config = model.scheduler_config if size is None else model.scheduler_config_for(*size)
     out = []
     for name in names:
         policy = None
@@ -96,7 +120,7 @@ def resolve_solvers(names: Sequence[str], model: Any, store: Any = None, tuned_f
             from solver.registry import check_tuned, read_tuned, tuned_solver
 
             check_tuned(read_tuned(tuned_file), model.model_id, steps, model.scheduler_config)
-            out.append(NamedSolver(name, tuned_solver(name, model.scheduler_config, tuned_file, model.model_id), False))
+            out.append(NamedSolver(name, tuned_solver(name, config, tuned_file, model.model_id), False))
             continue
         if name == "consistency":
             from preview.solvers import resolve_policy
@@ -109,12 +133,12 @@ def resolve_solvers(names: Sequence[str], model: Any, store: Any = None, tuned_f
             policy, description = resolve_path_policy(name.split(":", 1)[1], model)
             logger.info("%s = %s", name, description)
         if policy is None:
-            out.append(NamedSolver(name, get_solver(name, model.scheduler_config), False))
+            out.append(NamedSolver(name, get_solver(name, config), False))
             continue
         policy.eval()
-        out.append(NamedSolver(name, get_solver("consistency", model.scheduler_config, policy=policy), True))
+        out.append(NamedSolver(name, get_solver("consistency", config, policy=policy), True))
         if policy.learn_time_grid and fixed_grid:
-            schedule = schedule_from_config(model.scheduler_config)
+            schedule = schedule_from_config(config)
             fixed = LMMSolver(name=f"{name}@fixed-grid", schedule=schedule, table_fn=policy.coefficient_table,
                               grid_fn=lambda k, policy=policy, schedule=schedule: policy.default_grid(schedule, k))
             out.append(NamedSolver(fixed.name, fixed, True))
@@ -229,22 +253,62 @@ def evaluate(
     batch_size: int = 32,
     negative_prompt: str = "",
     progress: bool = True,
+    images: InputImages | None = None,
+    size: tuple[int, int] | None = None,
+    dataset: OfflineDataset | None = None,
 ) -> dict[str, Any]:
-    """Every measure for every (solver, K); returns the JSON document (see the module docstring)."""
+    """Every measure for every (solver, K); returns the JSON document (see the module docstring).
+
+    ``images`` (an editing model): ``prompts`` are instructions, the pairs every image x every instruction
+    x every seed, each conditioned on its image at ``size`` = (height, width) (the solvers must be resolved
+    for that size too: :func:`resolve_solvers`).
+
+    ``dataset`` (a loaded offline dataset, text-to-image or editing): its rows are the pairs and its stored
+    full-step targets the references (nothing is resampled); its guidance, negative prompt, size, images and
+    reference steps are used, and ``prompts``, ``seeds``, ``images``, ``guidance`` and ``reference_steps``
+    must not be given."""
     from tqdm.auto import tqdm
 
     from refine.full_step import DEFAULT_STEPS, FULL_STEP_SOLVER, check_full_steps, sample_full_step
     from store.noise import make_noise
 
-    reference_steps = check_full_steps(DEFAULT_STEPS if reference_steps is None else reference_steps, "reference_steps")
-    guidance = float(getattr(model, "default_guidance", 5.0)) if guidance is None else float(guidance)
-    h, w = model.default_size
+    if dataset is not None:
+        given = [n for n, v in (("prompts", prompts), ("seeds", seeds), ("images", images), ("guidance", guidance),
+                                ("reference_steps", reference_steps)) if v]
+        if given:
+            raise ValueError(f"{given[0]}: the dataset fixes it; evaluate a dataset without it")
+        index = dataset.index
+        prompts, seeds, guidance, negative_prompt = index.prompts, index.seeds, index.guidance, index.negative_prompt
+        reference_steps, size = index.reference_steps, (index.height, index.width)
+        ref_solver = index.reference_solver
+        image_of = dataset.images
+        check_images_for_model(model, image_of or None)
+        pairs = [(p, s, dataset.image_ids[i] if dataset.takes_image else None)
+                 for i, (p, s) in enumerate(zip(dataset.prompts, dataset.seeds))]
+    else:
+        reference_steps = check_full_steps(DEFAULT_STEPS if reference_steps is None else reference_steps,
+                                           "reference_steps")
+        guidance = float(getattr(model, "default_guidance", 5.0)) if guidance is None else float(guidance)
+        ref_solver = FULL_STEP_SOLVER
+        check_images_for_model(model, images)
+        image_of = images.images if images is not None else {}
+        items = [(p, sha) for sha in images.hashes for p in prompts] if images is not None else [(p, None) for p in prompts]
+        pairs = [(p, s, sha) for p, sha in items for s in seeds]
+    guidance = float(guidance)
+    h, w = model.default_size if size is None else size
     shape = model.latent_shape(h, w)
-    pairs = [(p, s) for p in prompts for s in seeds]
     chunks = _batched(list(range(len(pairs))), batch_size)
     conds = [model.encode_prompts([pairs[i][0] for i in c], negative_prompt) for c in chunks]
-    noises = [torch.stack([make_noise(pairs[i][1], shape) for i in c]) for c in chunks]
-    total = len(chunks) * (reference_steps + sum(s.solver.nfe(k) for s in solvers for k in steps))
+    if image_of:
+        conds = [condition_on_images(model, cond, [image_of[pairs[i][2]] for i in c], h, w)
+                 for cond, c in zip(conds, chunks)]
+    full_size = (h, w) if image_of else None
+    if dataset is not None:
+        noises = [dataset.noise[c] for c in chunks]
+    else:
+        noises = [torch.stack([make_noise(pairs[i][1], shape) for i in c]) for c in chunks]
+    ref_calls = 0 if dataset is not None else reference_steps
+    total = len(chunks) * (ref_calls + sum(s.solver.nfe(k) for s in solvers for k in steps))
     bar = tqdm(total=total, desc="evaluate", unit="call", disable=not progress)
     model_measures = model_measures or {}
 
@@ -256,9 +320,13 @@ def evaluate(
         return torch.cat(images)
 
     t0 = time.perf_counter()
-    reference = run(lambda cond, noise, n: sample_full_step(model, cond, noise, guidance, n), reference_steps)
+    if dataset is not None:  # the dataset's full-step targets, decoded
+        reference = torch.cat([model.decode(dataset.target[c].to(model.device)).float().cpu() for c in chunks])
+    else:
+        reference = run(lambda cond, noise, n: sample_full_step(model, cond, noise, guidance, n, size=full_size),
+                        reference_steps)
     ref_features = {name: sim.features(reference) for name, sim in model_measures.items()}
-    all_prompts = [p for p, _ in pairs]
+    all_prompts = [pair[0] for pair in pairs]
     ref_verdicts, ref_readings = _verdicts(judge(reference, all_prompts)) if judge is not None else (None, None)
     results, agree, per_pair = [], {}, {}
     for named in solvers:
@@ -275,6 +343,7 @@ def evaluate(
             values: dict[str, torch.Tensor] = {}
             row.update(similarity_measures(reference, previews, model_measures, ref_features, values))
             per_pair.update({(named.name, k, m): v for m, v in values.items()})
+            row["per_pair"] = {m: [round(float(x), 5) for x in v] for m, v in values.items()}  # in doc["pairs"] order
             if judge is not None:
                 verdicts, readings = _verdicts(judge(previews, all_prompts))
                 row["adherence"] = 100.0 * float(verdicts.float().mean())
@@ -287,13 +356,21 @@ def evaluate(
     add_paired_differences(results, per_pair, {s.name: s.is_consistency for s in solvers})
     doc: dict[str, Any] = {
         "model": model.model_id,
-        "reference": {"solver": FULL_STEP_SOLVER, "steps": reference_steps},
+        "reference": {"solver": ref_solver, "steps": reference_steps},
         "guidance": guidance,
         "num_prompts": len(prompts),
         "seeds": list(seeds),
+        "size": [h, w],
+        "pairs": [[p, s] if sha is None else [p, s, sha] for p, s, sha in pairs],  # (prompt, seed[, image sha256])
         "results": results,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    if images is not None:
+        doc["num_images"] = len(images.hashes)
+        doc["images"] = {"sha256": list(images.hashes), "sources": dict(images.sources)}
+    elif dataset is not None and dataset.takes_image:
+        doc["num_images"] = len(dataset.index.images)
+        doc["images"] = {"sha256": list(dataset.index.images), "sources": dict(dataset.index.image_sources)}
     if ref_verdicts is not None:
         doc["reference"]["adherence"] = 100.0 * float(ref_verdicts.float().mean())
     doc["summary"] = summarize(doc)
@@ -461,9 +538,19 @@ def plot(doc: dict[str, Any], path: str | Path) -> None:
 
 def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--prompts", required=True, help="prompt file, one per line (held out from training)")
+    parser.add_argument("--prompts", "--instructions", dest="prompts", default=None,
+                        help="prompt file, one per line (held out from training); for an editing model the instructions")
+    parser.add_argument("--dataset", default=None,
+                        help="instead of --prompts: a dataset folder (training.dataset); its rows are the pairs and its "
+                             "full-step targets the references")
+    parser.add_argument("--images", default=None,
+                        help="editing models only: folder of input images; pairs are every image x instruction x seed")
+    parser.add_argument("--keep-image-size", action="store_true",
+                        help="editing: output size = the input's own size (rounded) instead of the preferred resolution")
+    parser.add_argument("--height", type=int, default=None, help="editing: output height (with --width)")
+    parser.add_argument("--width", type=int, default=None, help="editing: output width (with --height)")
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts of the file")
-    parser.add_argument("--seeds", default="0-3")
+    parser.add_argument("--seeds", default=None, help="seeds (default 0-3; not with --dataset)")
     parser.add_argument("--steps", default="3,4,5,6,8", help=f"preview step counts, each in 1..{MAX_PREVIEW_STEPS}")
     parser.add_argument("--solvers", default="consistency,ddim,dpmpp2m,unipc,deis,ipndm")
     add_model_options(parser)
@@ -487,10 +574,32 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         torch.set_num_threads(args.threads)
 
     # bad input: all checked before the model is loaded or anything is sampled
-    prompts = read_prompts(args.prompts, args.max_prompts)
-    seeds = parse_int_list(args.seeds, "seeds", 0, 2**32 - 1)
+    if (args.prompts is None) == (args.dataset is None):
+        raise ValueError("prompts: give a prompt (instruction) file with --prompts, or a dataset folder with --dataset")
+    if args.dataset is not None:
+        from training.dataset import DatasetIndex
+
+        DatasetIndex.read(args.dataset)  # a folder that is no dataset fails here
+        fixed = [("images", args.images), ("seeds", args.seeds), ("max_prompts", args.max_prompts),
+                 ("guidance", args.guidance), ("reference_steps", args.reference_steps), ("height", args.height),
+                 ("width", args.width), ("keep_image_size", args.keep_image_size)]
+        for flag, value in fixed:
+            if value is not None and value is not False:
+                raise ValueError(f"{flag}: the dataset fixes it; drop it with --dataset")
+        prompts, seeds = [], []
+    else:
+        prompts = read_prompts(args.prompts, args.max_prompts)
+        seeds = parse_int_list("0-3" if args.seeds is None else args.seeds, "seeds", 0, 2**32 - 1)
     steps = parse_int_list(args.steps, "steps", 1, MAX_PREVIEW_STEPS)
     names = parse_solvers(args.solvers, args.tuned_file)
+    images = None
+    if args.images is None:
+        for flag, value in (("keep_image_size", args.keep_image_size), ("height", args.height), ("width", args.width)):
+            if value:
+                raise ValueError(f"{flag}: sets an edit's output size; it needs --images "
+                                 "(text-to-image evaluation uses the model's default size)")
+    else:
+        images = read_image_folder(args.images)
     if args.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {args.batch_size}")
     from training.config import _parse_mapping
@@ -511,10 +620,27 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         from runtime.cli import model_from_args
 
         model = model_from_args(args)
-    solvers = resolve_solvers(names, model, store, tuned_file=args.tuned_file, steps=steps, fixed_grid=args.fixed_grid)
+    dataset = None
+    if args.dataset is not None:
+        from refine.full_step import FULL_STEP_SOLVER
+        from training.dataset import load_dataset
+
+        dataset = load_dataset(args.dataset, model_id=model.model_id, reference_solver=FULL_STEP_SOLVER)
+        size = (dataset.index.height, dataset.index.width) if dataset.takes_image else None
+    else:
+        check_images_for_model(model, images)
+        size = edit_size(model, images, args.height, args.width, args.keep_image_size) if images is not None else None
+    solvers = resolve_solvers(names, model, store, tuned_file=args.tuned_file, steps=steps, fixed_grid=args.fixed_grid,
+                              size=size)
     doc = evaluate(model, prompts, seeds, steps, solvers, guidance=args.guidance, reference_steps=args.reference_steps,
-                   model_measures=model_measures, judge=load_judge(model), batch_size=args.batch_size)
-    doc["prompts"] = str(args.prompts)
+                   model_measures=model_measures, judge=load_judge(model), batch_size=args.batch_size,
+                   images=images, size=size, dataset=dataset)
+    if dataset is not None:
+        doc["dataset"] = str(args.dataset)
+    else:
+        doc["prompts"] = str(args.prompts)
+    if images is not None:
+        doc["images"]["folder"] = str(args.images)
     doc["command"] = "python -m training.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
     Path(args.json_out).write_text(json.dumps(doc, indent=1))
     if args.plot:

@@ -131,6 +131,8 @@ class PPOTrainer:
         self.world = accelerator.num_processes if accelerator is not None else 1
         self.guidance = float(dataset.index.guidance)
         self.negative_prompt = dataset.index.negative_prompt
+        self.size = (int(dataset.index.height), int(dataset.index.width))
+        self.schedule = self._schedule_for_size(model, dataset)
         torch.manual_seed(config.seed)  # identical initial weights on every process
         if policy is None and config.init_from:
             policy = ConsistencyPolicy.load(config.init_from, order=config.order)
@@ -152,6 +154,18 @@ class PPOTrainer:
         digest = hashlib.sha256(f"{self.cfg.seed}:{self.rank}:{update}:{salt}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
+    @staticmethod
+    def _schedule_for_size(model: Any, dataset: OfflineDataset) -> Any:
+        """The model's schedule, or for an editing dataset of another size than the model's default the
+        schedule of that size (FLUX's time grid depends on it: ``Denoiser.scheduler_config_for``), the one
+        the preview engine uses for edits of that size."""
+        size = (int(dataset.index.height), int(dataset.index.width))
+        if not dataset.takes_image or size == tuple(model.default_size):
+            return model.schedule
+        from solver.schedules import schedule_from_config
+
+        return schedule_from_config(model.scheduler_config_for(*size))
+
     def _cond(self, prompts: Sequence[str]) -> Any:
         from models.base import Conditioning
 
@@ -161,6 +175,16 @@ class PPOTrainer:
             for j, p in enumerate(missing):
                 self._cond_cache[p] = enc.select([j])
         return Conditioning.cat([self._cond_cache[p] for p in prompts])
+
+    def _row_cond(self, rows: Sequence[int]) -> Any:
+        """The conditioning of dataset ``rows``: each row's prompt and, for an editing dataset, its input
+        image (``model.image_conditioning`` per row; ``training.dataset.condition_on_images``)."""
+        cond = self._cond([self.ds.prompts[r] for r in rows])
+        if not self.ds.takes_image:
+            return cond
+        from training.dataset import condition_on_images
+
+        return condition_on_images(self.model, cond, self.ds.row_images(rows), *self.size)
 
     def draw_groups(self, update: int) -> dict[int, torch.Tensor]:
         """K -> dataset rows of the groups drawn for ``update`` (this process's share)."""
@@ -172,7 +196,7 @@ class PPOTrainer:
     # -- rollout -----------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, num_steps: int, rows: torch.Tensor, update: int) -> Bucket:
-        G, policy, schedule = self.cfg.group_size, self.policy, self.model.schedule
+        G, policy, schedule = self.cfg.group_size, self.policy, self.schedule
         gen = self._generator(update, f"policy-{num_steps}")
         R = G * len(rows)
         rollout_rows = rows.repeat_interleave(G)
@@ -187,7 +211,7 @@ class PPOTrainer:
             tables.append(table)
             actions.append(act)
             grids.append(grid)
-        cond = self._cond([self.ds.prompts[r] for r in rollout_rows.tolist()])
+        cond = self._row_cond(rollout_rows.tolist())
         noise = self.ds.noise[rollout_rows].to(self.model.device)
         if policy.learn_time_grid:
             eps_fn = lambda x, t: self.model.guided_eps(x, t, cond, self.guidance)  # noqa: E731
@@ -227,7 +251,7 @@ class PPOTrainer:
 
     def optimise(self, buckets: list[Bucket], update: int) -> dict[str, float]:
         """update_epochs x num_minibatches clipped-surrogate steps over this update's rollouts."""
-        cfg, policy, schedule = self.cfg, self.policy, self.model.schedule
+        cfg, policy, schedule = self.cfg, self.policy, self.schedule
         masks = [action_mask(policy, b) for b in buckets]
         with torch.no_grad():
             for b in buckets:
@@ -276,7 +300,7 @@ class PPOTrainer:
 
     def coefficient_tables(self) -> dict[str, list[list[float]]]:
         """The deterministic coefficients, K -> (K, m) table, for every K of the training range."""
-        schedule = self.model.schedule
+        schedule = self.schedule
         return {str(k): [[round(v, 5) for v in row] for row in
                          self.policy.coefficient_table(self.policy.time_grid(schedule, k)).tolist()]
                 for k in range(self.cfg.min_steps, self.cfg.max_steps + 1)}
@@ -309,9 +333,9 @@ class PPOTrainer:
         from solver.sampling import sample_lmm
 
         out = {}
-        cond = self._cond([self.ds.prompts[r] for r in rows.tolist()])
+        cond = self._row_cond(rows.tolist())
         for k in steps:
-            grid = self.policy.time_grid(self.model.schedule, k)
+            grid = self.policy.time_grid(self.schedule, k)
             table = self.policy.coefficient_table(grid)
             x = sample_lmm(lambda x, t: self.model.guided_eps(x, t, cond, self.guidance),
                            self.ds.noise[rows].to(self.model.device), grid, table)
