@@ -58,6 +58,9 @@ def test_edit_previews_repeat_exactly_and_store_the_image_once(folder, picture, 
     assert [digest(r["path"]) for r in first] == [digest(r["path"]) for r in again] == [digest(r["path"]) for r in other]
     assert len({digest(r["path"]) for r in first}) == 4
     assert len({r["input_image_id"] for r in first + again}) == 1
+    code, alone, err = run(capsys, edit_argv(folder, picture, tmp_path / "d", db, seeds="2"))  # a grid of one
+    assert code == 0, err
+    assert digest(alone[0]["path"]) == digest(first[2]["path"])
     with open_store(db) as store:
         assert store.count_input_images() == 1
         stored = store.get_input_image(first[0]["input_image_id"])
