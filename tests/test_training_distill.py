@@ -296,3 +296,23 @@ def test_warm_start_is_the_best_tuned_rule_exactly_grid_start_and_table(tmp_path
     # another model's tuned file: one clear error
     with pytest.raises(ValueError, match="tuned for model"):
         warm_start_tables(policy, model.schedule, model.scheduler_config, str(tuned), [3], model_id="another-model")
+
+
+def test_warm_start_k_starts_every_k_from_the_rule_tuned_at_that_k(tmp_path):
+    """``source_k`` (the recipe's --warm-start-k): every K takes the configuration tuned at that K, run at K, where
+    each K would otherwise take its own; a K the file does not tune is refused naming warm_start_k."""
+    from solver.policy import ConsistencyPolicy
+    from training.distill import warm_start_tables
+
+    model = GaussianDenoiser()
+    k4 = "unipc[solver_type=bh2,solver_order=1,timestep_spacing=leading,final_sigmas_type=sigma_min]"
+    tuned = _tuned_file(tmp_path / "tuned.json", model, {3: "ddim[timestep_spacing=leading]", 4: k4, 5: "ddim"}, steps=(3, 4, 5))
+    policy = ConsistencyPolicy(order=8, base="ddim", time_grid=True, start=True, final="first")
+    own = warm_start_tables(policy, model.schedule, model.scheduler_config, str(tuned), [3, 4, 5], model_id=model.model_id)
+    assert [own[k]["name"] for k in (3, 4, 5)] == ["ddim[timestep_spacing=leading]", k4, "ddim"]
+    from_k4 = warm_start_tables(policy, model.schedule, model.scheduler_config, str(tuned), [3, 4, 5],
+                                model_id=model.model_id, source_k=4)
+    assert [from_k4[k]["name"] for k in (3, 4, 5)] == [k4, k4, k4]
+    with pytest.raises(ValueError, match="warm_start_k"):
+        warm_start_tables(policy, model.schedule, model.scheduler_config, str(tuned), [3], model_id=model.model_id,
+                          source_k=6)

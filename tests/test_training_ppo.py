@@ -204,3 +204,39 @@ def test_recipe_installs_the_best_scoring_checkpoint_not_the_last(dataset_dir, t
     assert scores["checkpoint-00010"] > scores["final"] == scores["checkpoint-00020"]
     for k, v in trainer.policy.state_dict().items():  # the trainer's own policy is left as it was
         assert torch.equal(v, wrecked[k])
+
+
+def test_recipe_selection_keeps_to_its_deadline(dataset_dir, tmp_path):
+    """Past the deadline only the first candidate (the distilled policy, else ``final``) is scored; the rest are
+    left unscored, so a loaded machine cannot stretch the recipe past its budget."""
+    import time
+
+    from training.recipe import select_checkpoint
+
+    trainer = _trainer(dataset_dir, tmp_path, base="dpm2m")
+    out = tmp_path / "out"
+    for name in ("checkpoint-00010", "checkpoint-00020", "final"):
+        trainer.save(out / name, {})
+    trainer.save(tmp_path / "distill" / "final", {})
+    extra = [tmp_path / "distill" / "final"]
+    best, scores = select_checkpoint(trainer, out, rows=2, extra=extra, deadline=time.perf_counter() - 1.0)
+    assert list(scores) == ["distill/final"] and best == extra[0]
+    _, scores = select_checkpoint(trainer, out, rows=2, extra=extra, deadline=time.perf_counter() + 600)
+    assert list(scores) == ["distill/final", "final", "checkpoint-00020", "checkpoint-00010"]
+
+
+def test_ppo_stops_before_an_update_that_would_end_past_max_minutes(dataset_dir, tmp_path, monkeypatch):
+    """With updates of 0.4 s and a 0.6 s budget, the second update (ending near 0.8 s) is not started."""
+    import time
+
+    trainer = _trainer(dataset_dir, tmp_path, num_updates=5, max_minutes=0.6 / 60)
+    trainer.initial_reward = {}  # no evaluation before training: the budget is the updates' alone here
+    step = trainer.train_step
+
+    def slow(update):
+        time.sleep(0.4)
+        return step(update)
+
+    monkeypatch.setattr(trainer, "train_step", slow)
+    trainer.train()
+    assert trainer.update == 1

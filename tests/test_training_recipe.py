@@ -67,7 +67,7 @@ def test_recipe_runs_end_to_end_and_installs_the_policy(tmp_path, capsys):
     rc = main(["--out", str(tmp_path / "run"), "--num-prompts", "3", "--num-updates", "2",
                "--group-size", "2", "--groups-per-update", "2", "--min-steps", "3", "--max-steps", "4",
                "--install", str(tmp_path / "installed"), "--threads", "1", "--reward", "psnr",
-               "--distill-updates", "3", "--distill-batch-size", "2", "--distill-repeat-steps", "4"],
+               "--distill-updates", "3", "--distill-batch-size", "2", "--distill-repeat-steps", "4", "--base", "auto"],
               model=GaussianDenoiser())
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and out["updates"] == 2 and out["base"] in out["base_scores"]

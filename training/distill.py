@@ -84,6 +84,8 @@ class DistillConfig:
     warm_start: str = doc("tuned-baselines JSON (training.tune_baselines): method 'tables' starts each K it tunes "
                           "from the best tuned rule there that is an eq.-10 table (its coefficients, grid and start); "
                           "'' = from the base rule", "")
+    warm_start_k: int | None = doc("with warm_start: start every K from the rule tuned at this K (run at K) instead "
+                                   "of each K's own (None)", None)
     method: str = doc("'tables': fit free coefficients and grid weights per step count K (round robin over K), "
                       "then regress the policy's heads onto them; 'policy': descend on the policy's parameters "
                       "directly, one random K per update", "tables")
@@ -142,6 +144,9 @@ class DistillConfig:
             raise ValueError(f"final must be 'config', 'first' or 'zero', got {self.final!r}")
         if self.warm_start and self.method != "tables":
             raise ValueError("warm_start needs method 'tables'")
+        if self.warm_start_k is not None and (isinstance(self.warm_start_k, bool) or not isinstance(self.warm_start_k, int)
+                                              or self.warm_start_k < 1):
+            raise ValueError(f"warm_start_k must be a step count >= 1, got {self.warm_start_k!r}")
         if self.method not in ("tables", "policy"):
             raise ValueError(f"method must be 'tables' or 'policy', got {self.method!r}")
         if not self.dataset:
@@ -299,7 +304,7 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
     warm: dict[int, dict[str, Any]] = {}
     if cfg.warm_start:
         warm = warm_start_tables(policy, schedule, model.scheduler_config, cfg.warm_start, steps,
-                                 model_id=getattr(model, "model_id", None))
+                                 model_id=getattr(model, "model_id", None), source_k=cfg.warm_start_k)
     anchors: dict[int, torch.Tensor] = {}
     if cfg.method == "tables":
         free = {}
@@ -488,10 +493,11 @@ def mean_heads(policy: ConsistencyPolicy) -> list[torch.nn.Parameter]:
 
 
 def warm_start_tables(policy: ConsistencyPolicy, schedule: Any, scheduler_config: Any, tuned_file: str,
-                      steps: Sequence[int], model_id: str | None = None) -> dict[int, dict[str, Any]]:
+                      steps: Sequence[int], model_id: str | None = None,
+                      source_k: int | None = None) -> dict[int, dict[str, Any]]:
     """Per K of ``steps``: the free parameters that make ``policy`` (on its default grid) the best tuned rule
     that is an eq.-10 table (``solver.registry.tuned_tables``; a K the file does not tune takes the
-    configurations tuned at the nearest K, run at K): {K: {"name",
+    configurations tuned at the nearest K, run at K; with ``source_k`` every K takes those tuned at source_k): {K: {"name",
     "residual" a (K, m - 1), "g" (K,), "u" (scalar or None)}}. The grid is matched timestep for timestep
     (a start below T needs the policy's start head; without it such a rule is skipped); the coefficients are
     the rule's own table as residuals on the policy's base rule on that grid. The end point is the policy's."""
@@ -501,7 +507,8 @@ def warm_start_tables(policy: ConsistencyPolicy, schedule: Any, scheduler_config
     doc = read_tuned(tuned_file)
     check_tuned(doc, model_id, (), scheduler_config, source=f"warm_start {tuned_file!r}")
     out: dict[int, dict[str, Any]] = {}
-    for k, (name, grid, table) in tuned_tables(doc, scheduler_config, steps, policy.order, nearest=True).items():
+    tables = tuned_tables(doc, scheduler_config, steps, policy.order, nearest=True, source_k=source_k)
+    for k, (name, grid, table) in tables.items():
         default = policy.default_grid(schedule, k)
         try:
             g, u = grid_actions_for(schedule, default, grid.timesteps, with_start=policy.learn_start)

@@ -413,16 +413,19 @@ class PPOTrainer:
         logged = _logged_updates(self.store, self.run_id) if main else set()
         bar = tqdm(total=cfg.num_updates, initial=self.update, desc="ppo", unit="update", disable=not (self.progress and main))
         steps_range = range(cfg.min_steps, cfg.max_steps + 1)
+        start, metrics = time.perf_counter() - self.elapsed, {}  # the budget counts the first evaluation too
         if self.initial_reward is None:
             self.initial_reward = self.deterministic_reward(eval_rows, steps_range)
             logger.info("deterministic reward before training: %s", self.initial_reward)
-        start, metrics = time.perf_counter() - self.elapsed, {}
+        last_update_s = 0.0
         state = "done"
         try:
             while self.update < cfg.num_updates:
+                t_update = time.perf_counter()
                 metrics = self.train_step(self.update)
                 self.update += 1
                 self.elapsed = time.perf_counter() - start
+                last_update_s = time.perf_counter() - t_update
                 metrics["coefficient_tables"] = self.coefficient_tables()
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['approx_kl']:.4f}",
                                 clip=f"{metrics['clip_frac']:.2f}")
@@ -432,7 +435,8 @@ class PPOTrainer:
                 self.history.append(metrics)
                 if self.on_update is not None:
                     self.on_update(self.update, metrics)
-                timed_out = cfg.max_minutes is not None and self.elapsed > 60 * cfg.max_minutes
+                # stop once the next update (as long as the last) would end past max_minutes
+                timed_out = cfg.max_minutes is not None and self.elapsed + last_update_s > 60 * cfg.max_minutes
                 if self.update % cfg.checkpoint_every == 0 or self.update == cfg.num_updates or timed_out:
                     metrics["deterministic_reward"] = self.deterministic_reward(eval_rows, steps_range)
                     metrics["deterministic_reward_initial"] = self.initial_reward

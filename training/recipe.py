@@ -131,6 +131,7 @@ def fresh_heldout_prompts(n: int = 120, seed: int = 20261204) -> list[str]:
 BASE_CANDIDATES = ("ddim", "dpm2m", "ab2", "ab3", "ab4")
 SELECTION_ROWS = 32  # training rows the saved checkpoints are scored on (deterministic policy, mean over K)
 SELECTION_MINUTES = 2.0  # time kept for that scoring
+INSTALL_SECONDS = 10.0  # time kept after it, for copying the chosen policy
 FIRST_SEED = 1000  # training noise seeds start here: evaluations use small seeds (0-3), which stay unseen
 LONG_PREVIEW_FROM, LONG_PREVIEW_WEIGHT = 7, 0.05  # K >= 7 weigh this little in the regression onto the policy
 PULLED_STEPS, PULL_RHO = (5,), 3.0  # distillation pulls these K's tables toward the base rule with this rho
@@ -198,7 +199,7 @@ def choose_base(config: Any, model: Any, rows: int = 16) -> tuple[str, dict[str,
 
 
 def select_checkpoint(trainer: Any, out: Path, rows: int = SELECTION_ROWS,
-                      extra: Sequence[Path] = ()) -> tuple[Path, dict[str, float]]:
+                      extra: Sequence[Path] = (), deadline: float | None = None) -> tuple[Path, dict[str, float]]:
     """The saved checkpoint (``checkpoint-NNNNN`` or ``final``, or one of the ``extra`` policy folders)
     whose deterministic policy scores best on ``rows`` training rows, as the mean reward over the
     training step range.
@@ -207,19 +208,29 @@ def select_checkpoint(trainer: Any, out: Path, rows: int = SELECTION_ROWS,
     last update is not reliably the best; the choice uses training rows only (never the held-out set).
     Returns (folder, {name: score}), where an extra folder is named ``parent/name`` (``distill/final``);
     the trainer's policy is left as it was.
+
+    ``deadline`` (a ``time.perf_counter()`` value): candidates are scored in the order extra folders, ``final``,
+    then the saved checkpoints newest first, and once the next one (as long as the last) would end past the
+    deadline the rest are left unscored (logged): the recipe's time budget holds on a loaded machine too.
     """
     from solver.policy import ConsistencyPolicy
     from training.ppo import CHECKPOINT_RE
 
     cfg = trainer.cfg
-    folders = list(extra) + sorted(p for p in out.iterdir() if CHECKPOINT_RE.match(p.name)) + [out / "final"]
+    saved = sorted((p for p in out.iterdir() if CHECKPOINT_RE.match(p.name)), reverse=True)
+    folders = list(extra) + [out / "final"] + saved
     keep = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     names = {f"{p.parent.name}/{p.name}" if p in extra else p.name: p for p in folders}
-    scores = {}
+    scores, last = {}, 0.0
     try:
         for name, folder in names.items():
+            if scores and deadline is not None and time.perf_counter() + last > deadline:
+                logger.info("time budget: %s left unscored", ", ".join(n for n in names if n not in scores))
+                break
+            t = time.perf_counter()
             trainer.policy.load_state_dict(ConsistencyPolicy.load(folder, order=cfg.order).state_dict())
             scores[name] = mean_reward(trainer, rows)
+            last = time.perf_counter() - t
     finally:
         trainer.policy.load_state_dict(keep)
     best = max(scores, key=scores.get)
@@ -263,13 +274,13 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.recipe", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/embedded-ppo")
     parser.add_argument("--minutes", type=float, default=20.0, help="wall-time budget for dataset + training")
-    parser.add_argument("--num-prompts", type=int, default=160)
+    parser.add_argument("--num-prompts", type=int, default=128)
     parser.add_argument("--seeds", default=None,
                         help="seeds, every prompt x every seed (e.g. 0-1); default: prompt i gets seed "
                              f"{FIRST_SEED} + i, so every row has its own noise and the evaluation's seeds stay unseen")
     parser.add_argument("--install", default=str(INSTALL_DIR), help="copy the final policy here ('' = do not)")
     add_db_option(parser, dest="store", default="", help="store for runs/metrics/checkpoints ('' = none, the default)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the 2-core CPU)")
     parser.add_argument("--time-grid", action=argparse.BooleanOptionalAction, default=True,
                         help="also learn the time grid (default: on; on the embedded model it beat the fixed grid "
                              "by several dB on held-out prompts)")
@@ -312,7 +323,10 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
                         help="tuned-baselines JSON (training.tune_baselines): the distillation starts each K it tunes "
                              "from the best tuned rule that is an eq.-10 table, grid and start included ('' = from the "
                              f"base rule; auto = {DEFAULT_TUNED} when it exists and was tuned for this model)")
-    parser.add_argument("--order", type=int, default=4,
+    parser.add_argument("--warm-start-k", type=int, default=4,
+                        help="start every K from the rule tuned at this K (run at K): the installed policy's warm start, "
+                             "UniPC-1 with leading spacing at every K of 3..8 (0 = each K from its own tuned rule)")
+    parser.add_argument("--order", type=int, default=8,
                         help="LMM order m of the policy; a tuned rule is an eq.-10 table only at K <= m when it reaches "
                              "back through its data predictions (UniPC, DPM-Solver++ 2M), so warm starts up to K = 8 "
                              "need m = 8")
@@ -321,7 +335,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--final", default="auto", choices=("auto", "config", "first", "zero"),
                         help="end point of the policy's grid; auto: the warm start's K = 4 rule's (else config)")
     parser.add_argument("--num-updates", type=int, default=10_000, help="upper bound; the time budget usually stops first")
-    parser.add_argument("--base", default="auto", help="base rule of the policy, or 'auto': the best of "
+    parser.add_argument("--base", default="ddim", help="base rule of the policy, or 'auto': the best of "
                         f"{', '.join(BASE_CANDIDATES)} on the training rows before training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -364,12 +378,16 @@ def recipe_configs(args: argparse.Namespace, out: Path) -> tuple[Any, Any, list[
             fit_weights=default_fit_weights(*steps) if args.distill_fit_weights is None else args.distill_fit_weights,
             time_grid=args.time_grid, learn_start=bool(args.learn_start and args.time_grid),
             warm_start="" if args.warm_start == "auto" else args.warm_start,
+            warm_start_k=args.warm_start_k or None,
             final="config" if args.final == "auto" else args.final,
             max_minutes=args.distill_minutes).validate()
         if distill_settings.warm_start:
             from solver.registry import check_steps_covered, read_tuned
 
-            check_steps_covered(read_tuned(args.warm_start), args.warm_start)  # a malformed file: refused here
+            doc = read_tuned(args.warm_start)
+            check_steps_covered(doc, args.warm_start)  # a malformed file: refused here
+            if args.warm_start_k and args.warm_start_k not in [int(k) for k in doc["steps"]]:
+                raise ValueError(f"warm_start_k: {args.warm_start!r} tunes K = {doc['steps']}, not {args.warm_start_k}")
     return config, distill_settings, seeds, pairing
 
 
@@ -428,10 +446,15 @@ def run_recipe(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
     if distill_settings is not None and distill_settings.warm_start:
         from solver.registry import check_tuned, read_tuned
 
-        check_tuned(read_tuned(distill_settings.warm_start), model.model_id, (), model.scheduler_config,
+        doc = read_tuned(distill_settings.warm_start)
+        check_tuned(doc, model.model_id, (), model.scheduler_config,
                     source=f"warm_start {distill_settings.warm_start!r}")  # another model's file: before any compute
+        if distill_settings.warm_start_k and distill_settings.warm_start_k not in [int(k) for k in doc["steps"]]:
+            raise ValueError(f"warm_start_k: {distill_settings.warm_start!r} tunes K = {doc['steps']}, "
+                             f"not {distill_settings.warm_start_k}")
         if args.final == "auto":
-            distill_settings.final = warm_start_final(distill_settings.warm_start, model, config.order)
+            distill_settings.final = warm_start_final(distill_settings.warm_start, model, config.order,
+                                                      distill_settings.warm_start_k or 4)
             logger.info("policy grid end point: %s (the warm start's K = 4 rule)", distill_settings.final)
     if distill_settings is not None and distill_settings.label_weight:
         from training.distill import model_palette
@@ -459,7 +482,8 @@ def run_recipe(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
     config.max_minutes = max(0.05, args.minutes - (time.perf_counter() - t0) / 60 - 1.0 - SELECTION_MINUTES)
     trainer = prepare(config, model=model, store=store)
     metrics = trainer.train()
-    final, scores = select_checkpoint(trainer, Path(config.out), extra=extra)
+    final, scores = select_checkpoint(trainer, Path(config.out), extra=extra,
+                                      deadline=t0 + 60 * args.minutes - INSTALL_SECONDS)
     summary = {"base": config.base, "base_scores": base_scores, "dataset_seconds": round(t_data, 1),
                "distilled": str(extra[0]) if extra else None, "total_seconds": round(time.perf_counter() - t0, 1),
                "updates": trainer.update, "chosen": str(final), "checkpoint_scores": scores,
