@@ -119,7 +119,7 @@ def explore_tab(backend: Backend) -> SimpleNamespace:
                 guidance = gr.Number(label="Guidance", value=backend.default_guidance, elem_id="guidance")
                 with gr.Row():
                     # An edit's size, left empty, is the model's preferred size for the input image.
-                    size_info = "empty: fitted to the input" if edits else None
+                    size_info = "0: fitted to the input" if edits else None
                     width_in = gr.Number(label="Width", value=None if edits else width, step=backend.size_multiple,
                                          elem_id="width", info=size_info)
                     height_in = gr.Number(label="Height", value=None if edits else height,

@@ -237,8 +237,10 @@ def parse_explore(
 
 
 def _size(value: object, name: str, max_size: int, may_be_empty: bool) -> int | None:
-    """Width / Height; empty means "the model's size for the input image" when ``may_be_empty``."""
-    if may_be_empty and (value is None or (isinstance(value, str) and not value.strip())):
+    """Width / Height; empty or 0 means "the model's size for the input image" when ``may_be_empty`` (a
+    Gradio Number shows an empty value as 0)."""
+    if may_be_empty and (value is None or (isinstance(value, str) and value.strip() in ("", "0"))
+                         or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0)):
         return None
     return parse_int(value, name, 1, max_size)
 
