@@ -124,6 +124,11 @@ class Denoiser(ABC):
                     f"{name} must be a multiple of {self.size_multiple} for {self.model_id}, got {value}"
                 )
 
+    def png_params(self) -> dict[str, Any]:
+        """Settings of the loaded model that change its images beyond the generation row (FLUX's true CFG scale),
+        written into every preview's and final's PNG ``parameters``."""
+        return {}
+
     def image_conditioning(self, cond: Conditioning, image: Any, height: int, width: int) -> Conditioning:
         """``cond`` conditioned on an input image as well (editing models override this; ``models.kontext``)."""
         raise ValueError(f"image: {self.model_id} is a text-to-image model and takes no input image")

@@ -46,6 +46,9 @@ class FluxDenoiser(FlowPipelineDenoiser):
         self.scheduler_config = self.scheduler_config_for(*self.default_size)
         self.schedule = FlowSchedule.from_config(self.scheduler_config)
 
+    def png_params(self) -> dict[str, Any]:
+        return {"True CFG scale": self.true_cfg_scale} if self.true_cfg_scale > 1.0 else {}
+
     def scheduler_config_for(self, height: int, width: int) -> dict[str, Any]:
         """The scheduler config plus FLUX's ``mu`` for an H x W image and its ``"sigmas": "linear"``,
         as FluxPipeline computes them (its ``calculate_shift`` and defaults)."""

@@ -3,7 +3,8 @@
 - no name: the embedded default model (``models.embedded.load_embedded``), no network;
 - a local diffusers folder (``model_index.json``), dispatched on its pipeline class name;
 - a single-file ``.safetensors`` checkpoint, with the configs of a local diffusers folder
-  (``LoadOptions.config``); pickle checkpoints (``.ckpt``, ``.pt``, ``.bin``) are refused;
+  (``LoadOptions.config``): the whole model for SD 1.x/2.x and SDXL, the transformer alone for SD3 and
+  FLUX (every other part from that folder); pickle checkpoints (``.ckpt``, ``.pt``, ``.bin``) are refused;
 - otherwise a Hugging Face hub id, read from the local cache only when HF_HUB_OFFLINE=1 or the hub
   cannot be reached.
 
@@ -64,11 +65,8 @@ def _load_flow(kind: str) -> Callable[..., Denoiser]:
             from models.kontext import FluxKontextDenoiser as backend  # type: ignore[assignment]
         else:
             from models.sd3 import StableDiffusion3Denoiser as backend  # type: ignore[assignment]
-        if single_file is not None:
-            raise UnsupportedModelError(
-                f"{single_file.name}: single-file {backend.family_name} checkpoints are not supported yet; "
-                "pass the diffusers folder (model_index.json) instead"
-            )
+        if single_file is not None:  # the transformer from the file, the rest from options.config
+            return backend.from_single_file(single_file, config=options.config, device=device, dtype=dtype, options=options)
         return backend.from_pretrained(source, device=device, dtype=dtype, options=options, local_files_only=local_only)
 
     return load
@@ -88,11 +86,12 @@ PLANNED: dict[str, str] = {
     "StableDiffusionInpaintPipeline": "Stable Diffusion inpainting",
     "StableDiffusionUpscalePipeline": "Stable Diffusion upscaler",
 }
-# Markers of single-file checkpoints (original key layouts): pipeline class -> key prefixes.
+# Markers of single-file checkpoints (original key layouts): pipeline class -> key prefixes, in the order
+# they are tried (FLUX before SD3: an all-in-one FLUX file carries text_encoders.* too).
 _SINGLE_FILE_MARKERS: dict[str, tuple[str, ...]] = {
     "StableDiffusionXLPipeline": ("conditioner.embedders.",),
-    "StableDiffusion3Pipeline": ("joint_blocks.", "model.diffusion_model.joint_blocks.", "text_encoders."),
     "FluxPipeline": ("double_blocks.", "model.diffusion_model.double_blocks."),
+    "StableDiffusion3Pipeline": ("joint_blocks.", "model.diffusion_model.joint_blocks.", "text_encoders."),
 }
 FAMILY_NAMES = {
     "StableDiffusionPipeline": "Stable Diffusion 1.x/2.x",
@@ -102,6 +101,9 @@ FAMILY_NAMES = {
     "FluxKontextPipeline": "FLUX.1 Kontext",
 }
 _SD_UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+# (config folder's pipeline, single file's family) pairs whose transformer has one key layout: a FLUX.1 Kontext
+# transformer file reads as FLUX by its keys, and loads into a Kontext config folder.
+_SAME_TRANSFORMER = {("FluxKontextPipeline", "FluxPipeline")}
 
 
 def load_model(
@@ -113,6 +115,7 @@ def load_model(
 ) -> Denoiser:
     """Resolve ``--model NAME_OR_PATH`` to a loaded backend (see the module docstring)."""
     options = options or LoadOptions()
+    _check_true_cfg(options, None if name_or_path is None else "")
     if name_or_path is None:
         return _load_embedded(device, dtype)
     _check_load_arguments(device, dtype, options)
@@ -206,7 +209,7 @@ def _load_single_file(path: Path, device: Any, dtype: Any, options: LoadOptions)
             f"{path.name} is not a Stable Diffusion 1.x/2.x checkpoint in the original layout (no {_SD_UNET_KEY}), "
             "nor one of SDXL, Stable Diffusion 3 or FLUX"
         )
-    if class_name in BACKENDS and class_name != family:
+    if class_name in BACKENDS and class_name != family and (class_name, family) not in _SAME_TRANSFORMER:
         raise ModelLoadError(
             f"config: {config} describes a {class_name} ({FAMILY_NAMES[class_name]}) but {path.name} is a checkpoint "
             f"of {FAMILY_NAMES[family]}; pass a config folder of the same family"
@@ -300,6 +303,7 @@ def _build(
     options: LoadOptions,
     local_only: bool,
 ) -> Denoiser:
+    _check_true_cfg(options, class_name)
     if class_name in PLANNED:
         raise UnsupportedModelError(f"{source} is a {class_name} ({PLANNED[class_name]}), which is not supported yet")
     loader = BACKENDS.get(class_name)
@@ -317,6 +321,21 @@ def _build(
             torch.cuda.empty_cache()
         text = str(e).strip()
         raise ModelLoadError(f"could not load {source}: {text.splitlines()[0] if text else type(e).__name__}") from e
+
+
+TRUE_CFG_FAMILIES = ("FluxPipeline", "FluxKontextPipeline")
+
+
+def _check_true_cfg(options: LoadOptions, class_name: str | None) -> None:
+    """``true_cfg_scale``: a finite number >= 1, and above 1 only for FLUX (``class_name`` "" = not known yet)."""
+    if not isinstance(options, LoadOptions):
+        return  # refused by _check_load_arguments, naming options
+    s = options.true_cfg_scale
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 1.0 <= float(s) <= 50.0:
+        raise ValueError(f"true_cfg_scale must be a number in 1..50 (1 = off), got {s!r}")
+    if float(s) != 1.0 and class_name != "" and class_name not in TRUE_CFG_FAMILIES:
+        what = FAMILY_NAMES.get(class_name or "", "the embedded model" if class_name is None else class_name)
+        raise ModelLoadError(f"true_cfg_scale: true CFG is for FLUX models; this is {what}, whose guidance is classic CFG")
 
 
 def _check_load_arguments(device: Any, dtype: Any, options: LoadOptions) -> None:

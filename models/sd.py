@@ -47,7 +47,8 @@ class LoadOptions:
     - ``attention_slicing``: compute attention in slices (less memory, a little slower).
     - ``vae_tiling``: decode large images tile by tile.
     - ``cpu_offload``: keep each part on the CPU until it runs (``enable_model_cpu_offload``; needs CUDA).
-    - ``config``: a local diffusers folder with the configs of a single-file checkpoint (nothing is fetched).
+    - ``config``: a local diffusers folder with the configs of a single-file checkpoint (nothing is fetched);
+      for an SD3 / FLUX file, which holds the transformer alone, also the weights of every other part.
     - ``local_files_only``: None = decide from HF_HUB_OFFLINE and the network; True never fetches.
     - ``true_cfg_scale``: FLUX only: > 1 adds a negative-prompt pass (true CFG) when a negative prompt is given.
     """

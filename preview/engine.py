@@ -344,7 +344,7 @@ class PreviewEngine:
         image = to_pil(pixels)
         preview_id = self.store.add_preview(
             generation_id, solver=solver.label, steps=req.steps, image=image, timings_ms=timings,
-            checkpoint_id=solver.checkpoint_id, extra_params={"Preview solver": solver.description})
+            checkpoint_id=solver.checkpoint_id, extra_params={"Preview solver": solver.description, **model.png_params()})
         return PreviewResult(
             preview_id=preview_id, generation_id=generation_id, noise_id=noise_id, prompt=prompt,
             negative_prompt=req.negative_prompt, seed=seed, steps=req.steps, solver=solver.label,

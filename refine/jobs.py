@@ -320,7 +320,7 @@ class RefineService:
         final_id = store.finish_job(
             job.id, "done", image=image,
             timings_ms={"sampling_wall": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3},  # wall: previews ran between steps
-            extra_params={"Refine restarts": job.restarts} if job.restarts else None,
+            extra_params={**model.png_params(), **({"Refine restarts": job.restarts} if job.restarts else {})} or None,
         )
         if job.preview_id is not None:
             yield

@@ -34,13 +34,15 @@ def add_model_options(parser: argparse.ArgumentParser, *, device_help: str = DEV
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help=MODEL_HELP)
     g.add_argument("--config", default=None, help="local diffusers folder with the configs of a single-file "
-                   ".safetensors checkpoint (nothing is fetched)")
+                   ".safetensors checkpoint; for an SD3 / FLUX transformer file also every other part (nothing is fetched)")
     g.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
                    help="float16 weights (default: on CUDA only)")
     g.add_argument("--device", default=None, help=device_help)
     g.add_argument("--cpu-offload", action="store_true", help="keep each part on the CPU until it runs (CUDA)")
     g.add_argument("--attention-slicing", action="store_true", help="less memory, a little slower")
     g.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
+    g.add_argument("--true-cfg-scale", type=float, default=1.0, metavar="S",
+                   help="FLUX only: > 1 adds a negative-prompt pass (true CFG) when a negative prompt is given")
 
 
 class _DeprecatedStore(argparse.Action):
@@ -64,7 +66,8 @@ def load_options(args: argparse.Namespace) -> Any:
     from models.sd import LoadOptions
 
     return LoadOptions(fp16=args.fp16, attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
-                       cpu_offload=args.cpu_offload, config=args.config)
+                       cpu_offload=args.cpu_offload, config=args.config,
+                       true_cfg_scale=getattr(args, "true_cfg_scale", 1.0))
 
 
 def model_from_args(args: argparse.Namespace, *, device: Any = None) -> Any:
@@ -92,6 +95,8 @@ def model_argv(args: argparse.Namespace) -> list[str]:
         out.append("--fp16" if args.fp16 else "--no-fp16")
     if getattr(args, "device", None):
         out += ["--device", str(args.device).split(",")[0].strip()]
+    if getattr(args, "true_cfg_scale", 1.0) != 1.0:
+        out += ["--true-cfg-scale", repr(float(args.true_cfg_scale))]
     for flag in ("cpu_offload", "attention_slicing", "vae_tiling"):
         if getattr(args, flag, False):
             out.append("--" + flag.replace("_", "-"))

@@ -14,6 +14,7 @@ Start with :func:`open_store`; everything else is a method of the returned :clas
     # transaction); interrupt_job(job_id) re-queues a running job on a clean shutdown
 
 Modules: ``connection`` (file checks, pragmas, lock, ``transaction()``), ``migrations``, ``noise``,
+``input_images`` (the input image of an edit, stored once per owner by content hash),
 ``png`` (A1111 ``parameters``), ``history`` (prompts, generations, previews, finals,
 consistency), ``jobs`` (refine job state machine), ``training`` (checkpoints, runs, datasets),
 ``db`` (:func:`open_store`).
@@ -23,6 +24,7 @@ from store.connection import default_store_path
 from store.db import Store, open_store
 from store.errors import BlobIntegrityError, JobStateError, NoiseIntegrityError, NotFoundError, StoreError
 from store.history import Consistency, Final, Generation, Preview
+from store.input_images import InputImage
 from store.jobs import JOB_STATES, TRANSITIONS, Job, JobEvent, JobStamp
 from store.migrations import MIGRATIONS
 from store.noise import NoiseRecord, check_seed, make_noise, tensor_sha256
@@ -30,7 +32,7 @@ from store.png import encode_png, format_parameters, parse_parameters, read_png_
 from store.training import Checkpoint, Dataset, TrainingMetric, TrainingRun
 
 __all__ = [
-    "BlobIntegrityError", "Checkpoint", "Consistency", "Dataset", "Final", "Generation", "JOB_STATES", "Job",
+    "BlobIntegrityError", "Checkpoint", "Consistency", "Dataset", "Final", "Generation", "InputImage", "JOB_STATES", "Job",
     "JobEvent", "JobStamp", "JobStateError", "MIGRATIONS", "NoiseIntegrityError", "NoiseRecord", "NotFoundError", "Preview",
     "Store", "StoreError", "TRANSITIONS", "TrainingMetric", "TrainingRun", "check_seed", "default_store_path",
     "encode_png", "format_parameters", "make_noise", "open_store", "parse_parameters", "read_png_parameters",

@@ -43,7 +43,7 @@ def check_pages(conn: sqlite3.Connection, path: Path, level: str) -> None:
 
 
 class Store(TrainingStore):
-    """The whole store: history, noise, refine jobs, checkpoints, training runs, datasets.
+    """The whole store: history, noise, input images, refine jobs, checkpoints, training runs, datasets.
 
     Thread-safe (one lock around one connection); open one per process with :func:`open_store`.
     """
@@ -62,6 +62,11 @@ class Store(TrainingStore):
                     verify_png(table, self.query_one(f"SELECT id, png, png_sha256 FROM {table} WHERE id = ?", [r["id"]]))  # type: ignore[arg-type]
                 except BlobIntegrityError as exc:
                     problems.append(str(exc))
+        for r in self.query("SELECT id FROM input_images ORDER BY id"):
+            try:
+                self.get_input_image(r["id"])
+            except BlobIntegrityError as exc:
+                problems.append(str(exc))
         for r in self.query("SELECT id FROM solver_checkpoints ORDER BY id"):
             try:
                 self.load_checkpoint_weights(r["id"])

@@ -30,7 +30,8 @@ from store.connection import (
     utc_now,
 )
 from store.errors import BlobIntegrityError, NotFoundError
-from store.noise import NoiseStore, check_seed
+from store.input_images import InputImageStore
+from store.noise import check_seed
 from store.png import encode_png
 
 MAX_PROMPT_CHARS = 10_000
@@ -41,7 +42,8 @@ MAX_LIST = 10_000
 
 @dataclass(frozen=True)
 class Generation:
-    """One (model, prompt, negative prompt, seed, size, guidance) request."""
+    """One (model, prompt, negative prompt, seed, size, guidance) request; an edit also names its
+    stored input image (``input_image_id``, ``None`` for text-to-image)."""
 
     id: int
     owner: str
@@ -55,6 +57,7 @@ class Generation:
     guidance: float
     noise_id: int | None
     created_at: str
+    input_image_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ def verify_png(table: str, row: Mapping[str, Any]) -> bytes:
 
 _GENERATION_SELECT = """
 SELECT g.id, g.owner, g.prompt_id, p.prompt, p.negative_prompt, g.model_id, g.seed, g.height,
-       g.width, g.guidance, g.noise_id, g.created_at
+       g.width, g.guidance, g.noise_id, g.created_at, g.input_image_id
 FROM generations g JOIN prompts p ON p.id = g.prompt_id
 """
 
@@ -141,7 +144,7 @@ def _generation(row: Mapping[str, Any], prefix: str = "") -> Generation:
     return Generation(**{f: row[prefix + f] for f in Generation.__dataclass_fields__})
 
 
-class HistoryStore(NoiseStore):
+class HistoryStore(InputImageStore):
     """Prompts, generations, previews, finals and consistency measurements."""
 
     # -- prompts and generations ------------------------------------------------------------
@@ -175,24 +178,34 @@ class HistoryStore(NoiseStore):
         negative_prompt: str = "",
         noise_id: int | None = None,
         owner: str = DEFAULT_OWNER,
+        input_image_id: int | None = None,
     ) -> int:
         """Record a generation request and return its id (the prompt row is reused or created).
 
-        :raises ValueError: a field out of range (named). :raises NotFoundError: unknown ``noise_id``.
+        ``input_image_id``: the stored input image of an edit (:meth:`put_input_image`); it must be
+        ``owner``'s own, as an owner's input images are private to them.
+
+        :raises ValueError: a field out of range (named). :raises NotFoundError: unknown ``noise_id``,
+            or an ``input_image_id`` that does not exist for ``owner``; nothing is written.
         """
         check_text(model_id, "model_id", max_len=1000)
         check_seed(seed)
         check_positive_int(height, "height", MAX_SIDE)
         check_positive_int(width, "width", MAX_SIDE)
         check_finite(guidance, "guidance")
+        if input_image_id is not None and (isinstance(input_image_id, bool) or not isinstance(input_image_id, int)):
+            raise ValueError(f"input_image_id must be an integer id or None, got {input_image_id!r}")
         with self.transaction() as db:
             prompt_id = self.add_prompt(prompt, negative_prompt, owner=owner)
             if noise_id is not None and db.execute("SELECT 1 FROM noise WHERE id = ?", [noise_id]).fetchone() is None:
                 raise NotFoundError("noise", noise_id)
+            if input_image_id is not None and db.execute(
+                    "SELECT 1 FROM input_images WHERE id = ? AND owner = ?", [input_image_id, owner]).fetchone() is None:
+                raise NotFoundError("input_images", input_image_id)
             cur = db.execute(
-                "INSERT INTO generations (owner, prompt_id, model_id, seed, height, width, guidance, noise_id, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [owner, prompt_id, model_id, seed, height, width, float(guidance), noise_id, utc_now()],
+                "INSERT INTO generations (owner, prompt_id, model_id, seed, height, width, guidance, noise_id, "
+                "input_image_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [owner, prompt_id, model_id, seed, height, width, float(guidance), noise_id, input_image_id, utc_now()],
             )
             return int(cur.lastrowid)  # type: ignore[arg-type]
 
@@ -232,6 +245,8 @@ class HistoryStore(NoiseStore):
         }
         if generation.noise_id is not None:
             params["noise_hash"] = self.get_noise_record(generation.noise_id).sha256[:12]
+        if generation.input_image_id is not None:  # an edit: the full hash of its stored input image
+            params["Input image"] = self.get_input_image(generation.input_image_id, with_png=False).sha256
         params.update(extra or {})
         return params
 
@@ -271,7 +286,8 @@ class HistoryStore(NoiseStore):
         sql = (
             "SELECT v.id AS v_id, v.owner AS v_owner, v.solver, v.steps, v.checkpoint_id, v.timings_ms, "
             f"v.png_sha256, v.created_at AS v_created_at, {png}, g.id, g.owner, g.prompt_id, p.prompt, "
-            "p.negative_prompt, g.model_id, g.seed, g.height, g.width, g.guidance, g.noise_id, g.created_at "
+            "p.negative_prompt, g.model_id, g.seed, g.height, g.width, g.guidance, g.noise_id, g.created_at, "
+            "g.input_image_id "
             "FROM previews v JOIN generations g ON g.id = v.generation_id JOIN prompts p ON p.id = g.prompt_id "
             f"WHERE {where} {tail}"
         )
@@ -342,14 +358,16 @@ class HistoryStore(NoiseStore):
         row = self.query_one("SELECT id FROM finals WHERE job_id = ?", [job_id])
         return None if row is None else self.get_final(row["id"])
 
-    def export_png(self, kind: Literal["preview", "final"], row_id: int, path: str | Path) -> Path:
-        """Write a preview's or final's verified PNG (metadata intact) to ``path`` atomically."""
+    def export_png(self, kind: Literal["preview", "final", "input"], row_id: int, path: str | Path) -> Path:
+        """Write a preview's, final's or input image's verified PNG (metadata intact) to ``path`` atomically."""
         if kind == "preview":
             png = self.get_preview(row_id).png
         elif kind == "final":
             png = self.get_final(row_id).png
+        elif kind == "input":
+            png = self.get_input_image(row_id).png
         else:
-            raise ValueError(f"kind must be 'preview' or 'final', got {kind!r}")
+            raise ValueError(f"kind must be 'preview', 'final' or 'input', got {kind!r}")
         assert png is not None
         path = Path(path)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -264,6 +264,28 @@ def m0004_checkpoints_per_model(db: sqlite_utils.Database) -> None:
     _run(db, ["DROP INDEX solver_checkpoints_one_active", "UPDATE solver_checkpoints SET active = 0"])
 
 
+@migration
+def m0005_input_images(db: sqlite_utils.Database) -> None:
+    """Input images of instruction edits, stored once per owner by the sha256 of their canonical PNG
+    (see ``store.input_images``), and ``generations.input_image_id`` pointing at the one an edit used
+    (``NULL`` for text-to-image, so every existing generation stays as it was)."""
+    _run(db, [
+        """CREATE TABLE input_images (
+            id INTEGER PRIMARY KEY,
+            owner TEXT NOT NULL DEFAULT 'local',
+            sha256 TEXT NOT NULL CHECK (length(sha256) = 64),
+            png BLOB NOT NULL,
+            width INTEGER NOT NULL CHECK (width > 0),
+            height INTEGER NOT NULL CHECK (height > 0),
+            mode TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        ) STRICT""",
+        "CREATE UNIQUE INDEX input_images_owner_sha256 ON input_images(owner, sha256)",
+        "ALTER TABLE generations ADD COLUMN input_image_id INTEGER REFERENCES input_images(id)",
+        "CREATE INDEX generations_input_image ON generations(input_image_id) WHERE input_image_id IS NOT NULL",
+    ])
+
+
 def _json_list(text: str | None) -> list:
     try:
         value = json.loads(text or "[]")

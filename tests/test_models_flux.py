@@ -144,3 +144,31 @@ def test_previews_and_refines_take_the_grid_of_their_own_image_size(dev, pipe):
     default = full_step_solver(dev)
     assert not torch.allclose(full.grid(8).timesteps, default.grid(8).timesteps)
     assert torch.allclose(full.grid(8).timesteps, FlowSchedule.from_config(dev.scheduler_config_for(size, size)).grid(8).timesteps)
+
+
+def test_true_cfg_from_the_command_line_is_recorded_and_refused_elsewhere(dev_folder, tmp_path, capsys):
+    """``--true-cfg-scale`` reaches the FLUX backend, changes the image (with a negative prompt) and is written into
+    the PNG parameters; on a model without true CFG it is refused naming the option, with nothing written."""
+    import json
+
+    from preview.__main__ import main
+    from store.png import read_png_parameters
+
+    def preview(*extra: str, model: str = str(dev_folder), name: str = "a") -> tuple[int, list[dict], str]:
+        code = main(["--model", model, "--prompt", "a red cat", "--negative-prompt", "blurry", "--seeds", "0",
+                     "--steps", "2", "--out", str(tmp_path / name), "--db", str(tmp_path / f"{name}.sqlite"), *extra])
+        out = capsys.readouterr()
+        return code, [json.loads(line) for line in out.out.splitlines() if line.strip()], out.err
+
+    code, plain, err = preview()
+    assert code == 0, err
+    code, cfg, err = preview("--true-cfg-scale", "4", name="b")
+    assert code == 0, err
+    plain_png, cfg_png = (open(r[0]["path"], "rb").read() for r in (plain, cfg))
+    assert float(read_png_parameters(cfg_png)["True CFG scale"]) == 4.0 and "True CFG scale" not in read_png_parameters(plain_png)
+    assert plain_png != cfg_png
+    from tests.tiny_sd3 import save_tiny_sd3
+
+    code, lines, err = preview("--true-cfg-scale", "4", model=str(save_tiny_sd3(tmp_path / "sd3")), name="c")
+    assert code == 1 and lines == [] and "true_cfg_scale: true CFG is for FLUX models" in err
+    assert not (tmp_path / "c.sqlite").exists()

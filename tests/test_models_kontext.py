@@ -110,3 +110,24 @@ def test_a_text_to_image_model_refuses_an_input_image(tmp_path):
     assert not flux.takes_image
     with pytest.raises(ValueError, match="^image: .* text-to-image model"):
         flux.image_conditioning(flux.encode_prompts(["a"]), picture(0), SIZE, SIZE)
+
+
+def test_a_kontext_transformer_file_loads_with_a_kontext_config_folder(folder, model, tmp_path):
+    """A FLUX.1 Kontext transformer single file has FLUX's key layout; with a Kontext config folder it loads as Kontext."""
+    import shutil
+
+    from models.sd import LoadOptions
+    from tests.tiny_flux import converter_at_tiny_width, save_flux_single_file
+
+    ckpt = save_flux_single_file(folder, tmp_path / "kontext.safetensors", "")
+    config = tmp_path / "config-only"
+    shutil.copytree(folder, config)
+    for weights in (config / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    with converter_at_tiny_width():
+        one = load_model(str(ckpt), device="cpu", options=LoadOptions(config=config))
+    assert isinstance(one, FluxKontextDenoiser)
+    x = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(0))
+    a = one.guided_eps(x, 600.0, one.image_conditioning(one.encode_prompts(["add a hat"]), picture(0), SIZE, SIZE), GUIDANCE)
+    b = model.guided_eps(x, 600.0, model.image_conditioning(model.encode_prompts(["add a hat"]), picture(0), SIZE, SIZE), GUIDANCE)
+    assert (a - b).abs().max().item() < 1e-5

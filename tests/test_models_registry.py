@@ -115,11 +115,22 @@ def test_single_file_of_an_unrecognised_family_needs_config_and_nothing_is_writt
 
 
 @pytest.mark.parametrize(("key", "class_name", "arch"), MARKERS[1:])
-def test_single_file_flow_checkpoints_are_not_supported_yet(tmp_path, key, class_name, arch):
+def test_single_file_flow_checkpoint_needs_a_config_folder_with_a_transformer(tmp_path, key, class_name, arch):
+    """SD3 / FLUX single files are the transformer alone: the config folder must describe one."""
     ckpt = _sd_like_checkpoint(tmp_path / "m.safetensors", {key: torch.zeros(2)}, sd=False)
-    with pytest.raises(UnsupportedModelError, match=f"single-file {arch} checkpoints are not supported yet") as err:
-        load_model(str(ckpt), options=LoadOptions(config=_folder(tmp_path, class_name)))
+    config = _folder(tmp_path, class_name)
+    with pytest.raises(ModelLoadError, match=f"^config: {config} has no transformer entry in model_index.json$") as err:
+        load_model(str(ckpt), options=LoadOptions(config=config))
     _one_sentence(err)
+
+
+def test_an_all_in_one_flux_file_is_flux_though_it_carries_text_encoders(tmp_path):
+    """ComfyUI's all-in-one FLUX files hold text_encoders.* (also an SD3 marker) beside the transformer."""
+    ckpt = _sd_like_checkpoint(tmp_path / "m.safetensors", {
+        "model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(2),
+        "text_encoders.clip_l.transformer.text_model.final_layer_norm.bias": torch.zeros(2),
+        "vae.decoder.conv_in.bias": torch.zeros(2)}, sd=False)
+    assert registry.single_file_family(ckpt) == "FluxPipeline"
 
 
 def test_single_file_of_an_inpainting_model(tmp_path):

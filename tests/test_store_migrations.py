@@ -17,7 +17,7 @@ from store.migrations import MIGRATIONS, Migration, apply_migrations
 FINAL_TABLES = {
     "migrations", "prompts", "noise", "generations", "training_runs", "training_metrics", "datasets",
     "solver_checkpoints", "previews", "refine_jobs", "refine_job_events", "finals", "consistency",
-    "checkpoint_assignments",
+    "checkpoint_assignments", "input_images",
 }
 
 

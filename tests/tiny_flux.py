@@ -9,7 +9,9 @@ for T5), a 16-channel-style AutoencoderKL with a shift factor, and FLUX.1's sche
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -69,3 +71,116 @@ def save_tiny_kontext(folder: Path, seed: int = 0) -> Path:
     parts = build_tiny_flux(folder.parent / f"{folder.name}_src", seed, guidance_embeds=True).components
     FluxKontextPipeline(**parts).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# --- diffusers -> original FLUX.1 (BFL) key layout, for the single-file tests ----------------------
+# The inverse of diffusers' convert_flux_transformer_checkpoint_to_diffusers.
+_FLUX_TOP = {
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "context_embedder": "txt_in",
+    "x_embedder": "img_in",
+    "proj_out": "final_layer.linear",
+}
+_FLUX_DOUBLE = {
+    "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+    "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+}
+_FLUX_NORMS = {
+    "attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+    "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale", "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
+}
+
+
+def _swap_halves(w: torch.Tensor) -> torch.Tensor:
+    """diffusers' AdaLayerNormContinuous is (scale, shift); the original layout is (shift, scale)."""
+    a, b = w.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def flux_transformer_to_original(sd: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """A diffusers FluxTransformer2DModel state dict in the original FLUX.1 layout (``double_blocks.*``),
+    each key behind ``prefix`` (``""`` as BFL ships it, ``"model.diffusion_model."`` as ComfyUI saves it).
+    Every key is mapped or this raises, so nothing is silently left out."""
+    sd = dict(sd)
+    out: dict[str, torch.Tensor] = {}
+    for key in [k for k in sd if k.startswith("norm_out.linear.")]:
+        out["final_layer.adaLN_modulation.1." + key.rsplit(".", 1)[1]] = _swap_halves(sd.pop(key))
+    blocks = {k.split(".")[1] for k in sd if k.startswith("transformer_blocks.")}
+    for i in sorted(blocks, key=int):
+        p = f"transformer_blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"double_blocks.{i}.img_attn.qkv.{kind}"] = torch.cat([sd.pop(f"{p}attn.to_{c}.{kind}") for c in "qkv"])
+            out[f"double_blocks.{i}.txt_attn.qkv.{kind}"] = torch.cat([sd.pop(f"{p}attn.add_{c}_proj.{kind}") for c in "qkv"])
+            for new, old in _FLUX_DOUBLE.items():
+                out[f"double_blocks.{i}.{old}.{kind}"] = sd.pop(f"{p}{new}.{kind}")
+        for new, old in _FLUX_NORMS.items():
+            out[f"double_blocks.{i}.{old}"] = sd.pop(p + new)
+    singles = {k.split(".")[1] for k in sd if k.startswith("single_transformer_blocks.")}
+    for i in sorted(singles, key=int):
+        p = f"single_transformer_blocks.{i}."
+        for kind in ("weight", "bias"):
+            parts = [sd.pop(f"{p}attn.to_{c}.{kind}") for c in "qkv"] + [sd.pop(f"{p}proj_mlp.{kind}")]
+            out[f"single_blocks.{i}.linear1.{kind}"] = torch.cat(parts)
+            out[f"single_blocks.{i}.linear2.{kind}"] = sd.pop(f"{p}proj_out.{kind}")
+            out[f"single_blocks.{i}.modulation.lin.{kind}"] = sd.pop(f"{p}norm.linear.{kind}")
+        out[f"single_blocks.{i}.norm.query_norm.scale"] = sd.pop(f"{p}attn.norm_q.weight")
+        out[f"single_blocks.{i}.norm.key_norm.scale"] = sd.pop(f"{p}attn.norm_k.weight")
+    for key in list(sd):
+        module, kind = key.rsplit(".", 1)
+        if module in _FLUX_TOP:
+            out[f"{_FLUX_TOP[module]}.{kind}"] = sd.pop(key)
+    if sd:
+        raise KeyError(f"no original FLUX name for {sorted(sd)}")
+    return {prefix + k: v.contiguous() for k, v in out.items()}
+
+
+def save_flux_single_file(folder: Path, path: Path, prefix: str = "") -> Path:
+    """The folder's transformer as one original-layout safetensors file (the form FLUX.1 is shipped in)."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    save_file(flux_transformer_to_original(transformer.state_dict(), prefix), str(path))
+    return Path(path)
+
+
+# FLUX.1's width, which diffusers' converter assumes when it splits single_blocks.*.linear1 into q, k, v, mlp.
+_FLUX1_SPLIT = (3072, 3072, 3072, 4 * 3072)
+
+
+@contextmanager
+def converter_at_tiny_width() -> Iterator[None]:
+    """Let diffusers' FLUX converter read a checkpoint narrower than FLUX.1.
+
+    ``convert_flux_transformer_checkpoint_to_diffusers`` splits each ``single_blocks.*.linear1`` with the
+    fixed sizes of FLUX.1 (inner dim 3072, MLP ratio 4): right for every FLUX.1 checkpoint, impossible for
+    a tiny test model. Inside this context that one split, and only it, is scaled to the tensor's own width
+    (d, d, d, 4d); every other line of diffusers' converter runs unchanged.
+    """
+    import diffusers.loaders.single_file_utils as sfu
+
+    real = sfu.torch
+
+    class _Torch:
+        def __getattr__(self, name: str):
+            return getattr(real, name)
+
+        @staticmethod
+        def split(tensor, sizes, dim=0):
+            if isinstance(sizes, (tuple, list)) and tuple(sizes) == _FLUX1_SPLIT and tensor.shape[dim] != sum(sizes):
+                d = tensor.shape[dim] // 7
+                sizes = (d, d, d, 4 * d)
+            return real.split(tensor, sizes, dim=dim)
+
+    sfu.torch = _Torch()
+    try:
+        yield
+    finally:
+        sfu.torch = real

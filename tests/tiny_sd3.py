@@ -63,3 +63,72 @@ def save_tiny_sd3(folder: Path, seed: int = 0, t5: bool = True) -> Path:
     folder = Path(folder)
     build_tiny_sd3(folder.parent / f"{folder.name}_src", seed, t5).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# --- diffusers -> original SD3 (MMDiT) key layout, for the single-file tests ----------------------
+# The inverse of diffusers' convert_sd3_transformer_checkpoint_to_diffusers.
+_SD3_TOP = {
+    "pos_embed.proj": "x_embedder.proj",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "context_embedder": "context_embedder",
+    "proj_out": "final_layer.linear",
+}
+_SD3_BLOCK = {
+    "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+    "attn2.to_out.0": "x_block.attn2.proj",
+    "norm1.linear": "x_block.adaLN_modulation.1",
+    "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+    "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",
+    "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+    "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+    "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
+}
+
+
+def _swap_halves(w: torch.Tensor) -> torch.Tensor:
+    """diffusers' AdaLayerNormContinuous is (scale, shift); the original layout is (shift, scale)."""
+    a, b = w.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def sd3_transformer_to_original(sd: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """A diffusers SD3Transformer2DModel state dict in the original MMDiT layout (``joint_blocks.*``), each key
+    behind ``prefix`` (``"model.diffusion_model."`` as Stability ships it). Every key is mapped or this raises."""
+    sd = dict(sd)
+    out: dict[str, torch.Tensor] = {"pos_embed": sd.pop("pos_embed.pos_embed")}
+    for key in [k for k in sd if k.startswith("norm_out.linear.")]:
+        out["final_layer.adaLN_modulation.1." + key.rsplit(".", 1)[1]] = _swap_halves(sd.pop(key))
+    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")})
+    for i in blocks:
+        p, q = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        last = i == blocks[-1]  # its context branch is pre-only: AdaLayerNormContinuous, (scale, shift)
+        for kind in ("weight", "bias"):
+            out[f"{q}x_block.attn.qkv.{kind}"] = torch.cat([sd.pop(f"{p}attn.to_{c}.{kind}") for c in "qkv"])
+            out[f"{q}context_block.attn.qkv.{kind}"] = torch.cat([sd.pop(f"{p}attn.add_{c}_proj.{kind}") for c in "qkv"])
+            if f"{p}attn2.to_q.{kind}" in sd:
+                out[f"{q}x_block.attn2.qkv.{kind}"] = torch.cat([sd.pop(f"{p}attn2.to_{c}.{kind}") for c in "qkv"])
+            context_norm = sd.pop(f"{p}norm1_context.linear.{kind}")
+            out[f"{q}context_block.adaLN_modulation.1.{kind}"] = _swap_halves(context_norm) if last else context_norm
+        for key in [k for k in sd if k.startswith(p)]:
+            module, kind = key[len(p):].rsplit(".", 1)
+            out[f"{q}{_SD3_BLOCK[module]}.{kind}"] = sd.pop(key)
+    for key in list(sd):
+        module, kind = key.rsplit(".", 1)
+        if module in _SD3_TOP:
+            out[f"{_SD3_TOP[module]}.{kind}"] = sd.pop(key)
+    if sd:
+        raise KeyError(f"no original SD3 name for {sorted(sd)}")
+    return {prefix + k: v.contiguous() for k, v in out.items()}
+
+
+def save_sd3_single_file(folder: Path, path: Path, prefix: str = "model.diffusion_model.") -> Path:
+    """The folder's transformer as one original-layout safetensors file."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import save_file
+
+    transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer")
+    save_file(sd3_transformer_to_original(transformer.state_dict(), prefix), str(path))
+    return Path(path)
