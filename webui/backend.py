@@ -200,14 +200,10 @@ class EngineBackend:
 
     def export_input(self, input_image_id: int) -> Path:
         """An edit's stored input image as a PNG in the export folder (named by id and hash, written once)."""
-        import os
-
-        image = self.store.get_input_image(input_image_id)
+        image = self.store.get_input_image(input_image_id, with_png=False)
         path = self.exports / f"input-{image.id}-{image.sha256[:16]}.png"
         if not path.exists():
-            part = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
-            part.write_bytes(image.png)
-            os.replace(part, path)  # never a half-written file under the served name
+            self.store.export_png("input", image.id, path)  # verified against its hash, written atomically
         return path
 
     def refine(self, preview_ids: list[int], steps: int, owner: str | None) -> list[int]:
