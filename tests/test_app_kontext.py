@@ -111,6 +111,11 @@ def test_edit_flow_upload_preview_refine_history_with_gradio_client(kontext_app,
     input_path, edit_path = client.predict(f"final:{final_id}", api_name="/history_edit")
     assert np.array_equal(pixels(input_path), pixels(source))  # the input image, beside the edit
     assert np.array_equal(pixels(edit_path), pixels(io.BytesIO(store.get_final(final_id).png)))
+    from store.png import read_png_parameters
+
+    params = read_png_parameters(Path(client.predict(f"final:{final_id}", api_name="/history_png")).read_bytes())
+    input_id = store.get_generation(store.get_job(job_id).generation_id).input_image_id
+    assert params["Input image"] == store.get_input_image(input_id, with_png=False).sha256  # the download names it
     sent = client.predict(f"final:{final_id}", api_name="/send_to_explore")
     assert sent[0] == "add a small red hat" and sent[3] == 1 and np.array_equal(pixels(sent[11]), pixels(source))
 
