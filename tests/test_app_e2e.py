@@ -214,6 +214,10 @@ def test_browser_preview_and_refine(real_app):
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(url, wait_until="domcontentloaded")
             prompts = page.locator("#prompts textarea")
+            sync_api.expect(prompts).to_be_visible(timeout=30_000)
+            # A text-to-image model: no image input, no keep-size box, no "use as input" (editing models only).
+            for hidden in ("#input-image", "#keep-size", "#use-input-btn", "#history-input"):
+                sync_api.expect(page.locator(hidden)).to_be_hidden()
             prompts.fill("a green triangle\na yellow circle")
             page.locator("#seed-count input").fill("3")
             page.locator("#steps input").fill("2")

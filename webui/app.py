@@ -7,7 +7,8 @@ Layout and wiring only: the handlers live in ``webui.handlers`` / ``webui.admin`
 
 File serving: the only folder Gradio may serve besides its own cache is the export folder, where
 the backend writes PNGs under names it chooses (``preview-12-<sha256 prefix>.png``); the database,
-noise and logs live elsewhere and are also listed in ``blocked_paths``. Closing the app stops a
+noise and logs live elsewhere and are also listed in ``blocked_paths``. Uploads are closed unless the
+model is an editing model (FLUX.1 Kontext), whose Explore takes one input image. Closing the app stops a
 training process it started (SIGINT: the trainer records the run as interrupted).
 """
 
