@@ -169,7 +169,7 @@ REFUSED = {
 
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_refused_input_images_name_the_field_and_write_nothing(kontext_app, tmp_path, case):
-    url, backend, paths = kontext_app
+    url, _backend, paths = kontext_app
     data, message = REFUSED[case]
     image = None
     if data is not None:

@@ -103,8 +103,8 @@ def explore_tab(backend: Backend) -> SimpleNamespace:
                                          placeholder="make the sky purple\nadd a small red hat")
                 else:
                     prompts = gr.Textbox(label="Prompts", info=f"one per line, up to {MAX_PROMPTS}", lines=4,
-                                         elem_id="prompts",
-                                         placeholder="a crimson disc on a navy field\na small yellow square at the top on a blue background")
+                                         elem_id="prompts", placeholder="a crimson disc on a navy field\n"
+                                         "a small yellow square at the top on a blue background")
                 negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
                 with gr.Row(equal_height=True):
                     seed_count = gr.Number(label="Seed count", value=8, elem_id="seed-count", min_width=90)

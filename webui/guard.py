@@ -200,7 +200,9 @@ def guarded_app(trusted: Iterable[str], stopping: threading.Event | None = None,
     """A Gradio ``App`` whose whole middleware stack (Gradio's CORS included) sits inside a :class:`Guard`.
 
     ``max_upload``: open the upload routes for files of at most this many bytes (an editing model's input
-    image); ``None`` keeps them closed. Passed to ``Blocks.launch(_app=...)``: Gradio then configures this app instead of making its own,
+    image); ``None`` keeps them closed.
+
+    Passed to ``Blocks.launch(_app=...)``: Gradio then configures this app instead of making its own,
     and Starlette builds the middleware stack on the first request, through :meth:`build_middleware_stack`.
     """
     from gradio.routes import App, ORJSONResponse
