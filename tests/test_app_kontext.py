@@ -215,11 +215,11 @@ def test_uploads_are_open_and_bounded_for_an_editing_model(kontext_app):
 
 
 @pytest.mark.browser
-def test_browser_shows_the_image_input_and_previews_an_upload(kontext_app, tmp_path):
+def test_browser_uploads_previews_refines_and_uses_a_final_as_input(kontext_app, tmp_path):
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium is not installed (Debian package 'chromium'; scripts/test.sh installs it)")
     sync_api = pytest.importorskip("playwright.sync_api")
-    url, _backend, _paths = kontext_app
+    url, backend, _paths = kontext_app
     source = picture(tmp_path / "in.png", seed=11)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as pw:
@@ -239,6 +239,12 @@ def test_browser_shows_the_image_input_and_previews_an_upload(kontext_app, tmp_p
             sync_api.expect(page.locator("#preview-gallery img")).to_have_count(2, timeout=60_000)
             sync_api.expect(page.locator("#explore-status")).to_contain_text("2 previews", timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "app-kontext-explore.png"), full_page=True)
+            page.locator("#refine-steps input").fill("2")
+            page.locator("#preview-gallery img").nth(1).click()  # seed 1
+            sync_api.expect(page.locator("#selection")).to_contain_text("#2 make the sky purple · seed 1")
+            page.locator("#refine-btn").click()
+            sync_api.expect(page.locator("#refine-status")).to_contain_text("Queued refine job", timeout=20_000)
+            job_id = int(re.search(r"#(\d+)", page.locator("#refine-status").inner_text()).group(1))
 
             # History: the edit, picked, shows beside the input image it started from.
             page.get_by_role("tab", name="History").click()
@@ -251,5 +257,15 @@ def test_browser_shows_the_image_input_and_previews_an_upload(kontext_app, tmp_p
             sync_api.expect(page.locator("#history-input img").first).to_be_visible(timeout=20_000)
             sync_api.expect(page.locator("#history-picked img").first).to_be_visible(timeout=20_000)
             page.screenshot(path=str(ARTIFACTS / "app-kontext-history.png"), full_page=True)
+
+            # The refined final, used as the next input: it lands in Explore's image input.
+            deadline = time.monotonic() + JOB_TIMEOUT_S
+            while backend.store.get_job(job_id).state != "done" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            final_id = backend.store.get_final_for_job(job_id).id
+            page.locator("#history-item textarea").fill(f"final:{final_id}")
+            page.locator("#use-input-btn").click()
+            sync_api.expect(page.locator("#input-image img[src*='final-']").first).to_be_visible(timeout=20_000)
+            sync_api.expect(page.locator("#prompts textarea")).to_be_visible()  # back on Explore
         finally:
             browser.close()
