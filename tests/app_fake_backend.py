@@ -26,6 +26,7 @@ class FakeBackend:
     default_guidance = 3.0
     size_multiple = 8
     max_size = 256
+    takes_image = False  # a text-to-image model: an input image is refused as the engine refuses it
 
     def __init__(self, exports: Path, chunk: int = 4, step_s: float = 0.02) -> None:
         self.exports = exports
@@ -46,14 +47,19 @@ class FakeBackend:
 
     def _png(self, name: str, prompt: str, seed: int, s: ExploreSettings, shade: int = 0) -> Path:
         rgb = hashlib.sha256(f"{prompt}|{seed}".encode()).digest()[:3]
-        img = Image.new("RGB", (s.width, s.height), tuple((c + shade) % 256 for c in rgb))
+        width, height = s.width or 32, s.height or 32  # an edit without a size: the fake picks 32x32
+        img = Image.new("RGB", (width, height), tuple((c + shade) % 256 for c in rgb))
         params = dict(prompt=prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler=s.solver,
-                      cfg_scale=s.guidance, seed=seed, width=s.width, height=s.height, model=self.model_name)
+                      cfg_scale=s.guidance, seed=seed, width=width, height=height, model=self.model_name)
         path = self.exports / name
         path.write_bytes(encode_png(img, params))
         return path
 
     def preview(self, settings: ExploreSettings, owner: str) -> Iterator[list[Tile]]:
+        if settings.image is not None and not self.takes_image:
+            raise ValueError(f"image: {self.model_name} is a text-to-image model and takes no input image")
+        if settings.image is None and self.takes_image:
+            raise ValueError(f"image: {self.model_name} is an editing model; give an input image to edit")
         self.calls.append("preview")
         pairs = [(p, s) for p in settings.prompts for s in settings.seeds]
         for i in range(0, len(pairs), self.chunk):

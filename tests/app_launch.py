@@ -40,7 +40,8 @@ def launched(backend, paths: app.AppPaths, model: str | None = None, user_header
     demo = app.build_demo(backend, admin, user_header=user_header, admin_users=admin_users)
     demo.queue(max_size=64, default_concurrency_limit=4)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True,
-                            **app.launch_kwargs(paths, "127.0.0.1", free_port(), user_header=user_header))
+                            **app.launch_kwargs(paths, "127.0.0.1", free_port(), user_header=user_header,
+                                                takes_image=bool(getattr(backend, "takes_image", False))))
     try:
         yield url, admin
     finally:
@@ -63,3 +64,17 @@ def fake_server(tmp_path_factory, name: str) -> Iterator[tuple]:
         backend = FakeBackend(paths.exports)
         with launched(backend, paths) as (url, _admin):
             yield backend, paths, url
+
+
+def store_row_counts(db: Path) -> dict[str, int]:
+    """Rows of every table of the store at ``db``, read through a separate read-only connection (to assert
+    that a refused request wrote nothing)."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                            "AND name NOT LIKE 'sqlite_%'")]
+        return {t: con.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables}
+    finally:
+        con.close()

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from app_launch import CHROMIUM, CHROMIUM_ARGS, REPO, app_paths, launched
+from app_launch import CHROMIUM, CHROMIUM_ARGS, REPO, app_paths, launched, store_row_counts
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
@@ -116,6 +116,30 @@ def test_preview_refine_history_download_with_gradio_client(real_app, tmp_path):
     assert job.state == "cancelled" and job.progress_step < 200 and backend.store.get_final_for_job(long_job) is None
 
 
+def test_a_text_to_image_model_takes_no_input_image(real_app):
+    """Its image input is absent and uploads are closed; an image record sent through the API anyway (a file
+    the app itself served) is refused naming ``image``, and nothing is written."""
+    import json
+
+    import httpx
+    from test_app_hostile import call
+
+    url, backend, tmp = real_app
+    assert not backend.takes_image
+    assert httpx.post(url + "gradio_api/upload", files={"files": ("a.png", b"\x89PNG")}).status_code == 404
+    h, w = backend.default_size
+    fields = ["a blue square", "", 1, 0, "", 2, "ddim", backend.default_guidance, w, h, 4]
+    event, data, _ = call(url, "preview", json.dumps({"data": fields + [None, False]}), timeout=60)
+    assert event == "complete", data
+    served = data[0][0]["image"]["path"]  # a PNG in Gradio's cache: a file Gradio accepts as input
+    before = store_row_counts(tmp / "data" / "store.sqlite3")
+    image = {"path": served, "meta": {"_type": "gradio.FileData"}}
+    event, data, _ = call(url, "preview", json.dumps({"data": fields + [image, False]}), timeout=60)
+    assert event == "error" and re.fullmatch(r"image: .* is a text-to-image model and takes no input image",
+                                             data["error"]), data
+    assert store_row_counts(tmp / "data" / "store.sqlite3") == before
+
+
 def test_concurrent_sessions_interleave_on_the_device(real_app):
     """A one-tile grid submitted while a four-chunk grid runs finishes before that grid does."""
     import threading
@@ -190,6 +214,10 @@ def test_browser_preview_and_refine(real_app):
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(url, wait_until="domcontentloaded")
             prompts = page.locator("#prompts textarea")
+            sync_api.expect(prompts).to_be_visible(timeout=30_000)
+            # A text-to-image model: no image input, no keep-size box, no "use as input" (editing models only).
+            for hidden in ("#input-image", "#keep-size", "#use-input-btn", "#history-input"):
+                sync_api.expect(page.locator(hidden)).to_be_hidden()
             prompts.fill("a green triangle\na yellow circle")
             page.locator("#seed-count input").fill("3")
             page.locator("#steps input").fill("2")
@@ -269,7 +297,7 @@ def test_16_concurrent_users_get_no_errors(real_app):
     def user(u: int) -> None:
         for k in range(1):
             body = json.dumps({"data": [f"user {u} shape {k}", "", 2, 1000 + 10 * u + 2 * k, "", 4, "ddim",
-                                        backend.default_guidance, w, h, 10]})
+                                        backend.default_guidance, w, h, 10, None, False]})
             event, data, took = call(url, "preview", body, timeout=120)
             if event != "complete":
                 errors.append(f"preview {u}/{k}: {event} {data}")

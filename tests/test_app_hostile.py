@@ -19,7 +19,8 @@ from webui.guard import is_trusted, same_origin, trusted_hosts
 from webui.inputs import MAX_SEED_LIST_CHARS, FieldError, parse_explore, parse_seed_list
 
 GOOD = dict(prompts="a red circle", negative="", seed_count=2, seed_start=0, seed_list="", steps=4,
-            solver="consistency", guidance=3.0, width=32, height=32, refine_steps=6)
+            solver="consistency", guidance=3.0, width=32, height=32, refine_steps=6, image=None,
+            keep_image_size=False)
 MB = 1_000_000
 
 
@@ -247,3 +248,51 @@ def test_an_oversized_body_is_refused_before_it_is_read(server):
     _backend, _paths, url = server
     r = httpx.post(url + "gradio_api/call/preview", content=b"x" * (5 * MB), headers={"content-type": "application/json"})
     assert r.status_code == 413
+
+
+def test_the_upload_routes_open_only_for_an_editing_model_and_stay_bounded():
+    """A text-to-image model takes no files (404); an editing model's uploads are limited to one input image."""
+    import asyncio
+
+    from webui.guard import UPLOAD_OVERHEAD_BYTES, Guard
+
+    async def inner(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    def status(guard: Guard, path: str, length: int) -> int:
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        scope = {"type": "http", "method": "POST", "path": path,
+                 "headers": [(b"host", b"127.0.0.1:7860"), (b"content-length", str(length).encode())]}
+        asyncio.run(guard(scope, receive, send))
+        return sent[0]["status"]
+
+    text_model = Guard(inner, trusted_hosts("127.0.0.1"))
+    editing = Guard(inner, trusted_hosts("127.0.0.1"), max_upload=10 * MB)
+    assert status(text_model, "/gradio_api/upload", 1000) == 404
+    assert status(editing, "/gradio_api/upload", 1000) == 200
+    assert status(editing, "/gradio_api/upload", 10 * MB + UPLOAD_OVERHEAD_BYTES) == 200
+    assert status(editing, "/gradio_api/upload", 10 * MB + UPLOAD_OVERHEAD_BYTES + 1) == 413
+    assert status(editing, "/gradio_api/call/preview", 5 * MB) == 413  # other requests keep their limit
+    assert status(editing, "/monitoring", 10) == 404 and status(editing, "/upload", 10) == 404
+
+
+def test_an_image_field_naming_a_server_file_is_refused(server):
+    """Gradio checks a file record's path only when it carries ``meta``; a bare ``{"path": ...}`` reaches the
+    handler, which reads nothing outside Gradio's upload folder (here: the store's own database file)."""
+    backend, paths, url = server
+    backend.calls.clear()
+    for image in ({"path": str(paths.db)}, {"path": str(paths.gradio_tmp / ".." / "data" / "store.sqlite3")},
+                  {"path": str(paths.db), "meta": {"_type": "gradio.FileData"}}):
+        event, data, _ = call(url, "preview", explore_body(image=image))
+        assert event == "error", (image, data)
+    event, data, _ = call(url, "preview", explore_body(image={"path": str(paths.db)}))
+    assert data["error"] == "image: upload the image through the app; files on the server are not read", data
+    assert backend.calls == []

@@ -80,3 +80,40 @@ def test_helpers():
         parse_seed_list("3,3", "Steps")
     assert parse_seeds("", 2, 9) == [9, 10]
     assert all(0 <= dice_seed() <= SEED_MAX for _ in range(20))
+
+
+def test_an_editing_model_takes_instructions_an_uploaded_image_and_an_optional_size(tmp_path):
+    upload = tmp_path / "gradio" / "abc" / "in.png"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"checked by the engine, not here")
+    record = {"path": str(upload), "orig_name": "in.png", "meta": {"_type": "gradio.FileData"}}
+    s = parse(image=record, width=None, height="", edits=True, upload_root=tmp_path / "gradio")
+    assert (s.image, s.width, s.height, s.keep_image_size) == (str(upload), None, None, False)
+    assert parse(image=record, width=0.0, height=0, edits=True).width is None  # a Gradio Number shows empty as 0
+    assert parse(edits=True, height="0").height is None
+    kept = parse(image=record, keep_image_size=True, edits=True, upload_root=tmp_path / "gradio")
+    assert (kept.width, kept.height, kept.keep_image_size) == (None, None, True)  # the input's own size
+    assert parse(edits=True).image is None  # whether an image is required is the engine's rule
+    with pytest.raises(FieldError, match="^Instructions: enter at least one instruction"):
+        parse(prompts=" ", edits=True)
+    with pytest.raises(FieldError, match="^Width"):
+        parse(width=None)  # a text-to-image model has no input image to take a size from
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"path": "/etc/passwd"}, "upload the image through the app"),
+    ({"path": "UPLOAD/../../elsewhere.png"}, "upload the image through the app"),
+    ({"url": "data:image/png;base64,AAAA"}, "upload an image file"),
+    ("in.png", "upload an image file"),
+    (7, "upload an image file"),
+])
+def test_an_image_field_is_only_a_file_gradio_received(tmp_path, value, message):
+    """Only a file in Gradio's upload folder is read as an input image: never any other file on the server."""
+    root = tmp_path / "gradio"
+    root.mkdir()
+    if isinstance(value, dict) and "path" in value:
+        value = {"path": value["path"].replace("UPLOAD", str(root))}
+    with pytest.raises(FieldError, match=f"^image: {message}"):
+        parse(image=value, edits=True, upload_root=root)
+    with pytest.raises(FieldError, match="^Keep input size: must be true or false"):
+        parse(keep_image_size="yes", edits=True)

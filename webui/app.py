@@ -7,7 +7,8 @@ Layout and wiring only: the handlers live in ``webui.handlers`` / ``webui.admin`
 
 File serving: the only folder Gradio may serve besides its own cache is the export folder, where
 the backend writes PNGs under names it chooses (``preview-12-<sha256 prefix>.png``); the database,
-noise and logs live elsewhere and are also listed in ``blocked_paths``. Closing the app stops a
+noise and logs live elsewhere and are also listed in ``blocked_paths``. Uploads are closed unless the
+model is an editing model (FLUX.1 Kontext), whose Explore takes one input image. Closing the app stops a
 training process it started (SIGINT: the trainer records the run as interrupted).
 """
 
@@ -29,6 +30,7 @@ from typing import Any, Sequence
 import gradio as gr
 
 from runtime.cli import DB_HELP, add_db_option, add_model_options, load_options, model_argv
+from runtime.images import MAX_INPUT_BYTES
 from webui.admin import ADMIN_PASSWORD_ENV, MODEL_DEFAULT, Admin, reward_choices
 from webui.guard import guarded_app, trusted_hosts
 from webui.handlers import Handlers
@@ -38,7 +40,8 @@ from webui.views import Backend
 logger = logging.getLogger("diffusion_preview.app")
 
 STATIC = Path(__file__).resolve().parent / "static"
-MAX_UPLOAD = "1mb"  # the app takes no uploads; anything bigger is refused outright
+MAX_UPLOAD = "1mb"  # a text-to-image model: the app takes no uploads; anything bigger is refused outright
+MAX_IMAGE_UPLOAD = MAX_INPUT_BYTES  # an editing model: one input image, at most runtime.images' file limit
 JOBS_POLL_S = 1.0
 ADMIN_POLL_S = 2.0
 
@@ -89,9 +92,19 @@ def explore_tab(backend: Backend) -> SimpleNamespace:
     with gr.Tab("Explore", id="explore"):
         with gr.Row():
             with gr.Column(scale=2, min_width=300):
-                prompts = gr.Textbox(label="Prompts", info=f"one per line, up to {MAX_PROMPTS}", lines=4,
-                                     elem_id="prompts",
-                                     placeholder="a crimson disc on a navy field\na small yellow square at the top on a blue background")
+                edits = bool(getattr(backend, "takes_image", False))  # an editing model (FLUX.1 Kontext)
+                image = gr.Image(label="Input image", sources=["upload", "clipboard"], type="filepath",
+                                 image_mode=None, format="png", visible=edits, elem_id="input-image", height=240)
+                keep_size = gr.Checkbox(label="Keep input size", value=False, visible=edits, elem_id="keep-size",
+                                        info="edit at the input image's own size (Width and Height are not used)")
+                if edits:
+                    prompts = gr.Textbox(label="Instructions", info=f"one edit per line, up to {MAX_PROMPTS}; "
+                                         "the grid is instructions x seeds", lines=4, elem_id="prompts",
+                                         placeholder="make the sky purple\nadd a small red hat")
+                else:
+                    prompts = gr.Textbox(label="Prompts", info=f"one per line, up to {MAX_PROMPTS}", lines=4,
+                                         elem_id="prompts", placeholder="a crimson disc on a navy field\n"
+                                         "a small yellow square at the top on a blue background")
                 negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
                 with gr.Row(equal_height=True):
                     seed_count = gr.Number(label="Seed count", value=8, elem_id="seed-count", min_width=90)
@@ -106,8 +119,12 @@ def explore_tab(backend: Backend) -> SimpleNamespace:
                                          elem_id="solver", allow_custom_value=True)
                 guidance = gr.Number(label="Guidance", value=backend.default_guidance, elem_id="guidance")
                 with gr.Row():
-                    width_in = gr.Number(label="Width", value=width, step=backend.size_multiple, elem_id="width")
-                    height_in = gr.Number(label="Height", value=height, step=backend.size_multiple, elem_id="height")
+                    # An edit's size, left empty, is the model's preferred size for the input image.
+                    size_info = "0: fitted to the input" if edits else None
+                    width_in = gr.Number(label="Width", value=None if edits else width, step=backend.size_multiple,
+                                         elem_id="width", info=size_info)
+                    height_in = gr.Number(label="Height", value=None if edits else height,
+                                          step=backend.size_multiple, elem_id="height", info=size_info)
                     refine_steps = gr.Number(label="Refine steps", value=DEFAULT_REFINE_STEPS, elem_id="refine-steps")
                 with gr.Row():
                     preview_btn = gr.Button("Preview (Ctrl+Enter)", variant="primary", elem_id="preview-btn", scale=3)
@@ -126,7 +143,7 @@ def explore_tab(backend: Backend) -> SimpleNamespace:
                 refine_status = gr.Markdown(elem_id="refine-status")
         snapshot = gr.State(None)  # the grid as rendered: run id + preview ids, per session
     fields = [prompts, negative, seed_count, seed_start, seed_list, steps, solver, guidance, width_in, height_in,
-              refine_steps]
+              refine_steps, image, keep_size]
     return SimpleNamespace(**locals())
 
 
@@ -148,8 +165,11 @@ def refine_tab() -> SimpleNamespace:
     return SimpleNamespace(**locals())
 
 
-def history_tab() -> SimpleNamespace:
-    """Search by prompt, pick an image, send its settings back to Explore or download its PNG."""
+def history_tab(edits: bool = False) -> SimpleNamespace:
+    """Search by prompt, pick an image, send its settings back to Explore or download its PNG.
+
+    ``edits`` (an editing model): a picked edit shows its input image beside it, and a final can be used as
+    Explore's next input image."""
     with gr.Tab("History", id="history"):
         with gr.Row():
             query = gr.Textbox(label="Search prompts", scale=3, elem_id="history-query")
@@ -162,7 +182,13 @@ def history_tab() -> SimpleNamespace:
             item = gr.Textbox(label="Item", info="click an image above, or type e.g. final:12",
                               elem_id="history-item", scale=2)
             send_btn = gr.Button("Send to Explore", elem_id="send-btn", scale=0)
+            use_btn = gr.Button("Use this final as input", elem_id="use-input-btn", scale=0, visible=edits)
             png_btn = gr.Button("Download PNG", elem_id="png-btn", scale=0)
+        with gr.Row(visible=edits):
+            input_view = gr.Image(label="Input image of this edit", type="filepath", interactive=False,
+                                  elem_id="history-input", height=200)
+            picked_view = gr.Image(label="The edit", type="filepath", interactive=False,
+                                   elem_id="history-picked", height=200)
         png_file = gr.File(label="PNG with its parameters", interactive=False, elem_id="png-file")
     return SimpleNamespace(**locals())
 
@@ -229,7 +255,8 @@ def build_demo(backend: Backend, admin: Admin, user_header: str | None = None,
         gr.Markdown(f"## Diffusion Preview  \nModel: `{backend.model_name}` · previews are few-step estimates "
                     "of the final image from the same noise: same composition, fewer details.")
         with gr.Tabs(selected="explore") as tabs:
-            ex, rf, hi, ad = explore_tab(backend), refine_tab(), history_tab(), admin_tab(admin)
+            edits = bool(getattr(backend, "takes_image", False))
+            ex, rf, hi, ad = explore_tab(backend), refine_tab(), history_tab(edits), admin_tab(admin)
         jobs_out = [rf.jobs_view, rf.finals, rf.signature]
         history_out = [hi.gallery, hi.refs, hi.note]
         reads = dict(concurrency_limit=8, concurrency_id="reads")
@@ -264,8 +291,13 @@ def build_demo(backend: Backend, admin: Admin, user_header: str | None = None,
         gr.on([hi.search_btn.click, hi.query.submit], h.search, hi.query, history_out, api_name="search_history",
               **reads)
         demo.load(h.search, hi.query, history_out, api_name="history_on_load", **private)
-        hi.gallery.select(h.pick, hi.refs, hi.item, api_name="pick_history", queue=False)
+        picked = hi.gallery.select(h.pick, hi.refs, hi.item, api_name="pick_history", queue=False)
         hi.send_btn.click(h.send_to_explore, hi.item, ex.fields + [tabs], api_name="send_to_explore")
+        if edits:  # an edit beside its input image; a final as the next edit's input
+            picked.then(h.edit_pair, hi.item, [hi.input_view, hi.picked_view], api_name="history_edit_after_pick",
+                        **private)
+            hi.item.submit(h.edit_pair, hi.item, [hi.input_view, hi.picked_view], api_name="history_edit")
+            hi.use_btn.click(h.use_as_input, hi.item, [ex.image, tabs], api_name="use_as_input")
         hi.png_btn.click(h.png, hi.item, hi.png_file, api_name="history_png")
 
         # Admin: private endpoints; every handler re-checks the session token. The unlock answers at once
@@ -293,11 +325,12 @@ def build_demo(backend: Backend, admin: Admin, user_header: str | None = None,
 
 def launch_kwargs(paths: AppPaths, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
                   trusted: list[str] | tuple[str, ...] = (), stopping: threading.Event | None = None,
-                  user_header: str | None = None, auth: Any = None) -> dict:
+                  user_header: str | None = None, auth: Any = None, takes_image: bool = False) -> dict:
     """The launch settings that keep file access minimal; tests launch with the same ones.
 
     The app is a :func:`webui.guard.guarded_app`: requests naming an untrusted Host, cross-origin
-    writes, uploads and the monitoring pages are refused before Gradio sees them.
+    writes, uploads and the monitoring pages are refused before Gradio sees them. ``takes_image`` (an
+    editing model): the upload route is open, for one input image of at most :data:`MAX_IMAGE_UPLOAD` bytes.
     """
     blocked = [str(paths.db), str(paths.db) + "-wal", str(paths.db) + "-shm", str(paths.work)]
     return dict(
@@ -306,13 +339,14 @@ def launch_kwargs(paths: AppPaths, host: str = "127.0.0.1", port: int | None = 7
         share=share,
         allowed_paths=[str(paths.exports)],
         blocked_paths=blocked,
-        max_file_size=MAX_UPLOAD,
+        max_file_size=MAX_IMAGE_UPLOAD if takes_image else MAX_UPLOAD,
         ssr_mode=False,
         mcp_server=False,
         footer_links=["api"],
         css_paths=[STATIC / "app.css"],
         js=(STATIC / "app.js").read_text(encoding="utf-8"),
-        _app=guarded_app(trusted_hosts(host, trusted, share), stopping, user_header),
+        _app=guarded_app(trusted_hosts(host, trusted, share), stopping, user_header,
+                         max_upload=MAX_IMAGE_UPLOAD if takes_image else None),
         auth=auth,
     )
 
@@ -404,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
         if not stop.requested.is_set():  # a signal during the model load: stop without serving
             demo.launch(prevent_thread_lock=True,
                         **launch_kwargs(paths, args.host, args.port, args.share, args.trusted_host, stop.stopping,
-                                        args.user_header, auth))
+                                        args.user_header, auth, takes_image=backend.takes_image))
             stop.wait()
     finally:
         stop.shutdown([

@@ -55,6 +55,7 @@ class EngineBackend:
         self.default_size = tuple(self.model.default_size)
         self.size_multiple = int(self.model.size_multiple)
         self.max_size = int(getattr(self.model, "max_size", 2048))
+        self.takes_image = bool(getattr(self.model, "takes_image", False))  # an editing model (FLUX.1 Kontext)
         self.default_guidance = default_guidance(self.model)
         self.refine_service = RefineService(executor, store)
         self._engines: dict[str, Any] = {}
@@ -161,7 +162,8 @@ class EngineBackend:
         request = engine.validate(PreviewRequest(
             prompts=settings.prompts, seeds=settings.seeds, steps=settings.steps, solver=settings.solver,
             guidance=settings.guidance, height=settings.height, width=settings.width,
-            negative_prompt=settings.negative_prompt))  # one ValueError naming the field, nothing written
+            negative_prompt=settings.negative_prompt, image=settings.image,
+            keep_image_size=settings.keep_image_size))  # one ValueError naming the field, nothing written
         prompts = list(request.prompts)
         per = max(1, engine.chunk_size_for(request.height, request.width) // len(request.seeds))
         first = engine.run(replace(request, prompts=prompts[:per]))  # solver resolved before returning
@@ -194,6 +196,14 @@ class EngineBackend:
         path = self.exports / f"{kind}-{row_id}-{sha[:16]}.png"
         if not path.exists():
             self.store.export_png(kind, row_id, path)
+        return path
+
+    def export_input(self, input_image_id: int) -> Path:
+        """An edit's stored input image as a PNG in the export folder (named by id and hash, written once)."""
+        image = self.store.get_input_image(input_image_id, with_png=False)
+        path = self.exports / f"input-{image.id}-{image.sha256[:16]}.png"
+        if not path.exists():
+            self.store.export_png("input", image.id, path)  # verified against its hash, written atomically
         return path
 
     def refine(self, preview_ids: list[int], steps: int, owner: str | None) -> list[int]:
@@ -274,14 +284,21 @@ class EngineBackend:
         items += [self._preview_item(p) for p in previews]
         return items[:limit]
 
+    def _input_path(self, gen: Any) -> Path | None:
+        input_image_id = getattr(gen, "input_image_id", None)
+        return None if input_image_id is None else self.export_input(input_image_id)
+
     def _settings(self, gen: Any, solver: str, steps: int, refine_steps: int = 40) -> ExploreSettings:
+        input_path = self._input_path(gen)
         return ExploreSettings(prompts=[gen.prompt], negative_prompt=gen.negative_prompt, seeds=[gen.seed],
                                steps=steps, solver=solver, guidance=gen.guidance, width=gen.width,
-                               height=gen.height, refine_steps=refine_steps)
+                               height=gen.height, refine_steps=refine_steps,
+                               image=None if input_path is None else str(input_path))
 
     def _preview_item(self, p: Any) -> HistoryItem:
-        return HistoryItem("preview", p.id, self._settings(p.generation, p.solver, p.steps),
-                           self.export("preview", p.id, p.png_sha256), p.created_at)
+        settings = self._settings(p.generation, p.solver, p.steps)
+        return HistoryItem("preview", p.id, settings, self.export("preview", p.id, p.png_sha256), p.created_at,
+                           input_path=None if settings.image is None else Path(settings.image))
 
     def history_item(self, ref: str, owner: str | None) -> HistoryItem:
         """``preview:ID`` or ``final:ID`` of ``owner``; ValueError when missing or someone else's."""
@@ -306,7 +323,7 @@ class EngineBackend:
             else:
                 settings = self._settings(gen, self.default_solver(), 4, job.steps)
             return HistoryItem("final", row_id, settings, self.export("final", row_id, final.png_sha256),
-                               final.created_at)
+                               final.created_at, input_path=None if settings.image is None else Path(settings.image))
         except NotFoundError:
             raise ValueError(f"there is no {kind} #{row_id}") from None
 

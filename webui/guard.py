@@ -11,9 +11,11 @@ Gradio's own CORS middleware, see :func:`guarded_app`), so every request passes 
   was sent to) is refused with 403 unless it is a plain ``GET``/``HEAD``, and no response to a
   foreign origin carries ``Access-Control-*`` headers. Scripts (``gradio_client``, ``curl``)
   send no ``Origin`` and are unaffected.
-* **Closed routes**: uploads (the app takes no files) and Gradio's ``/monitoring`` pages answer 404.
+* **Closed routes**: uploads (a text-to-image model takes no files) and Gradio's ``/monitoring`` pages
+  answer 404. With an editing model (``max_upload``) the upload routes are open, for input images.
 * **Request size**: a body over :data:`MAX_BODY_BYTES` is refused with 413 before it is read
-  (each text field has its own, smaller limit in :mod:`webui.inputs`).
+  (each text field has its own, smaller limit in :mod:`webui.inputs`); an upload's body may be
+  ``max_upload`` plus :data:`UPLOAD_OVERHEAD_BYTES` of form encoding.
 * **Stopping**: once :attr:`Guard.stopping` is set (SIGTERM, SIGINT), new work is refused with 503.
 * **Security headers** on every answer: ``frame-ancestors 'self'`` (no framing by other sites),
   ``nosniff``, ``same-origin`` referrers. The CSP sets no ``script-src``: Gradio's page needs its
@@ -40,8 +42,9 @@ Send = Callable[[dict], Awaitable[None]]
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
 MAX_BODY_BYTES = 4 * 1024 * 1024
-CLOSED_PREFIXES = ("/gradio_api/upload", "/upload", "/gradio_api/upload_progress", "/monitoring",
-                   "/gradio_api/monitoring")
+UPLOAD_PREFIXES = ("/gradio_api/upload", "/gradio_api/upload_progress")
+CLOSED_PREFIXES = (*UPLOAD_PREFIXES, "/upload", "/monitoring", "/gradio_api/monitoring")
+UPLOAD_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and headers around one uploaded file
 SAFE_METHODS = ("GET", "HEAD")
 OPEN_PATHS = ("/gradio_api/startup-events",)  # Gradio calls it itself at launch, without a user
 SECURITY_HEADERS = (
@@ -105,8 +108,10 @@ class Guard:
     """ASGI middleware; see the module docstring. ``stopping`` is set on shutdown."""
 
     def __init__(self, app: Any, trusted: Iterable[str], *, max_body: int = MAX_BODY_BYTES,
-                 stopping: threading.Event | None = None, user_header: str | None = None) -> None:
+                 stopping: threading.Event | None = None, user_header: str | None = None,
+                 max_upload: int | None = None) -> None:
         self.app = app
+        self.max_upload = max_upload  # None: uploads closed; else the largest file an upload may carry
         self.user_header = user_header.lower() if user_header else None
         self.trusted = tuple(trusted)
         self.max_body = max_body
@@ -142,18 +147,20 @@ class Guard:
                            self.user_header)
             await self._answer(scope, receive, send, 401, "Sign in through the proxy first.")
             return
-        if path.startswith(CLOSED_PREFIXES):
+        upload = self.max_upload is not None and path in UPLOAD_PREFIXES
+        if path.startswith(CLOSED_PREFIXES) and not upload:
             logger.info("refused %s %s from %s: the route is closed", method, path[:100], client)
             await self._answer(scope, receive, send, 404, "Not found.")
             return
         if self.stopping.is_set() and method not in SAFE_METHODS:
             await self._answer(scope, receive, send, 503, "The app is shutting down.")
             return
+        limit = self.max_upload + UPLOAD_OVERHEAD_BYTES if upload and self.max_upload is not None else self.max_body
         length = headers.get("content-length", "")
-        if length and (not length.isdigit() or int(length) > self.max_body):
+        if length and (not length.isdigit() or int(length) > limit):
             logger.warning("refused %s %s from %s: body of %s bytes (limit %d)", method, path[:100], client,
-                           length[:20], self.max_body)
-            await self._answer(scope, receive, send, 413, f"Requests are limited to {self.max_body} bytes.")
+                           length[:20], limit)
+            await self._answer(scope, receive, send, 413, f"Requests are limited to {limit} bytes.")
             return
         if not length and "transfer-encoding" in headers and method not in SAFE_METHODS:
             await self._answer(scope, receive, send, 411, "Send a Content-Length header.")
@@ -189,8 +196,11 @@ class Guard:
 
 
 def guarded_app(trusted: Iterable[str], stopping: threading.Event | None = None,
-                user_header: str | None = None) -> Any:
+                user_header: str | None = None, max_upload: int | None = None) -> Any:
     """A Gradio ``App`` whose whole middleware stack (Gradio's CORS included) sits inside a :class:`Guard`.
+
+    ``max_upload``: open the upload routes for files of at most this many bytes (an editing model's input
+    image); ``None`` keeps them closed.
 
     Passed to ``Blocks.launch(_app=...)``: Gradio then configures this app instead of making its own,
     and Starlette builds the middleware stack on the first request, through :meth:`build_middleware_stack`.
@@ -199,6 +209,7 @@ def guarded_app(trusted: Iterable[str], stopping: threading.Event | None = None,
 
     class GuardedApp(App):
         def build_middleware_stack(self) -> Any:
-            return Guard(super().build_middleware_stack(), trusted, stopping=stopping, user_header=user_header)
+            return Guard(super().build_middleware_stack(), trusted, stopping=stopping, user_header=user_header,
+                         max_upload=max_upload)
 
     return GuardedApp(default_response_class=ORJSONResponse)

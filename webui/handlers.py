@@ -99,21 +99,27 @@ class Handlers:
         steps: float,
         solver: str,
         guidance: float,
-        width: float,
-        height: float,
-        refine_steps: float,
-        request: gr.Request,
+        width: float | None = None,
+        height: float | None = None,
+        refine_steps: float | None = None,
+        image: Any = None,
+        keep_image_size: Any = False,
+        request: gr.Request | None = None,
     ) -> Iterator[tuple[Any, dict, Any, str]]:
         """Stream the grid: (gallery, snapshot, selection choices, status) after every finished chunk.
 
         The snapshot ``{"run": id, "tiles": [{"preview_id", "label"}...]}`` is exactly what the gallery
         shows; the selection values are ``"<run>:<index>"`` so a refine can tell a stale selection.
+        ``image`` (Gradio's file record of the uploaded input image) and ``keep_image_size``: an edit's input,
+        for an editing model; the grid is then instructions x seeds. The defaults only make these parameters
+        optional for API clients (an edit's Width and Height may be empty); every value is checked.
         """
         b = self.backend
         try:
             settings = parse_explore(
                 prompts, negative, seed_count, seed_start, seed_list, steps, solver, guidance, width, height,
-                refine_steps, solvers=b.solvers(), max_size=b.max_size,
+                refine_steps, solvers=b.solvers(), max_size=b.max_size, image=image,
+                keep_image_size=keep_image_size, upload_root=upload_folder(), edits=takes_image(b),
             )
         except FieldError as exc:
             raise _error(exc, request) from None
@@ -244,12 +250,28 @@ class Handlers:
             raise reject(f"Item: {exc}", request, "Not found") from None
 
     def send_to_explore(self, ref: str, request: gr.Request) -> tuple:
-        """Every Explore field from a stored image, and the Explore tab selected."""
+        """Every Explore field from a stored image (an edit's input image too), and the Explore tab selected."""
         s = self._item(ref, request).settings
         return (
             "\n".join(s.prompts), s.negative_prompt, 1, s.seeds[0], "", s.steps, s.solver, s.guidance,
-            s.width, s.height, s.refine_steps, gr.Tabs(selected="explore"),
+            s.width, s.height, s.refine_steps, s.image, False, gr.Tabs(selected="explore"),
         )
+
+    def edit_pair(self, ref: str, request: gr.Request) -> tuple[str | None, str]:
+        """(input image, image) of the history item ``ref``: an edit beside the image it started from (the input
+        is ``None`` for an image made from text alone)."""
+        item = self._item(ref, request)
+        return (None if item.input_path is None else str(item.input_path)), str(item.path)
+
+    def use_as_input(self, ref: str, request: gr.Request) -> tuple[str, Any]:
+        """A final from the history as Explore's input image (an editing model's next edit starts from it)."""
+        if not takes_image(self.backend):
+            raise reject(f"image: {self.backend.model_name} is a text-to-image model and takes no input image",
+                         request)
+        item = self._item(ref, request)
+        if item.kind != "final":
+            raise reject(f"Item: {item.ref} is a preview; refine it and use the final as input", request)
+        return str(item.path), gr.Tabs(selected="explore")
 
     def png(self, ref: str, request: gr.Request) -> str:
         """The stored PNG file itself (metadata intact), never a re-encoded image."""
@@ -259,7 +281,20 @@ class Handlers:
 def history_caption(item: HistoryItem) -> str:
     s = item.settings
     steps = f"{s.refine_steps} steps" if item.kind == "final" else f"{s.solver} {s.steps} steps"
-    return f"{item.ref} · {s.prompts[0]} · seed {s.seeds[0]} · {steps}"
+    edit = " · edit" if item.is_edit else ""
+    return f"{item.ref} · {s.prompts[0]} · seed {s.seeds[0]} · {steps}{edit}"
+
+
+def takes_image(backend: Backend) -> bool:
+    """Whether the backend's model is an editing model (a stand-in backend without the flag is not)."""
+    return bool(getattr(backend, "takes_image", False))
+
+
+def upload_folder() -> str:
+    """Gradio's upload folder (``GRADIO_TEMP_DIR``): the only place an input image is read from."""
+    from gradio.utils import get_upload_folder
+
+    return get_upload_folder()
 
 
 def _fmt_eta(eta: float | None) -> str:

@@ -9,9 +9,11 @@ Checking here too makes the message name the field the user typed into.
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from refine.full_step import DEFAULT_STEPS as DEFAULT_REFINE_STEPS
 from refine.full_step import MAX_STEPS as MAX_REFINE_STEPS
@@ -53,9 +55,11 @@ class ExploreSettings:
     steps: int
     solver: str
     guidance: float
-    width: int
-    height: int
+    width: int | None  # None: an edit's size is picked for its input image (``model.default_size_for``)
+    height: int | None
     refine_steps: int = DEFAULT_REFINE_STEPS
+    image: str | None = None  # the input image of an edit: a file Gradio received (its upload folder)
+    keep_image_size: bool = False  # an edit at its input image's own size (width and height unused)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -80,17 +84,18 @@ def check_field_text(value: object, field: str, limit: int) -> str:
     return value
 
 
-def parse_prompts(text: str | None) -> list[str]:
-    """One prompt per non-empty line."""
-    text = check_field_text(text, "Prompts", MAX_PROMPTS_FIELD_CHARS)
+def parse_prompts(text: str | None, label: str = "Prompts") -> list[str]:
+    """One prompt per non-empty line (an editing model's instructions: ``label`` "Instructions")."""
+    text = check_field_text(text, label, MAX_PROMPTS_FIELD_CHARS)
     prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    what = label.lower().rstrip("s")
     if not prompts:
-        raise FieldError("Prompts", "enter at least one prompt (one per line)")
+        raise FieldError(label, f"enter at least one {what} (one per line)")
     if len(prompts) > MAX_PROMPTS:
-        raise FieldError("Prompts", f"at most {MAX_PROMPTS} prompts, got {len(prompts)}")
+        raise FieldError(label, f"at most {MAX_PROMPTS} {label.lower()}, got {len(prompts)}")
     for p in prompts:
         if len(p) > MAX_PROMPT_CHARS:
-            raise FieldError("Prompts", f"each prompt is at most {MAX_PROMPT_CHARS} characters")
+            raise FieldError(label, f"each {what} is at most {MAX_PROMPT_CHARS} characters")
     return prompts
 
 
@@ -195,23 +200,79 @@ def parse_explore(
     refine_steps: object = DEFAULT_REFINE_STEPS,
     solvers: list[str] | None = None,
     max_size: int = 2048,
+    image: object = None,
+    keep_image_size: object = False,
+    upload_root: str | Path | None = None,
+    edits: bool = False,
 ) -> ExploreSettings:
-    """All Explore fields at once; the first bad one raises :class:`FieldError`."""
+    """All Explore fields at once; the first bad one raises :class:`FieldError`.
+
+    ``image`` / ``keep_image_size``: the input image of an edit (see :func:`parse_image`) and whether to keep
+    its size. ``edits``: the model is an editing model, whose lines are instructions ("Instructions" in
+    messages) and whose Width and Height may be left empty (the model picks the size for the input image);
+    with ``keep_image_size`` they are not used. Whether an image is required (or refused) is the engine's
+    rule (``runtime.request.check_image``), applied before anything is written.
+    """
+    keep = parse_checkbox(keep_image_size, "Keep input size")
+    label = "Instructions" if edits else "Prompts"
+    items = parse_prompts(prompts, label)
+    path = parse_image(image, upload_root)
     settings = ExploreSettings(
-        prompts=parse_prompts(prompts),
+        prompts=items,
         negative_prompt=parse_negative(negative),
         seeds=parse_seeds(seed_list, seed_count, seed_start),
         steps=parse_int(steps, "Preview steps", *PREVIEW_STEPS),
         solver=_solver(solver, solvers),
         guidance=parse_guidance(guidance),
-        width=parse_int(width, "Width", 1, max_size),
-        height=parse_int(height, "Height", 1, max_size),
+        width=None if keep else _size(width, "Width", max_size, edits),
+        height=None if keep else _size(height, "Height", max_size, edits),
         refine_steps=parse_int(refine_steps, "Refine steps", *REFINE_STEPS),
+        image=path,
+        keep_image_size=keep,
     )
     if len(settings.prompts) * len(settings.seeds) > MAX_TILES:
-        raise FieldError("Prompts", f"prompts x seeds is at most {MAX_TILES} tiles, got "
-                                    f"{len(settings.prompts)} x {len(settings.seeds)}")
+        raise FieldError(label, f"{label.lower()} x seeds is at most {MAX_TILES} tiles, got "
+                                f"{len(settings.prompts)} x {len(settings.seeds)}")
     return settings
+
+
+def _size(value: object, name: str, max_size: int, may_be_empty: bool) -> int | None:
+    """Width / Height; empty or 0 means "the model's size for the input image" when ``may_be_empty`` (a
+    Gradio Number shows an empty value as 0)."""
+    if may_be_empty and (value is None or (isinstance(value, str) and value.strip() in ("", "0"))
+                         or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0)):
+        return None
+    return parse_int(value, name, 1, max_size)
+
+
+def parse_checkbox(value: object, name: str) -> bool:
+    """A checkbox value: true or false (``None`` is false), nothing else."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise FieldError(name, f"must be true or false, got {quote(value, 20)}")
+    return value
+
+
+def parse_image(value: object, upload_root: str | Path | None = None) -> str | None:
+    """The input image field -> the path of the file Gradio received, or ``None`` when empty.
+
+    The value is Gradio's file record (``{"path": ..., "orig_name": ...}``; the preview listener takes raw
+    values). Gradio has already refused a path outside its upload folder; this checks again against
+    ``upload_root`` (the same folder), so no other file on the server is ever read as an input image. The
+    file's content (an image at all, its size, mode and pixel count) is the engine's check
+    (``runtime.images.read_input_image``), which names the field ``image``.
+    """
+    if value is None or value == "":
+        return None
+    path = value.get("path") if isinstance(value, dict) else None
+    if not isinstance(path, str) or not path or len(path) > 4096 or "\x00" in path:
+        raise FieldError("image", "upload an image file (PNG, JPEG or WebP)")
+    if upload_root is not None:
+        resolved = Path(os.path.realpath(path))
+        if not resolved.is_relative_to(Path(os.path.realpath(upload_root))):
+            raise FieldError("image", "upload the image through the app; files on the server are not read")
+    return path
 
 
 def _solver(value: str | None, solvers: list[str] | None) -> str:

@@ -49,9 +49,14 @@ class HistoryItem:
 
     kind: str  # "preview" | "final"
     image_id: int
-    settings: ExploreSettings  # prompts has one entry, seeds one entry
+    settings: ExploreSettings  # prompts has one entry, seeds one entry; an edit's image is input_path
     path: Path
     created: str = ""
+    input_path: Path | None = None  # an edit's input image, exported beside the image (None: text-to-image)
+
+    @property
+    def is_edit(self) -> bool:
+        return self.input_path is not None
 
     @property
     def ref(self) -> str:
@@ -67,6 +72,7 @@ class Backend(Protocol):
     default_guidance: float
     size_multiple: int
     max_size: int
+    takes_image: bool  # an editing model: Explore takes an input image, the lines are instructions
 
     def solvers(self) -> list[str]: ...
     def default_solver(self) -> str: ...
