@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -78,3 +80,21 @@ def store_row_counts(db: Path) -> dict[str, int]:
         return {t: con.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables}
     finally:
         con.close()
+
+
+JOB_TIMEOUT_S = 90
+
+
+def wait_for_done(client, job_id: int, timeout_s: float = JOB_TIMEOUT_S) -> str:
+    """The job list (``/jobs``) once the job is done and its consistency (stored just after) is shown."""
+    deadline = time.monotonic() + timeout_s
+    html = ""
+    while time.monotonic() < deadline:
+        html, _finals = client.predict(api_name="/jobs")
+        m = re.search(rf"data-job='{job_id}' data-state='(\w+)'.*?</tr>", html)
+        if m and m.group(1) in ("failed", "cancelled"):
+            raise AssertionError(html)
+        if m and m.group(1) == "done" and "PSNR" in m.group(0):
+            return html
+        time.sleep(0.25)
+    raise AssertionError(f"job {job_id} not done with its consistency after {timeout_s} s: {html}")

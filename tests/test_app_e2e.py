@@ -13,7 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-from app_launch import CHROMIUM, CHROMIUM_ARGS, REPO, app_paths, launched, store_row_counts
+from app_launch import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    JOB_TIMEOUT_S,
+    REPO,
+    app_paths,
+    launched,
+    store_row_counts,
+    wait_for_done,
+)
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
@@ -21,7 +30,6 @@ from gradio_client import Client  # noqa: E402
 from webui.admin import ADMIN_PASSWORD_ENV  # noqa: E402
 
 ARTIFACTS = REPO / "tests" / "artifacts"
-JOB_TIMEOUT_S = 90
 ADMIN_PASSWORD = "e2e-admin-password"
 
 
@@ -54,19 +62,6 @@ def real_app(tmp_path_factory):
             backend.close()
 
 
-def _wait_for_done(client: Client, job_id: int) -> str:
-    """The job list once the job is done and its consistency (stored just after) is shown."""
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    html = ""
-    while time.monotonic() < deadline:
-        html, _finals = client.predict(api_name="/jobs")
-        m = re.search(rf"data-job='{job_id}' data-state='(\w+)'.*?</tr>", html)
-        if m and m.group(1) in ("failed", "cancelled"):
-            raise AssertionError(html)
-        if m and m.group(1) == "done" and "PSNR" in m.group(0):
-            return html
-        time.sleep(0.25)
-    raise AssertionError(f"job {job_id} not done with its consistency after {JOB_TIMEOUT_S} s: {html}")
 
 
 def test_preview_refine_history_download_with_gradio_client(real_app, tmp_path):
@@ -84,7 +79,7 @@ def test_preview_refine_history_download_with_gradio_client(real_app, tmp_path):
 
     message = client.predict([selection["choices"][1][1]], 4, api_name="/refine")
     job_id = int(re.search(r"#(\d+)", message).group(1))
-    _wait_for_done(client, job_id)
+    wait_for_done(client, job_id)
     _html, finals = client.predict(api_name="/jobs")
     assert [f["caption"].split(" · ")[0] for f in finals[:2]] == ["preview", "final"]
 

@@ -17,7 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from app_launch import CHROMIUM, CHROMIUM_ARGS, REPO, app_paths, launched, store_row_counts
+from app_launch import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    JOB_TIMEOUT_S,
+    REPO,
+    app_paths,
+    launched,
+    store_row_counts,
+    wait_for_done,
+)
 from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -26,7 +35,6 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from webui.admin import ADMIN_PASSWORD_ENV  # noqa: E402
 
-JOB_TIMEOUT_S = 90
 ARTIFACTS = REPO / "tests" / "artifacts"
 INSTRUCTIONS = "make the sky purple\nadd a small red hat"
 
@@ -64,18 +72,6 @@ def explore(image, instructions: str = INSTRUCTIONS, seeds: int = 2, steps: int 
     return [instructions, "", seeds, 0, "", steps, solver, 2.5, width, height, 4, image, keep]
 
 
-def _wait_for_done(client: Client, job_id: int) -> str:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    html = ""
-    while time.monotonic() < deadline:
-        html, _finals = client.predict(api_name="/jobs")
-        m = re.search(rf"data-job='{job_id}' data-state='(\w+)'.*?</tr>", html)
-        if m and m.group(1) in ("failed", "cancelled"):
-            raise AssertionError(html)
-        if m and m.group(1) == "done" and "PSNR" in m.group(0):
-            return html
-        time.sleep(0.25)
-    raise AssertionError(f"job {job_id} not done with its consistency after {JOB_TIMEOUT_S} s: {html}")
 
 
 def pixels(path: str | Path) -> np.ndarray:
@@ -102,7 +98,7 @@ def test_edit_flow_upload_preview_refine_history_with_gradio_client(kontext_app,
     client.predict(*explore(handle_file(str(source)), instructions="make the sky purple", seeds=1),
                    api_name="/preview")
     assert store.count_input_images() == 1
-    _wait_for_done(client, job_id)
+    wait_for_done(client, job_id)
     final_id = store.get_final_for_job(job_id).id
 
     history, note = client.predict("red hat", api_name="/search_history")
