@@ -62,8 +62,6 @@ def real_app(tmp_path_factory):
             backend.close()
 
 
-
-
 def test_preview_refine_history_download_with_gradio_client(real_app, tmp_path):
     from store.png import read_png_parameters
 

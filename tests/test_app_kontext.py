@@ -72,8 +72,6 @@ def explore(image, instructions: str = INSTRUCTIONS, seeds: int = 2, steps: int 
     return [instructions, "", seeds, 0, "", steps, solver, 2.5, width, height, 4, image, keep]
 
 
-
-
 def pixels(path: str | Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
