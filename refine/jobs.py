@@ -146,10 +146,11 @@ class RefineService:
         image = check_image(model, image)
         h, w = check_request_size(model, height, width, image, keep_image_size)
         check_full_steps(steps)
-        extra: dict[str, Any] = {} if owner is None else {"owner": owner}
+        owned: dict[str, Any] = {} if owner is None else {"owner": owner}
+        extra = dict(owned)
         with self.store.transaction():  # input image and noise (if new), generation and job: all or nothing
             if image is not None:
-                extra["input_image_id"] = self.store.put_input_image(image, **({} if owner is None else {"owner": owner})).id
+                extra["input_image_id"] = self.store.put_input_image(image, **owned).id
             noise_id, _ = self.store.get_or_create_noise(seed, model.latent_shape(h, w))
             generation_id = self.store.add_generation(model_id=model.model_id, prompt=prompt, negative_prompt=negative_prompt,
                                                       seed=seed, height=h, width=w, guidance=g, noise_id=noise_id, **extra)
@@ -285,9 +286,8 @@ class RefineService:
         t0 = time.perf_counter()
         noise = store.get_noise(generation.noise_id).unsqueeze(0)
         cond = model.encode_prompts([generation.prompt], generation.negative_prompt)
-        input_image_id = getattr(generation, "input_image_id", None)
-        if input_image_id is not None:  # an edit: the same stored input image as its previews
-            image = store.get_input_image(input_image_id).image()
+        if generation.input_image_id is not None:  # an edit: the same stored input image as its previews
+            image = store.get_input_image(generation.input_image_id).image()
             cond = model.image_conditioning(cond, image, generation.height, generation.width)
         elif getattr(model, "takes_image", False):
             raise ValueError(f"generation {generation.id} has no input image, and {model.model_id} is an editing model")
