@@ -133,6 +133,17 @@ class InputImages:
     sources: dict[str, str]
 
 
+def images_from_args(args: Any, sized: str) -> InputImages | None:
+    """``--images`` read (:func:`read_image_folder`), or None; without it the edit-size flags (``--keep-image-size``,
+    ``--height``, ``--width``) are refused naming the flag (``sized``: what they would size, for the message)."""
+    if args.images is not None:
+        return read_image_folder(args.images)
+    for flag, value in (("keep_image_size", args.keep_image_size), ("height", args.height), ("width", args.width)):
+        if value:
+            raise ValueError(f"{flag}: sets {sized}; it needs --images")
+    return None
+
+
 def read_image_folder(folder: str | os.PathLike, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> InputImages:
     """Every file of ``folder`` with an image suffix (sorted by name), read by the app's rules
     (``runtime.images.as_input_image``); files with the same pixels are one image. A ValueError naming
@@ -589,15 +600,10 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
 
     prompts = read_prompts(args.prompts)  # bad input fails before any model is loaded
     seeds = parse_int_list(args.seeds, "seeds", 0, 2**32 - 1)
-    images = None
-    if args.images is None:
-        for flag, value in (("keep_image_size", args.keep_image_size), ("height", args.height), ("width", args.width)):
-            if value:
-                raise ValueError(f"{flag}: sets an editing dataset's size; it needs --images "
-                                 "(a text-to-image dataset has the model's default size)")
+    images = images_from_args(args, "an editing dataset's size (a text-to-image dataset has the model's default size)")
+    if images is None:
         check_pairing(prompts, seeds, args.pairing)
     else:
-        images = read_image_folder(args.images)
         check_pairing([(p, h) for h in images.hashes for p in prompts], seeds, args.pairing, "(image, instruction) item")
     from accelerate import Accelerator
 

@@ -59,8 +59,8 @@ from training.dataset import (
     check_images_for_model,
     condition_on_images,
     edit_size,
+    images_from_args,
     parse_int_list,
-    read_image_folder,
     read_prompts,
 )
 
@@ -592,14 +592,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         seeds = parse_int_list("0-3" if args.seeds is None else args.seeds, "seeds", 0, 2**32 - 1)
     steps = parse_int_list(args.steps, "steps", 1, MAX_PREVIEW_STEPS)
     names = parse_solvers(args.solvers, args.tuned_file)
-    images = None
-    if args.images is None:
-        for flag, value in (("keep_image_size", args.keep_image_size), ("height", args.height), ("width", args.width)):
-            if value:
-                raise ValueError(f"{flag}: sets an edit's output size; it needs --images "
-                                 "(text-to-image evaluation uses the model's default size)")
-    else:
-        images = read_image_folder(args.images)
+    images = images_from_args(args, "an edit's output size (text-to-image evaluation uses the model's default size)")
     if args.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {args.batch_size}")
     from training.config import _parse_mapping
