@@ -63,6 +63,22 @@ def test_fresh_heldout_prompts_are_the_committed_file_disjoint_from_every_other_
     assert all((q.main_colour, q.main_shape, q.background) in HELDOUT_COMBOS for q in parsed)
 
 
+def test_second_test_prompts_are_the_committed_file_disjoint_from_every_other_split():
+    from models.embedded.captions import HELDOUT_COMBOS
+    from models.embedded.parse import parse_prompt
+    from training.recipe import (FRESH_HELDOUT_PROMPTS, SECOND_TEST_PROMPTS, SHIFTED_VALIDATION_PROMPTS,
+                                 VALIDATION_PROMPTS, second_test_prompts)
+
+    prompts = second_test_prompts()
+    assert prompts == SECOND_TEST_PROMPTS.read_text().splitlines() and len(set(prompts)) == 240
+    others = set(open("models/embedded/heldout_prompts.txt").read().splitlines())
+    for split in (VALIDATION_PROMPTS, SHIFTED_VALIDATION_PROMPTS, FRESH_HELDOUT_PROMPTS):
+        others |= set(split.read_text().splitlines())
+    assert not set(prompts) & (others | set(training_prompts(160)))
+    parsed = [parse_prompt(p) for p in prompts]
+    assert all((q.main_colour, q.main_shape, q.background) in HELDOUT_COMBOS for q in parsed)
+
+
 def test_recipe_runs_end_to_end_and_installs_the_policy(tmp_path, capsys):
     rc = main(["--out", str(tmp_path / "run"), "--num-prompts", "3", "--num-updates", "2",
                "--group-size", "2", "--groups-per-update", "2", "--min-steps", "3", "--max-steps", "4",
