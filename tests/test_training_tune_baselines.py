@@ -46,6 +46,10 @@ def test_descent_keeps_the_best_value_of_each_option_and_skips_refused_ones():
     assert any("bh1" in t for t in tried)
     assert not any("use_karras_sigmas" in t for t in tried)  # sigma families only at K = 4
     assert any("use_karras_sigmas" in t for t in descend("unipc", 4, score)[1])
+    full_best, full_tried = descend("unipc", 3, score, full=True)  # every option at every K, spacing again
+    assert full_best == best and any("use_karras_sigmas" in t for t in full_tried)
+    assert any("predict_x0=false" in t for t in full_tried)
+    assert len(full_tried) == len(set(full_tried)) > len(tried)
 
 
 def test_tuned_file_records_model_and_k_range_and_the_registry_reads_it(tmp_path):

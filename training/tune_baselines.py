@@ -16,8 +16,8 @@ options marked * only at K = 4, see :func:`family_axes`):
 - ``lower_order_final``*;
 - sigma families*: Karras, exponential, and (DPM) lu-lambdas;
 
-(``descend(..., passes_spacing_again=True)`` tries the spacing once more with the options found; off
-in the committed sweep for the CPU's sake). The score is the mean PSNR of the decoded K-step
+``--full-search`` sweeps the starred options at every K and then tries the spacing once more with the
+options found (``descend(..., full=True)``). The score is the mean PSNR of the decoded K-step
 preview against the decoded 40-step reference of the same (prompt, seed) (refine's full-step sampler),
 SSIM as tie-breaker. The references are computed once per (prompt, seed) and reused by every
 configuration, which is most of the saving.
@@ -67,14 +67,15 @@ def _axis(key: str, values: Sequence[Any]) -> list[dict[str, Any]]:
     return [{key: v} for v in values]
 
 
-def family_axes(family: str, k: int | None = None) -> list[tuple[str, list[dict[str, Any]]]]:
+def family_axes(family: str, k: int | None = None, full: bool = False) -> list[tuple[str, list[dict[str, Any]]]]:
     """The options swept for ``family`` at K = ``k``, in descent order: (axis name, option sets; {} = the default).
 
     Every K: spacing, solver order, final sigma, UniPC's bh1 / bh2. At K = ``EXTRA_AT`` (the app's default
     preview) also ``algorithm_type``, UniPC's ``predict_x0``, ``lower_order_final`` and the sigma families: on
     the 2-core CPU the full sweep at every K did not fit, and these lose at K = 4 (the issue's own sweep of 125
-    configurations found Karras, exponential and lu sigmas and ``lower_order_final=False`` falling apart there)."""
-    extra = k is None or k == EXTRA_AT
+    configurations found Karras, exponential and lu sigmas and ``lower_order_final=False`` falling apart there).
+    ``full``: every option at every K."""
+    extra = full or k is None or k == EXTRA_AT
     spacing = ("spacing", list(SPACINGS))
     if family == "ddim":
         return [spacing]
@@ -124,13 +125,14 @@ def merge(current: dict[str, Any], axis: str, choice: dict[str, Any]) -> dict[st
 Scorer = Callable[[str, int], dict[str, float]]  # (name, K) -> {"psnr": ..., "ssim": ...}
 
 
-def descend(family: str, k: int, score: Scorer, passes_spacing_again: bool = False) -> tuple[str, list[str]]:
-    """Coordinate descent over ``family_axes(family)`` at K = ``k``; returns (best name, names tried).
-    A configuration diffusers refuses, or whose preview is not finite, is skipped (score -inf)."""
+def descend(family: str, k: int, score: Scorer, full: bool = False) -> tuple[str, list[str]]:
+    """Coordinate descent over ``family_axes(family, k, full)`` at K = ``k``; returns (best name, names tried).
+    ``full`` also tries the spacing once more, with the other options found. A configuration diffusers
+    refuses, or whose preview is not finite, is skipped (score -inf)."""
     current: dict[str, Any] = {}
     tried: list[str] = []
-    axes = family_axes(family, k)
-    if passes_spacing_again and len(axes) > 1:
+    axes = family_axes(family, k, full)
+    if full and len(axes) > 1:
         axes = axes + [axes[0]]
     for axis, choices in axes:
         best_key, best_opts = None, current
@@ -239,16 +241,17 @@ class ValidationScorer:
 
 
 def tune(score: Scorer, steps: Sequence[int], families: Sequence[str] = FAMILIES,
-         on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+         on_step: Callable[[dict[str, Any]], None] | None = None, full: bool = False) -> dict[str, Any]:
     """``best`` ({family: {K: {"name", "psnr", "ssim"}}}, with family ``best`` the best family per K) and every
-    trial; ``on_step`` gets the partial result after each K (to write it as it goes)."""
+    trial; ``on_step`` gets the partial result after each K (to write it as it goes); ``full``: see
+    :func:`descend`."""
     best: dict[str, dict[str, Any]] = {f: {} for f in families}
     best["best"] = {}
     trials: list[dict[str, Any]] = []
     done: list[int] = []
     for k in steps:
         for family in families:
-            name, tried = descend(family, k, score)
+            name, tried = descend(family, k, score, full)
             for t in tried:
                 trials.append({"family": family, "steps": k, "name": t, **score(t, k)})
             best[family][str(k)] = {"name": name, **score(name, k)}
@@ -306,6 +309,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--reference-steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--full-search", action="store_true",
+                        help="every option at every K (not only at K = 4), then the spacing once more")
     parser.add_argument("--merge", default="",
                         help="instead of tuning: merge these tuned files (FILE,FILE,...: the same model, validation "
                              "split and families, disjoint K, e.g. K = 3,4 and K = 5,6 tuned side by side) into --out")
@@ -356,7 +361,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         "validation": {"prompts": str(args.prompts), "num_prompts": len(prompts), "seeds": seeds,
                        "pairs": scorer.num_pairs, "reference_steps": args.reference_steps,
                        "score": "mean PSNR of decoded previews to the 40-step reference (SSIM breaks ties)"},
-        "search": {f: {str(k): [axis for axis, _ in family_axes(f, k)] for k in steps} for f in families},
+        "search": {f: {str(k): [axis for axis, _ in family_axes(f, k, args.full_search)]
+                       + (["spacing"] if args.full_search and f != "ddim" else []) for k in steps} for f in families},
         "left_out": LEFT_OUT,
         "command": "python -m training.tune_baselines " + shlex.join(sys.argv[1:] if argv is None else argv),
     }
@@ -368,7 +374,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         tmp.write_text(json.dumps(doc, indent=1))
         tmp.replace(out)
 
-    result = tune(scorer, steps, families, on_step=write)
+    result = tune(scorer, steps, families, on_step=write, full=args.full_search)
     write(result)
     for k in result["steps"]:
         row = " | ".join(f"{f} {result['best'][f][str(k)]['psnr']:.2f}" for f in families)
