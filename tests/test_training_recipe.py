@@ -50,8 +50,12 @@ def test_shifted_validation_prompts_are_the_committed_file_of_heldout_combinatio
 def test_fresh_heldout_prompts_are_the_committed_file_disjoint_from_every_other_split():
     from models.embedded.captions import HELDOUT_COMBOS
     from models.embedded.parse import parse_prompt
-    from training.recipe import (FRESH_HELDOUT_PROMPTS, SHIFTED_VALIDATION_PROMPTS, VALIDATION_PROMPTS,
-                                 fresh_heldout_prompts)
+    from training.recipe import (
+        FRESH_HELDOUT_PROMPTS,
+        SHIFTED_VALIDATION_PROMPTS,
+        VALIDATION_PROMPTS,
+        fresh_heldout_prompts,
+    )
 
     prompts = fresh_heldout_prompts()
     assert prompts == FRESH_HELDOUT_PROMPTS.read_text().splitlines() and len(set(prompts)) == 120
@@ -66,8 +70,13 @@ def test_fresh_heldout_prompts_are_the_committed_file_disjoint_from_every_other_
 def test_second_test_prompts_are_the_committed_file_disjoint_from_every_other_split():
     from models.embedded.captions import HELDOUT_COMBOS
     from models.embedded.parse import parse_prompt
-    from training.recipe import (FRESH_HELDOUT_PROMPTS, SECOND_TEST_PROMPTS, SHIFTED_VALIDATION_PROMPTS,
-                                 VALIDATION_PROMPTS, second_test_prompts)
+    from training.recipe import (
+        FRESH_HELDOUT_PROMPTS,
+        SECOND_TEST_PROMPTS,
+        SHIFTED_VALIDATION_PROMPTS,
+        VALIDATION_PROMPTS,
+        second_test_prompts,
+    )
 
     prompts = second_test_prompts()
     assert prompts == SECOND_TEST_PROMPTS.read_text().splitlines() and len(set(prompts)) == 240

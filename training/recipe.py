@@ -27,9 +27,10 @@ The learned time grid is on by default (``--no-time-grid`` for coefficients only
 fitted to the grid they were learned with.
 
 The prompt splits the recipe is tuned and tested on are functions here, each frozen in a file under
-``models/embedded/``: :func:`validation_prompts`, :func:`shifted_validation_prompts` and
-:func:`fresh_heldout_prompts` and :func:`second_test_prompts`. Why each default is what it is (the screens and runs that chose them) is
-in ``training/results/experiments.md``; the measured results of the shipped policy are in the README.
+``models/embedded/``: :func:`validation_prompts`, :func:`shifted_validation_prompts`, and the two test sets
+:func:`fresh_heldout_prompts` and :func:`second_test_prompts`. Why each default is what it is (the screens
+and runs that chose them) is in ``training/results/experiments.md``; the measured results of the shipped
+policy are in the README.
 """
 
 from __future__ import annotations
