@@ -47,43 +47,21 @@ def test_shifted_validation_prompts_are_the_committed_file_of_heldout_combinatio
     assert all((q.main_colour, q.main_shape, q.background) in HELDOUT_COMBOS for q in parsed)
 
 
-def test_fresh_heldout_prompts_are_the_committed_file_disjoint_from_every_other_split():
+@pytest.mark.parametrize("name, count", [("fresh_heldout", 120), ("second_test", 240)])
+def test_each_test_set_is_its_committed_file_disjoint_from_every_other_split(name, count):
+    """Both test sets: the function's captions are the committed file, of the held-out combinations, and
+    in no other prompt file (the second set not in the first either)."""
     from models.embedded.captions import HELDOUT_COMBOS
     from models.embedded.parse import parse_prompt
-    from training.recipe import (
-        FRESH_HELDOUT_PROMPTS,
-        SHIFTED_VALIDATION_PROMPTS,
-        VALIDATION_PROMPTS,
-        fresh_heldout_prompts,
-    )
+    from training import recipe
 
-    prompts = fresh_heldout_prompts()
-    assert prompts == FRESH_HELDOUT_PROMPTS.read_text().splitlines() and len(set(prompts)) == 120
-    others = set(open("models/embedded/heldout_prompts.txt").read().splitlines())
-    others |= set(VALIDATION_PROMPTS.read_text().splitlines()) | set(SHIFTED_VALIDATION_PROMPTS.read_text().splitlines())
-    others |= set(training_prompts(160))
-    assert not set(prompts) & others
-    parsed = [parse_prompt(p) for p in prompts]
-    assert all((q.main_colour, q.main_shape, q.background) in HELDOUT_COMBOS for q in parsed)
-
-
-def test_second_test_prompts_are_the_committed_file_disjoint_from_every_other_split():
-    from models.embedded.captions import HELDOUT_COMBOS
-    from models.embedded.parse import parse_prompt
-    from training.recipe import (
-        FRESH_HELDOUT_PROMPTS,
-        SECOND_TEST_PROMPTS,
-        SHIFTED_VALIDATION_PROMPTS,
-        VALIDATION_PROMPTS,
-        second_test_prompts,
-    )
-
-    prompts = second_test_prompts()
-    assert prompts == SECOND_TEST_PROMPTS.read_text().splitlines() and len(set(prompts)) == 240
-    others = set(open("models/embedded/heldout_prompts.txt").read().splitlines())
-    for split in (VALIDATION_PROMPTS, SHIFTED_VALIDATION_PROMPTS, FRESH_HELDOUT_PROMPTS):
+    prompts = getattr(recipe, f"{name}_prompts")()
+    assert prompts == getattr(recipe, f"{name.upper()}_PROMPTS").read_text().splitlines() and len(set(prompts)) == count
+    others = set(open("models/embedded/heldout_prompts.txt").read().splitlines()) | set(training_prompts(160))
+    splits = [recipe.VALIDATION_PROMPTS, recipe.SHIFTED_VALIDATION_PROMPTS, recipe.FRESH_HELDOUT_PROMPTS]
+    for split in splits[:2] if name == "fresh_heldout" else splits:
         others |= set(split.read_text().splitlines())
-    assert not set(prompts) & (others | set(training_prompts(160)))
+    assert not set(prompts) & others
     parsed = [parse_prompt(p) for p in prompts]
     assert all((q.main_colour, q.main_shape, q.background) in HELDOUT_COMBOS for q in parsed)
 
