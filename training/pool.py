@@ -1,7 +1,7 @@
 """Pool evaluations of disjoint prompt sets into one report: the same solvers, K and reference, more pairs.
 
-    python -m training.pool training/results/embedded_eval_fresh.json training/results/embedded_eval_second.json \\
-        --json training/results/embedded_eval_pooled.json
+    python -m training.pool training/results/embedded_eval_fresh_retuned.json \\
+        training/results/embedded_eval_second.json --json training/results/embedded_eval_pooled.json
 
 Each input is a ``training.evaluate`` JSON. For every (solver, K) they all hold: PSNR / SSIM as the mean over
 every pair, verdict agreement likewise, and for each ConsistencySolver row against each baseline the paired
@@ -82,8 +82,8 @@ def pool(docs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]
                 row[m] = sum(p[m] * c for p, c in zip(parts, n)) / sum(n)
         if all("paired" in p for p in parts):
             row["paired"] = {}
+            ours = {m: torch.tensor([v for p in parts for v in p["per_pair"][m]]) for m in PAIRED_MEASURES}
             for b in parts[0]["paired"]:
-                ours = {m: torch.tensor([v for p in parts for v in p["per_pair"][m]]) for m in PAIRED_MEASURES}
                 theirs = {m: torch.tensor([v for rows in by_doc for v in rows[(b, k)]["per_pair"][m]])
                           for m in PAIRED_MEASURES}
                 row["paired"][b] = {m: paired_difference(ours[m], theirs[m]) for m in PAIRED_MEASURES}
@@ -105,7 +105,7 @@ def table(doc: dict[str, Any], baseline: str = "tuned:best") -> str:
     """Markdown: per K, each ConsistencySolver row against ``baseline``."""
     lines = ["| K | solver | PSNR / SSIM | baseline PSNR / SSIM | PSNR diff [95% CI] | SSIM diff [95% CI] | "
              "verdict agreement (only ours / only baseline, p) |", "|---|---|---|---|---|---|---|"]
-    rows = {(r["solver"], r["steps"]): r for r in doc["results"]}
+    rows = _rows(doc)
     for r in doc["results"]:
         if baseline not in r.get("paired", {}):
             continue

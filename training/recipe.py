@@ -140,8 +140,8 @@ def second_test_prompts(n: int = 240, seed: int = 20261206) -> list[str]:
     and the README reports both sets and their pool."""
     from models.embedded.evaluate import load_heldout_prompts
 
-    taken = (set(fresh_heldout_prompts()) | set(load_heldout_prompts()) | set(validation_prompts()) | set(shifted_validation_prompts())
-              | set(training_prompts(160)))
+    taken = (set(fresh_heldout_prompts()) | set(load_heldout_prompts()) | set(validation_prompts())
+             | set(shifted_validation_prompts()) | set(training_prompts(160)))
     return heldout_captions_outside(n, seed, taken, "the other prompt files")
 
 

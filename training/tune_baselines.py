@@ -125,16 +125,19 @@ def merge(current: dict[str, Any], axis: str, choice: dict[str, Any]) -> dict[st
 Scorer = Callable[[str, int], dict[str, float]]  # (name, K) -> {"psnr": ..., "ssim": ...}
 
 
+def descent_axes(family: str, k: int, full: bool = False) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The axes :func:`descend` walks, in order: ``family_axes(family, k, full)``, and with ``full`` the spacing
+    once more, with the other options found."""
+    axes = family_axes(family, k, full)
+    return axes + [axes[0]] if full and len(axes) > 1 else axes
+
+
 def descend(family: str, k: int, score: Scorer, full: bool = False) -> tuple[str, list[str]]:
-    """Coordinate descent over ``family_axes(family, k, full)`` at K = ``k``; returns (best name, names tried).
-    ``full`` also tries the spacing once more, with the other options found. A configuration diffusers
-    refuses, or whose preview is not finite, is skipped (score -inf)."""
+    """Coordinate descent over :func:`descent_axes` at K = ``k``; returns (best name, names tried).
+    A configuration diffusers refuses, or whose preview is not finite, is skipped (score -inf)."""
     current: dict[str, Any] = {}
     tried: list[str] = []
-    axes = family_axes(family, k, full)
-    if full and len(axes) > 1:
-        axes = axes + [axes[0]]
-    for axis, choices in axes:
+    for axis, choices in descent_axes(family, k, full):
         best_key, best_opts = None, current
         for choice in choices:
             opts = merge(current, axis, choice)
@@ -361,8 +364,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
         "validation": {"prompts": str(args.prompts), "num_prompts": len(prompts), "seeds": seeds,
                        "pairs": scorer.num_pairs, "reference_steps": args.reference_steps,
                        "score": "mean PSNR of decoded previews to the 40-step reference (SSIM breaks ties)"},
-        "search": {f: {str(k): [axis for axis, _ in family_axes(f, k, args.full_search)]
-                       + (["spacing"] if args.full_search and f != "ddim" else []) for k in steps} for f in families},
+        "search": {f: {str(k): [axis for axis, _ in descent_axes(f, k, args.full_search)] for k in steps}
+                   for f in families},
         "left_out": LEFT_OUT,
         "command": "python -m training.tune_baselines " + shlex.join(sys.argv[1:] if argv is None else argv),
     }
