@@ -97,7 +97,11 @@ def test_consistency_rows_carry_the_paired_comparison_with_each_baseline(tmp_pat
         for b, v in paired.items():  # the discordant split is the difference of the two agreements, in pairs
             diff = 9 * (rows[(f"consistency:{tmp_path / 'zero'}", k)]["verdict_agreement"] - rows[(b, k)]["verdict_agreement"]) / 100
             assert v["only_ours"] - v["only_baseline"] == round(diff)
-        assert paired["rule:dpm2m"] == {"only_ours": 0, "only_baseline": 0, "p_value": 1.0}  # zero policy = its base rule
+        for v in paired.values():  # each seed's discordant pairs add up to the totals
+            assert set(v["by_seed"]) == {"0", "1", "2"}
+            assert [sum(c[i] for c in v["by_seed"].values()) for i in (0, 1)] == [v["only_ours"], v["only_baseline"]]
+        assert paired["rule:dpm2m"] == {"only_ours": 0, "only_baseline": 0, "p_value": 1.0,  # zero policy = its base rule
+                                        "by_seed": {"0": [0, 0], "1": [0, 0], "2": [0, 0]}}
     assert "verdict_paired" not in rows[("ddim", 2)]
 
 

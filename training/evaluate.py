@@ -227,15 +227,24 @@ def similarity_measures(reference: torch.Tensor, previews: torch.Tensor, model_m
 
 
 def add_paired_verdicts(results: list[dict[str, Any]], agree: dict[tuple[str, int], torch.Tensor],
-                        solvers: Sequence[NamedSolver]) -> None:
+                        solvers: Sequence[NamedSolver], seeds: Sequence[int]) -> None:
     """Give each ConsistencySolver row (not its fixed-grid variant) ``verdict_paired``: against every
-    baseline at the same K, :func:`paired_verdicts` of the per-pair agreement with the final."""
+    baseline at the same K, :func:`paired_verdicts` of the per-pair agreement with the final, and under
+    ``by_seed`` the discordant pairs of each noise seed (``seeds``: each pair's), [only ours, only baseline]:
+    every pair of a seed starts from the same noise, so the pairs of one seed are not independent draws."""
     is_consistency = {s.name: s.is_consistency for s in solvers}
+    seed_of = torch.tensor(list(seeds))
     for row in results:
         name, k = row["solver"], row["steps"]
         if is_consistency[name] and "@" not in name and (name, k) in agree:
-            row["verdict_paired"] = {b: paired_verdicts(agree[(name, k)], agree[(b, k)])
-                                     for b, theirs in is_consistency.items() if not theirs and (b, k) in agree}
+            row["verdict_paired"] = {}
+            for b, theirs in is_consistency.items():
+                if theirs or (b, k) not in agree:
+                    continue
+                ours, base = agree[(name, k)], agree[(b, k)]
+                row["verdict_paired"][b] = {**paired_verdicts(ours, base), "by_seed": {
+                    str(s): [int((ours & ~base & (seed_of == s)).sum()), int((~ours & base & (seed_of == s)).sum())]
+                    for s in dict.fromkeys(seed_of.tolist())}}
 
 
 @torch.no_grad()
@@ -352,7 +361,7 @@ def evaluate(
                 row["verdict_flips"] = verdict_flips(ref_verdicts, verdicts, ref_readings, readings)
             results.append(row)
     bar.close()
-    add_paired_verdicts(results, agree, solvers)
+    add_paired_verdicts(results, agree, solvers, [pair[1] for pair in pairs])
     add_paired_differences(results, per_pair, {s.name: s.is_consistency for s in solvers})
     doc: dict[str, Any] = {
         "model": model.model_id,

@@ -95,6 +95,12 @@ def pool(docs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]
                 total = only_ours + only_theirs
                 row["verdict_paired"][b] = {"only_ours": only_ours, "only_baseline": only_theirs,
                                             "p_value": binomtest(only_ours, total).pvalue if total else 1.0}
+                if all("by_seed" in p["verdict_paired"][b] for p in parts):  # a seed's pairs, summed over inputs
+                    by_seed: dict[str, list[int]] = {}
+                    for p in parts:
+                        for seed, counts in p["verdict_paired"][b]["by_seed"].items():
+                            by_seed[seed] = [x + y for x, y in zip(by_seed.get(seed, [0, 0]), counts)]
+                    row["verdict_paired"][b]["by_seed"] = by_seed
         results.append(row)
     return {"model": docs[0]["model"], "reference": _comparable(docs[0]["reference"]),
             "guidance": docs[0]["guidance"], "inputs": list(names), "pairs": sum(len(d["pairs"]) for d in docs),
