@@ -100,8 +100,8 @@ def test_consistency_rows_carry_the_paired_comparison_with_each_baseline(tmp_pat
         for v in paired.values():  # each seed's discordant pairs add up to the totals
             assert set(v["by_seed"]) == {"0", "1", "2"}
             assert [sum(c[i] for c in v["by_seed"].values()) for i in (0, 1)] == [v["only_ours"], v["only_baseline"]]
-        assert paired["rule:dpm2m"] == {"only_ours": 0, "only_baseline": 0, "p_value": 1.0,  # zero policy = its base rule
-                                        "by_seed": {"0": [0, 0], "1": [0, 0], "2": [0, 0]}}
+        zero = {"0": [0, 0], "1": [0, 0], "2": [0, 0]}  # the zero policy is its base rule
+        assert paired["rule:dpm2m"] == {"only_ours": 0, "only_baseline": 0, "p_value": 1.0, "by_seed": zero}
     assert "verdict_paired" not in rows[("ddim", 2)]
 
 
