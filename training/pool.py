@@ -74,19 +74,18 @@ def pool(docs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]
         row: dict[str, Any] = {"solver": solver, "steps": k, "nfe": parts[0]["nfe"], "pairs": sum(n)}
         if parts[0].get("config"):
             row["config"] = parts[0]["config"]
-        for m in ("psnr", "ssim", "gms"):
-            if all(m in p["per_pair"] for p in parts):
-                row[m] = float(torch.tensor([v for p in parts for v in p["per_pair"][m]], dtype=torch.float64).mean())
+        values = {m: torch.tensor([v for p in parts for v in p["per_pair"][m]], dtype=torch.float64)
+                  for m in ("psnr", "ssim", "gms") if all(m in p["per_pair"] for p in parts)}  # pooled, in pair order
+        row.update({m: float(v.mean()) for m, v in values.items()})
         for m in ("adherence", "verdict_agreement"):
             if all(m in p for p in parts):
                 row[m] = sum(p[m] * c for p, c in zip(parts, n)) / sum(n)
         if all("paired" in p for p in parts):
             row["paired"] = {}
-            ours = {m: torch.tensor([v for p in parts for v in p["per_pair"][m]]) for m in PAIRED_MEASURES}
             for b in parts[0]["paired"]:
-                theirs = {m: torch.tensor([v for rows in by_doc for v in rows[(b, k)]["per_pair"][m]])
-                          for m in PAIRED_MEASURES}
-                row["paired"][b] = {m: paired_difference(ours[m], theirs[m]) for m in PAIRED_MEASURES}
+                theirs = {m: torch.tensor([v for rows in by_doc for v in rows[(b, k)]["per_pair"][m]],
+                                          dtype=torch.float64) for m in PAIRED_MEASURES}
+                row["paired"][b] = {m: paired_difference(values[m], theirs[m]) for m in PAIRED_MEASURES}
         if all("verdict_paired" in p for p in parts):
             row["verdict_paired"] = {}
             for b in parts[0]["verdict_paired"]:

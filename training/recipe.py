@@ -122,11 +122,16 @@ def fresh_heldout_prompts(n: int = 120, seed: int = 20261204) -> list[str]:
     old held-out file (whose seeds 0-1 chose recipe defaults), not the validation or shifted-validation
     splits, not the recipe's training prompts. A test set frozen after tuning was done:
     ``models/embedded/fresh_heldout_prompts.txt`` holds the default 120, evaluated once."""
+    return heldout_captions_outside(n, seed, _tuning_splits(), "the other prompt files")
+
+
+def _tuning_splits() -> set[str]:
+    """Every prompt the recipe's tuning could see: the old held-out file, the validation and
+    shifted-validation splits, the training prompts. No test set holds any of them."""
     from models.embedded.evaluate import load_heldout_prompts
 
-    taken = (set(load_heldout_prompts()) | set(validation_prompts()) | set(shifted_validation_prompts())
-             | set(training_prompts(160)))
-    return heldout_captions_outside(n, seed, taken, "the other prompt files")
+    return (set(load_heldout_prompts()) | set(validation_prompts()) | set(shifted_validation_prompts())
+            | set(training_prompts(160)))
 
 
 SECOND_TEST_PROMPTS = VALIDATION_PROMPTS.parent / "second_test_prompts.txt"
@@ -138,10 +143,7 @@ def second_test_prompts(n: int = 240, seed: int = 20261206) -> list[str]:
     The first test set's 480 pairs put verdict agreement within a few pairs of the tuned baseline's, too few
     to tell the two apart; ``models/embedded/second_test_prompts.txt`` holds the default 240, evaluated once,
     and the README reports both sets and their pool."""
-    from models.embedded.evaluate import load_heldout_prompts
-
-    taken = (set(fresh_heldout_prompts()) | set(load_heldout_prompts()) | set(validation_prompts())
-             | set(shifted_validation_prompts()) | set(training_prompts(160)))
+    taken = _tuning_splits() | set(fresh_heldout_prompts())
     return heldout_captions_outside(n, seed, taken, "the other prompt files")
 
 
