@@ -497,20 +497,24 @@ def tuned_solver(name: str, scheduler_config: Mapping[str, Any], tuned_file: str
 
 
 def tuned_tables(doc: Mapping[str, Any], scheduler_config: Mapping[str, Any], steps: Sequence[int],
-                 order: int, nearest: bool = False, source_k: int | None = None) -> dict[int, tuple[str, TimeGrid, torch.Tensor]]:
+                 order: int, nearest: bool = False,
+                 source_k: int | Mapping[int, int] | None = None) -> dict[int, tuple[str, TimeGrid, torch.Tensor]]:
     """Per K of ``steps``: (name, grid, table) of the best tuned baseline (by validation PSNR, over the families'
     tuned configurations) that is exactly an eq.-10 table of order ``order`` on its grid
     (:func:`solver.coefficients.scheduler_table`); a K with none is left out. ``nearest``: a K the file does not
     tune takes the configurations tuned at the nearest K it does (the larger on a tie), run at K. ``source_k``: every K
-    takes the configurations tuned at that K (which the file must tune), run at K."""
+    takes the configurations tuned at that K (which the file must tune), run at K; a {K: S} map does so for the K it
+    names, the others as without it."""
     from solver.coefficients import scheduler_table
 
     covered = sorted(int(k) for k in doc["steps"])
-    if source_k is not None and source_k not in covered:
-        raise ValueError(f"warm_start_k: the tuned file tunes K = {covered}, not {source_k}")
+    sources = {} if source_k is None else dict(source_k) if isinstance(source_k, Mapping) else {k: source_k for k in steps}
+    missing = sorted(set(sources.values()) - set(covered))
+    if missing:
+        raise ValueError(f"warm_start_k: the tuned file tunes K = {covered}, not {missing[0]}")
     out: dict[int, tuple[str, TimeGrid, torch.Tensor]] = {}
     for k in steps:
-        source = source_k if source_k is not None else k if k in covered else (min(covered, key=lambda c: (abs(c - k), -c)) if nearest and covered else None)
+        source = sources[k] if k in sources else k if k in covered else (min(covered, key=lambda c: (abs(c - k), -c)) if nearest and covered else None)
         if source is None:
             continue
         entries = [v[str(source)] for f, v in doc["best"].items() if f != TUNED_BEST and str(source) in v]

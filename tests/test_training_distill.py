@@ -1,5 +1,7 @@
 """Ours-Distill: gradients reach the coefficients through the unrolled sampler and the model's epsilon."""
 
+import re
+
 import pytest
 import torch
 
@@ -313,6 +315,31 @@ def test_warm_start_k_starts_every_k_from_the_rule_tuned_at_that_k(tmp_path):
     from_k4 = warm_start_tables(policy, model.schedule, model.scheduler_config, str(tuned), [3, 4, 5],
                                 model_id=model.model_id, source_k=4)
     assert [from_k4[k]["name"] for k in (3, 4, 5)] == [k4, k4, k4]
+    # a {K: S} map (--warm-start-k 3:4): K = 3 from the K = 4 rule, the others from their own
+    spec = DistillConfig(dataset="x", min_steps=3, max_steps=5, warm_start_k="3:4").validate().warm_start_sources()
+    mixed = warm_start_tables(policy, model.schedule, model.scheduler_config, str(tuned), [3, 4, 5],
+                              model_id=model.model_id, source_k=spec)
+    assert [mixed[k]["name"] for k in (3, 4, 5)] == [k4, k4, "ddim"]
+    assert torch.equal(mixed[3]["g"], from_k4[3]["g"]) and torch.equal(mixed[5]["g"], own[5]["g"])
     with pytest.raises(ValueError, match="warm_start_k"):
         warm_start_tables(policy, model.schedule, model.scheduler_config, str(tuned), [3], model_id=model.model_id,
                           source_k=6)
+    with pytest.raises(ValueError, match="warm_start_k"):
+        warm_start_tables(policy, model.schedule, model.scheduler_config, str(tuned), [3], model_id=model.model_id,
+                          source_k={3: 6})
+
+
+@pytest.mark.parametrize("spec, message", [("0x", "cannot parse '0x'"), ("4,5", "cannot parse '4,5'"),
+                                           ("3:9x", "cannot parse '3:9x'"), ("9:4", "'9:4' must name a K in 3..8"),
+                                           ("3:4,3:5", "'3:5' must name a K"), ("3:0", "'3:0' must give a step count"),
+                                           ("0", "'0' must be a step count")])
+def test_warm_start_k_refuses_a_malformed_spec_naming_the_field(spec, message):
+    with pytest.raises(ValueError, match="warm_start_k: " + re.escape(message)):
+        DistillConfig(dataset="x", min_steps=3, max_steps=8, warm_start_k=spec).validate()
+
+
+def test_warm_start_k_parses_one_source_or_a_per_k_map():
+    def parse(spec):
+        return DistillConfig(dataset="x", min_steps=3, max_steps=8, warm_start_k=spec).validate().warm_start_sources()
+
+    assert parse("") is None and parse("4") == 4 and parse(" 3:4, 4:4 ") == {3: 4, 4: 4}

@@ -47,10 +47,10 @@ def test_shifted_validation_prompts_are_the_committed_file_of_heldout_combinatio
     assert all((q.main_colour, q.main_shape, q.background) in HELDOUT_COMBOS for q in parsed)
 
 
-@pytest.mark.parametrize("name, count", [("fresh_heldout", 120), ("second_test", 240)])
+@pytest.mark.parametrize("name, count", [("fresh_heldout", 120), ("second_test", 240), ("third_test", 360)])
 def test_each_test_set_is_its_committed_file_disjoint_from_every_other_split(name, count):
-    """Both test sets: the function's captions are the committed file, of the held-out combinations, and
-    in no other prompt file (the second set not in the first either)."""
+    """Every test set: the function's captions are the committed file, of the held-out combinations, and
+    in no other prompt file (each set in no earlier one either)."""
     from models.embedded.captions import HELDOUT_COMBOS
     from models.embedded.parse import parse_prompt
     from training import recipe
@@ -58,8 +58,10 @@ def test_each_test_set_is_its_committed_file_disjoint_from_every_other_split(nam
     prompts = getattr(recipe, f"{name}_prompts")()
     assert prompts == getattr(recipe, f"{name.upper()}_PROMPTS").read_text().splitlines() and len(set(prompts)) == count
     others = set(open("models/embedded/heldout_prompts.txt").read().splitlines()) | set(training_prompts(160))
-    splits = [recipe.VALIDATION_PROMPTS, recipe.SHIFTED_VALIDATION_PROMPTS, recipe.FRESH_HELDOUT_PROMPTS]
-    for split in splits[:2] if name == "fresh_heldout" else splits:
+    splits = [recipe.VALIDATION_PROMPTS, recipe.SHIFTED_VALIDATION_PROMPTS, recipe.FRESH_HELDOUT_PROMPTS,
+              recipe.SECOND_TEST_PROMPTS]
+    earlier = {"fresh_heldout": 2, "second_test": 3, "third_test": 4}[name]
+    for split in splits[:earlier]:
         others |= set(split.read_text().splitlines())
     assert not set(prompts) & others
     parsed = [parse_prompt(p) for p in prompts]
@@ -103,6 +105,18 @@ def test_recipe_refuses_repeated_step_counts_outside_the_range_before_any_comput
     with pytest.raises(ValueError, match="repeat_steps"):  # the default 4,5 with --max-steps 3
         main(["--out", str(tmp_path / "run"), "--num-prompts", "2", "--min-steps", "3", "--max-steps", "3"], model=model)
     assert model.calls == 0 and not (tmp_path / "run" / "dataset").exists()
+
+
+def test_recipe_default_warm_start_map_keeps_only_the_step_range():
+    """The default --warm-start-k (K = 3 and 4 from the K = 4 rule) names only K the range holds, so a range
+    without K = 3 still runs; '0' is each K from its own; a map given on the command line is kept as given."""
+    from training.recipe import DEFAULT_WARM_START_K, recipe_warm_start_k
+
+    assert recipe_warm_start_k(DEFAULT_WARM_START_K, 3, 8) == "3:4,4:4"
+    assert recipe_warm_start_k(DEFAULT_WARM_START_K, 4, 6) == "4:4"
+    assert recipe_warm_start_k(DEFAULT_WARM_START_K, 5, 8) == ""
+    assert recipe_warm_start_k("0", 3, 8) == "" and recipe_warm_start_k("4", 5, 8) == "4"
+    assert recipe_warm_start_k("3:4", 5, 8) == "3:4"  # refused later, naming warm_start_k
 
 
 def test_recipe_weighs_long_previews_less_in_the_regression_and_refuses_bad_weights_before_any_compute(tmp_path):
@@ -155,6 +169,11 @@ def test_recipe_warm_starts_from_the_tuned_rule_and_refuses_another_models_file(
              model=model)
     assert model.calls == 0
     tuned = _tuned_file(tmp_path / "tuned.json", model, {3: name, 4: name})
+    for spec in ("3:6", "6", "3:x"):  # a K the file does not tune, or a malformed map: refused before any compute
+        with pytest.raises(ValueError, match="warm_start_k"):
+            main(["--out", str(tmp_path / "bad"), "--num-prompts", "3", "--warm-start", str(tuned), "--install", "",
+                  "--min-steps", "3", "--max-steps", "4", "--distill-repeat-steps", "", "--warm-start-k", spec], model=model)
+    assert model.calls == 0 and not (tmp_path / "bad" / "dataset").exists()
     rc = main(["--out", str(tmp_path / "run"), "--num-prompts", "3", "--num-updates", "1", "--base", "ddim", "--order", "8",
                "--group-size", "2", "--groups-per-update", "1", "--min-steps", "3", "--max-steps", "4",
                "--install", "", "--threads", "1", "--reward", "psnr", "--warm-start", str(tuned),
@@ -162,5 +181,6 @@ def test_recipe_warm_starts_from_the_tuned_rule_and_refuses_another_models_file(
     assert rc == 0
     values = json.loads((tmp_path / "run" / "distill" / "final" / "train_config.json").read_text())["values"]
     assert values["warm_start"] == str(tuned) and values["learn_start"] and values["final"] == "first"
+    assert values["warm_start_k"] == "3:4,4:4"
     tables = json.loads((tmp_path / "run" / "distill" / "final" / "metrics.json").read_text())["fit"]["tables"]
     assert tables["4"]["warm_start"] == name and tables["4"]["timesteps"][0] < 999  # starts below T, as leading does

@@ -84,8 +84,9 @@ class DistillConfig:
     warm_start: str = doc("tuned-baselines JSON (training.tune_baselines): method 'tables' starts each K it tunes "
                           "from the best tuned rule there that is an eq.-10 table (its coefficients, grid and start); "
                           "'' = from the base rule", "")
-    warm_start_k: int | None = doc("with warm_start: start every K from the rule tuned at this K (run at K) instead "
-                                   "of each K's own (None)", None)
+    warm_start_k: str = doc("with warm_start, the K whose tuned rule each K starts from (run at K): 'S' = every K from "
+                            "the rule tuned at S; 'K:S,...' = each named K from S's, the others from their own; "
+                            "'' = every K from its own", "")
     method: str = doc("'tables': fit free coefficients and grid weights per step count K (round robin over K), "
                       "then regress the policy's heads onto them; 'policy': descend on the policy's parameters "
                       "directly, one random K per update", "tables")
@@ -144,9 +145,7 @@ class DistillConfig:
             raise ValueError(f"final must be 'config', 'first' or 'zero', got {self.final!r}")
         if self.warm_start and self.method != "tables":
             raise ValueError("warm_start needs method 'tables'")
-        if self.warm_start_k is not None and (isinstance(self.warm_start_k, bool) or not isinstance(self.warm_start_k, int)
-                                              or self.warm_start_k < 1):
-            raise ValueError(f"warm_start_k must be a step count >= 1, got {self.warm_start_k!r}")
+        self.warm_start_sources()
         if self.method not in ("tables", "policy"):
             raise ValueError(f"method must be 'tables' or 'policy', got {self.method!r}")
         if not self.dataset:
@@ -159,6 +158,22 @@ class DistillConfig:
             return []
         return parse_int_list(self.repeat_steps, "repeat_steps", self.min_steps, self.max_steps)
 
+    def warm_start_sources(self) -> int | dict[int, int] | None:
+        """``warm_start_k`` as the K whose tuned rule every K starts from (an int), as {K: that K} for the K it
+        names (the others start from their own), or None ('': every K from its own)."""
+        spec = str(self.warm_start_k).strip()
+        if not spec:
+            return None
+        if ":" in spec:
+            return {k: int(s) for k, s in self._step_map("warm_start_k", integer=True).items()}
+        try:
+            source = int(spec)
+        except ValueError:
+            raise ValueError(f"warm_start_k: cannot parse {spec!r} (expected S or K:S,..., e.g. '4' or '3:4,4:4')") from None
+        if not 1 <= source <= MAX_PREVIEW_STEPS:
+            raise ValueError(f"warm_start_k: {spec!r} must be a step count in 1..{MAX_PREVIEW_STEPS}")
+        return source
+
     def fit_weight_map(self) -> dict[int, float]:
         """``fit_weights`` as {K: weight} ('' = {}): each K within min_steps..max_steps, named once, with a
         positive finite weight."""
@@ -168,16 +183,22 @@ class DistillConfig:
         """``residual_decay`` as {K: rho} ('' = {}), checked as ``fit_weights`` is."""
         return self._step_map("residual_decay")
 
-    def _step_map(self, name: str) -> dict[int, float]:
+    def _step_map(self, name: str, integer: bool = False) -> dict[int, float]:
+        """``name`` as {K: value}: each K within min_steps..max_steps, named once, with a positive finite value
+        (``integer``: a whole number within 1..MAX_PREVIEW_STEPS, a step count)."""
         out: dict[int, float] = {}
         for part in filter(None, (p.strip() for p in str(getattr(self, name)).split(","))):
             k, sep, w = part.partition(":")
             try:
-                k, w = int(k), float(w)
+                k, w = int(k), int(w) if integer else float(w)
             except ValueError:
-                raise ValueError(f"{name}: cannot parse {part!r} (expected K:W, e.g. '7:0.2,8:0.2')") from None
+                raise ValueError(f"{name}: cannot parse {part!r} (expected K:{'S' if integer else 'W'}, "
+                                 f"e.g. '{'3:4,4:4' if integer else '7:0.2,8:0.2'}')") from None
             if not sep or not self.min_steps <= k <= self.max_steps or k in out:
-                raise ValueError(f"{name}: {part!r} must name a K in {self.min_steps}..{self.max_steps} once, as K:W")
+                raise ValueError(f"{name}: {part!r} must name a K in {self.min_steps}..{self.max_steps} once, "
+                                 f"as K:{'S' if integer else 'W'}")
+            if integer and not 1 <= w <= MAX_PREVIEW_STEPS:
+                raise ValueError(f"{name}: {part!r} must give a step count in 1..{MAX_PREVIEW_STEPS}")
             check_positive_number(name, w)
             out[k] = w
         return out
@@ -304,7 +325,7 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
     warm: dict[int, dict[str, Any]] = {}
     if cfg.warm_start:
         warm = warm_start_tables(policy, schedule, model.scheduler_config, cfg.warm_start, steps,
-                                 model_id=getattr(model, "model_id", None), source_k=cfg.warm_start_k)
+                                 model_id=getattr(model, "model_id", None), source_k=cfg.warm_start_sources())
     anchors: dict[int, torch.Tensor] = {}
     if cfg.method == "tables":
         free = {}
@@ -496,10 +517,11 @@ def mean_heads(policy: ConsistencyPolicy) -> list[torch.nn.Parameter]:
 
 def warm_start_tables(policy: ConsistencyPolicy, schedule: Any, scheduler_config: Any, tuned_file: str,
                       steps: Sequence[int], model_id: str | None = None,
-                      source_k: int | None = None) -> dict[int, dict[str, Any]]:
+                      source_k: int | dict[int, int] | None = None) -> dict[int, dict[str, Any]]:
     """Per K of ``steps``: the free parameters that make ``policy`` (on its default grid) the best tuned rule
     that is an eq.-10 table (``solver.registry.tuned_tables``; a K the file does not tune takes the
-    configurations tuned at the nearest K, run at K; with ``source_k`` every K takes those tuned at source_k): {K: {"name",
+    configurations tuned at the nearest K, run at K; with ``source_k`` every K takes those tuned at source_k, a
+    {K: S} map each K it names those tuned at S): {K: {"name",
     "residual" a (K, m - 1), "g" (K,), "u" (scalar or None)}}. The grid is matched timestep for timestep
     (a start below T needs the policy's start head; without it such a rule is skipped); the coefficients are
     the rule's own table as residuals on the policy's base rule on that grid. The end point is the policy's."""

@@ -28,7 +28,7 @@ fitted to the grid they were learned with.
 
 The prompt splits the recipe is tuned and tested on are functions here, each frozen in a file under
 ``models/embedded/``: :func:`validation_prompts`, :func:`shifted_validation_prompts`, and the two test sets
-:func:`fresh_heldout_prompts` and :func:`second_test_prompts`. Why each default is what it is (the screens
+:func:`fresh_heldout_prompts`, :func:`second_test_prompts` and :func:`third_test_prompts`. Why each default is what it is (the screens
 and runs that chose them) is in ``training/results/experiments.md``; the measured results of the shipped
 policy are in the README.
 """
@@ -147,6 +147,18 @@ def second_test_prompts(n: int = 240, seed: int = 20261206) -> list[str]:
     return heldout_captions_outside(n, seed, taken, "the other prompt files")
 
 
+THIRD_TEST_PROMPTS = VALIDATION_PROMPTS.parent / "third_test_prompts.txt"
+
+
+def third_test_prompts(n: int = 360, seed: int = 20261207) -> list[str]:
+    """A third test set, frozen before anything was evaluated on it, for the policy installed after the first
+    two had been used: ``n`` captions of the held-out distribution in none of the other prompt files (neither
+    earlier test set included). ``models/embedded/third_test_prompts.txt`` holds the default 360, evaluated
+    once (the plan is in training/results/experiments.md)."""
+    taken = _tuning_splits() | set(fresh_heldout_prompts()) | set(second_test_prompts())
+    return heldout_captions_outside(n, seed, taken, "the other prompt files")
+
+
 BASE_CANDIDATES = ("ddim", "dpm2m", "ab2", "ab3", "ab4")
 SELECTION_ROWS = 32  # training rows the saved checkpoints are scored on (deterministic policy, mean over K)
 SELECTION_MINUTES = 2.0  # time kept for that scoring
@@ -165,6 +177,7 @@ def default_fit_weights(min_steps: int, max_steps: int) -> str:
     return ",".join(f"{k}:{LONG_PREVIEW_WEIGHT:g}" for k in range(first, max_steps + 1))
 
 
+DEFAULT_WARM_START_K = "3:4,4:4"  # K = 3's own tuned rule (DPM-Solver++ 1M) ends 1.2 dB below it after the fit
 DEFAULT_TUNED = TUNED_FILE  # training/results/tuned_baselines.json beside the package, wherever the command runs
 
 
@@ -191,6 +204,33 @@ def warm_start_final(tuned_file: str, model: Any, order: int, k: int = 4) -> str
         if abs(float(schedule.grid(k, final=final).n[-1]) - n_end) <= 1e-6 * max(1.0, n_end):
             return final
     return "config"
+
+
+def recipe_warm_start_k(spec: str, min_steps: int, max_steps: int) -> str:
+    """``--warm-start-k`` as the distillation's ``warm_start_k``: '0' = '' (each K from its own), and the default
+    map keeps only the K of the step range (a map given on the command line is taken as given, and refused
+    there when it names a K outside the range)."""
+    spec = str(spec).strip()
+    if spec == "0":
+        return ""
+    if spec != DEFAULT_WARM_START_K:
+        return spec
+    return ",".join(part for part in spec.split(",") if min_steps <= int(part.partition(":")[0]) <= max_steps)
+
+
+def warm_start_source(settings: Any, k: int) -> int:
+    """The K whose tuned rule the distillation ``settings`` start K = ``k`` from (``k`` itself where they name none)."""
+    sources = settings.warm_start_sources()
+    return sources.get(k, k) if isinstance(sources, dict) else k if sources is None else sources
+
+
+def check_warm_start_sources(settings: Any, doc: Any) -> None:
+    """Refuse a ``warm_start_k`` that names a K the tuned file ``doc`` does not tune, before any compute."""
+    sources = settings.warm_start_sources()
+    named = set(sources.values()) if isinstance(sources, dict) else set() if sources is None else {sources}
+    missing = sorted(named - {int(k) for k in doc["steps"]})
+    if missing:
+        raise ValueError(f"warm_start_k: {settings.warm_start!r} tunes K = {doc['steps']}, not {missing[0]}")
 
 
 def mean_reward(trainer: Any, rows: int) -> float:
@@ -342,9 +382,12 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
                         help="tuned-baselines JSON (training.tune_baselines): the distillation starts each K it tunes "
                              "from the best tuned rule that is an eq.-10 table, grid and start included ('' = from the "
                              f"base rule; auto = {DEFAULT_TUNED} when it exists and was tuned for this model)")
-    parser.add_argument("--warm-start-k", type=int, default=4,
-                        help="start every K from the rule tuned at this K (run at K): the installed policy's warm start, "
-                             "UniPC-1 with leading spacing at every K of 3..8 (0 = each K from its own tuned rule)")
+    parser.add_argument("--warm-start-k", default=DEFAULT_WARM_START_K,
+                        help="the K whose tuned rule each K starts from (run at K): K:S,... = the named K from S's, "
+                             "the others from their own (the tuned rule at their K, or at the nearest K the file "
+                             f"tunes); S = every K from S's; 0 = each K from its own. Default {DEFAULT_WARM_START_K}, "
+                             "the installed policy's: K = 3 and 4 from the K = 4 rule (UniPC-1, leading spacing + 1), "
+                             "K = 5..8 from their own (UniPC-1, leading spacing)")
     parser.add_argument("--order", type=int, default=8,
                         help="LMM order m of the policy; a tuned rule is an eq.-10 table only at K <= m when it reaches "
                              "back through its data predictions (UniPC, DPM-Solver++ 2M), so warm starts up to K = 8 "
@@ -397,7 +440,7 @@ def recipe_configs(args: argparse.Namespace, out: Path) -> tuple[Any, Any, list[
             fit_weights=default_fit_weights(*steps) if args.distill_fit_weights is None else args.distill_fit_weights,
             time_grid=args.time_grid, learn_start=bool(args.learn_start and args.time_grid),
             warm_start="" if args.warm_start == "auto" else args.warm_start,
-            warm_start_k=args.warm_start_k or None,
+            warm_start_k=recipe_warm_start_k(args.warm_start_k, *steps),
             final="config" if args.final == "auto" else args.final,
             max_minutes=args.distill_minutes).validate()
         if distill_settings.warm_start:
@@ -405,8 +448,7 @@ def recipe_configs(args: argparse.Namespace, out: Path) -> tuple[Any, Any, list[
 
             doc = read_tuned(args.warm_start)
             check_steps_covered(doc, args.warm_start)  # a malformed file: refused here
-            if args.warm_start_k and args.warm_start_k not in [int(k) for k in doc["steps"]]:
-                raise ValueError(f"warm_start_k: {args.warm_start!r} tunes K = {doc['steps']}, not {args.warm_start_k}")
+            check_warm_start_sources(distill_settings, doc)
     return config, distill_settings, seeds, pairing
 
 
@@ -468,12 +510,10 @@ def run_recipe(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
         doc = read_tuned(distill_settings.warm_start)
         check_tuned(doc, model.model_id, (), model.scheduler_config,
                     source=f"warm_start {distill_settings.warm_start!r}")  # another model's file: before any compute
-        if distill_settings.warm_start_k and distill_settings.warm_start_k not in [int(k) for k in doc["steps"]]:
-            raise ValueError(f"warm_start_k: {distill_settings.warm_start!r} tunes K = {doc['steps']}, "
-                             f"not {distill_settings.warm_start_k}")
+        check_warm_start_sources(distill_settings, doc)
         if args.final == "auto":
             distill_settings.final = warm_start_final(distill_settings.warm_start, model, config.order,
-                                                      distill_settings.warm_start_k or 4)
+                                                      warm_start_source(distill_settings, 4))
             logger.info("policy grid end point: %s (the warm start's K = 4 rule)", distill_settings.final)
     if distill_settings is not None and distill_settings.label_weight:
         from training.distill import model_palette
