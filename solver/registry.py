@@ -508,13 +508,15 @@ def tuned_tables(doc: Mapping[str, Any], scheduler_config: Mapping[str, Any], st
     from solver.coefficients import scheduler_table
 
     covered = sorted(int(k) for k in doc["steps"])
-    sources = {} if source_k is None else dict(source_k) if isinstance(source_k, Mapping) else {k: source_k for k in steps}
+    sources = ({} if source_k is None else dict(source_k) if isinstance(source_k, Mapping)
+               else {k: source_k for k in steps})
     missing = sorted(set(sources.values()) - set(covered))
     if missing:
         raise ValueError(f"warm_start_k: the tuned file tunes K = {covered}, not {missing[0]}")
     out: dict[int, tuple[str, TimeGrid, torch.Tensor]] = {}
     for k in steps:
-        source = sources[k] if k in sources else k if k in covered else (min(covered, key=lambda c: (abs(c - k), -c)) if nearest and covered else None)
+        nearest_k = min(covered, key=lambda c: (abs(c - k), -c)) if nearest and covered else None
+        source = sources[k] if k in sources else k if k in covered else nearest_k
         if source is None:
             continue
         entries = [v[str(source)] for f, v in doc["best"].items() if f != TUNED_BEST and str(source) in v]

@@ -172,7 +172,8 @@ def test_recipe_warm_starts_from_the_tuned_rule_and_refuses_another_models_file(
     for spec in ("3:6", "6", "3:x"):  # a K the file does not tune, or a malformed map: refused before any compute
         with pytest.raises(ValueError, match="warm_start_k"):
             main(["--out", str(tmp_path / "bad"), "--num-prompts", "3", "--warm-start", str(tuned), "--install", "",
-                  "--min-steps", "3", "--max-steps", "4", "--distill-repeat-steps", "", "--warm-start-k", spec], model=model)
+                  "--min-steps", "3", "--max-steps", "4", "--distill-repeat-steps", "", "--warm-start-k", spec],
+                 model=model)
     assert model.calls == 0 and not (tmp_path / "bad" / "dataset").exists()
     rc = main(["--out", str(tmp_path / "run"), "--num-prompts", "3", "--num-updates", "1", "--base", "ddim", "--order", "8",
                "--group-size", "2", "--groups-per-update", "1", "--min-steps", "3", "--max-steps", "4",

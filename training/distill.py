@@ -169,7 +169,8 @@ class DistillConfig:
         try:
             source = int(spec)
         except ValueError:
-            raise ValueError(f"warm_start_k: cannot parse {spec!r} (expected S or K:S,..., e.g. '4' or '3:4,4:4')") from None
+            raise ValueError(f"warm_start_k: cannot parse {spec!r} "
+                             "(expected S or K:S,..., e.g. '4' or '3:4,4:4')") from None
         if not 1 <= source <= MAX_PREVIEW_STEPS:
             raise ValueError(f"warm_start_k: {spec!r} must be a step count in 1..{MAX_PREVIEW_STEPS}")
         return source

@@ -10,12 +10,13 @@
 3. Warm start by distillation (training.distill, the paper's "Ours-Distill"): ``--distill-minutes`` of
    gradient descent through the unrolled few-step sampler, coefficients and time grid together, per K
    (K = 4, the app's default preview, and K = 5, where the baselines come closest, get two turns per
-   round), then the policy regressed onto the fitted tables. The loss adds a structure term, log MSE +
-   2 log(1 - SSIM) (``--distill-ssim-weight``); the step range is 3..8, the previews the app offers. In
-   the regression the tables of K >= 7 weigh 0.05 (``--distill-fit-weights``, default
-   ``default_fit_weights``), and K = 5's table is pulled toward the base rule, + rho sum(a^2) of its
-   coefficient residuals with rho = 3 (``--distill-residual-decay``, default ``default_residual_decay``:
-   '5:3'); see ``training.distill.fit_policy``.
+   round), each K's table starting from a tuned rule (``--warm-start``, ``--warm-start-k``: K = 3 and 4 from
+   the rule tuned at K = 4, K = 5..8 from their own), then the policy regressed onto the fitted tables. The
+   loss adds a structure term, log MSE + 2 log(1 - SSIM) (``--distill-ssim-weight``); the step range is
+   3..8, the previews the app offers. In the regression the tables of K >= 7 weigh 0.05
+   (``--distill-fit-weights``, default ``default_fit_weights``), and K = 5's table is pulled toward the base
+   rule, + rho sum(a^2) of its coefficient residuals with rho = 3 (``--distill-residual-decay``, default
+   ``default_residual_decay``: '5:3'); see ``training.distill.fit_policy``.
 4. PPO (training.ppo) from the distilled policy for the rest of the time budget, on the reward, at a
    fine-tuning learning rate (3e-4, target KL 0.05), checkpointing as it goes.
 5. The distilled policy and every saved PPO checkpoint are scored on training rows (deterministic policy,
@@ -27,10 +28,10 @@ The learned time grid is on by default (``--no-time-grid`` for coefficients only
 fitted to the grid they were learned with.
 
 The prompt splits the recipe is tuned and tested on are functions here, each frozen in a file under
-``models/embedded/``: :func:`validation_prompts`, :func:`shifted_validation_prompts`, and the two test sets
-:func:`fresh_heldout_prompts`, :func:`second_test_prompts` and :func:`third_test_prompts`. Why each default is what it is (the screens
-and runs that chose them) is in ``training/results/experiments.md``; the measured results of the shipped
-policy are in the README.
+``models/embedded/``: :func:`validation_prompts`, :func:`shifted_validation_prompts`, and the three test
+sets :func:`fresh_heldout_prompts`, :func:`second_test_prompts` and :func:`third_test_prompts`. Why each default
+is what it is (the screens and runs that chose them) is in ``training/results/experiments.md``; the measured
+results of the shipped policy are in the README.
 """
 
 from __future__ import annotations
