@@ -496,6 +496,20 @@ def tuned_solver(name: str, scheduler_config: Mapping[str, Any], tuned_file: str
     return TunedSolver(name=name, per_step=per_step)
 
 
+def tuned_sources(doc: Mapping[str, Any], steps: Sequence[int],
+                  source_k: int | Mapping[int, int] | None) -> dict[int, int]:
+    """{K: the K whose tuned configurations K takes} for the K that ``source_k`` names (an int: every K of
+    ``steps``; a {K: S} map: its K; None: none); a source the file ``doc`` does not tune is refused, naming
+    warm_start_k."""
+    sources = ({} if source_k is None else dict(source_k) if isinstance(source_k, Mapping)
+               else {k: source_k for k in steps})
+    covered = sorted(int(k) for k in doc["steps"])
+    missing = sorted(set(sources.values()) - set(covered))
+    if missing:
+        raise ValueError(f"warm_start_k: the tuned file tunes K = {covered}, not {missing[0]}")
+    return sources
+
+
 def tuned_tables(doc: Mapping[str, Any], scheduler_config: Mapping[str, Any], steps: Sequence[int],
                  order: int, nearest: bool = False,
                  source_k: int | Mapping[int, int] | None = None) -> dict[int, tuple[str, TimeGrid, torch.Tensor]]:
@@ -508,11 +522,7 @@ def tuned_tables(doc: Mapping[str, Any], scheduler_config: Mapping[str, Any], st
     from solver.coefficients import scheduler_table
 
     covered = sorted(int(k) for k in doc["steps"])
-    sources = ({} if source_k is None else dict(source_k) if isinstance(source_k, Mapping)
-               else {k: source_k for k in steps})
-    missing = sorted(set(sources.values()) - set(covered))
-    if missing:
-        raise ValueError(f"warm_start_k: the tuned file tunes K = {covered}, not {missing[0]}")
+    sources = tuned_sources(doc, steps, source_k)
     out: dict[int, tuple[str, TimeGrid, torch.Tensor]] = {}
     for k in steps:
         nearest_k = min(covered, key=lambda c: (abs(c - k), -c)) if nearest and covered else None

@@ -219,21 +219,6 @@ def recipe_warm_start_k(spec: str, min_steps: int, max_steps: int) -> str:
     return ",".join(part for part in spec.split(",") if min_steps <= int(part.partition(":")[0]) <= max_steps)
 
 
-def warm_start_source(settings: Any, k: int) -> int:
-    """The K whose tuned rule the distillation ``settings`` start K = ``k`` from (``k`` itself where they name none)."""
-    sources = settings.warm_start_sources()
-    return sources.get(k, k) if isinstance(sources, dict) else k if sources is None else sources
-
-
-def check_warm_start_sources(settings: Any, doc: Any) -> None:
-    """Refuse a ``warm_start_k`` that names a K the tuned file ``doc`` does not tune, before any compute."""
-    sources = settings.warm_start_sources()
-    named = set(sources.values()) if isinstance(sources, dict) else set() if sources is None else {sources}
-    missing = sorted(named - {int(k) for k in doc["steps"]})
-    if missing:
-        raise ValueError(f"warm_start_k: {settings.warm_start!r} tunes K = {doc['steps']}, not {missing[0]}")
-
-
 def mean_reward(trainer: Any, rows: int) -> float:
     """The trainer's deterministic policy on its first ``rows`` training rows: mean reward over the
     training step range (min_steps..max_steps), rounded to 4 decimals."""
@@ -447,9 +432,7 @@ def recipe_configs(args: argparse.Namespace, out: Path) -> tuple[Any, Any, list[
         if distill_settings.warm_start:
             from solver.registry import check_steps_covered, read_tuned
 
-            doc = read_tuned(args.warm_start)
-            check_steps_covered(doc, args.warm_start)  # a malformed file: refused here
-            check_warm_start_sources(distill_settings, doc)
+            check_steps_covered(read_tuned(args.warm_start), args.warm_start)  # a malformed file: refused here
     return config, distill_settings, seeds, pairing
 
 
@@ -506,15 +489,16 @@ def run_recipe(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
             distill_settings.warm_start = DEFAULT_TUNED
         logger.info("warm start: %s", distill_settings.warm_start or "none (the base rule)")
     if distill_settings is not None and distill_settings.warm_start:
-        from solver.registry import check_tuned, read_tuned
+        from solver.registry import check_tuned, read_tuned, tuned_sources
 
         doc = read_tuned(distill_settings.warm_start)
         check_tuned(doc, model.model_id, (), model.scheduler_config,
                     source=f"warm_start {distill_settings.warm_start!r}")  # another model's file: before any compute
-        check_warm_start_sources(distill_settings, doc)
+        sources = tuned_sources(doc, sorted({*range(config.min_steps, config.max_steps + 1), 4}),
+                                distill_settings.warm_start_sources())  # K = 4 too: its rule's end point, below
         if args.final == "auto":
             distill_settings.final = warm_start_final(distill_settings.warm_start, model, config.order,
-                                                      warm_start_source(distill_settings, 4))
+                                                      sources.get(4, 4))
             logger.info("policy grid end point: %s (the warm start's K = 4 rule)", distill_settings.final)
     if distill_settings is not None and distill_settings.label_weight:
         from training.distill import model_palette
