@@ -28,10 +28,11 @@ The learned time grid is on by default (``--no-time-grid`` for coefficients only
 fitted to the grid they were learned with.
 
 The prompt splits the recipe is tuned and tested on are functions here, each frozen in a file under
-``models/embedded/``: :func:`validation_prompts`, :func:`shifted_validation_prompts`, and the three test
-sets :func:`fresh_heldout_prompts`, :func:`second_test_prompts` and :func:`third_test_prompts`. Why each default
-is what it is (the screens and runs that chose them) is in ``training/results/experiments.md``; the measured
-results of the shipped policy are in the README.
+``models/embedded/``: :func:`validation_prompts`, :func:`shifted_validation_prompts`,
+:func:`wide_validation_prompts`, and the three test sets :func:`fresh_heldout_prompts`,
+:func:`second_test_prompts` and :func:`third_test_prompts`. Why each default is what it is (the screens and
+runs that chose them) is in ``training/results/experiments.md``; the measured results of the shipped policy
+are in the README.
 """
 
 from __future__ import annotations
@@ -157,6 +158,18 @@ def third_test_prompts(n: int = 360, seed: int = 20261207) -> list[str]:
     earlier test set included). ``models/embedded/third_test_prompts.txt`` holds the default 360, evaluated
     once (the plan is in training/results/experiments.md)."""
     taken = _tuning_splits() | set(fresh_heldout_prompts()) | set(second_test_prompts())
+    return heldout_captions_outside(n, seed, taken, "the other prompt files")
+
+
+WIDE_VALIDATION_PROMPTS = VALIDATION_PROMPTS.parent / "wide_validation_prompts.txt"
+
+
+def wide_validation_prompts(n: int = 600, seed: int = 20261208) -> list[str]:
+    """A validation split of the test sets' own distribution, three times the shifted split's size: ``n``
+    captions of the held-out distribution in no other prompt file (no test set included), to tune on where a
+    difference of a few verdict pairs per thousand must be resolved (2400 pairs at seeds 0-3).
+    ``models/embedded/wide_validation_prompts.txt`` holds the default 600."""
+    taken = _tuning_splits() | set(fresh_heldout_prompts()) | set(second_test_prompts()) | set(third_test_prompts())
     return heldout_captions_outside(n, seed, taken, "the other prompt files")
 
 
