@@ -115,16 +115,30 @@ def shifted_validation_prompts(n: int = 200, seed: int = 777) -> list[str]:
     return heldout_captions_outside(n, seed, set(load_heldout_prompts()), "the held-out file")
 
 
+# The splits frozen after the tuning splits, in the order they were frozen: (default size, seed) of
+# fresh_heldout_prompts, second_test_prompts, third_test_prompts, wide_validation_prompts.
+FROZEN_SPLITS = ((120, 20261204), (240, 20261206), (360, 20261207), (600, 20261208))
+
+
 FRESH_HELDOUT_PROMPTS = VALIDATION_PROMPTS.parent / "fresh_heldout_prompts.txt"
 
 
-def fresh_heldout_prompts(n: int = 120, seed: int = 20261204) -> list[str]:
+def fresh_heldout_prompts(n: int = FROZEN_SPLITS[0][0], seed: int = FROZEN_SPLITS[0][1]) -> list[str]:
     """``n`` captions of the held-out distribution (as :func:`models.embedded.captions.heldout_scenes`
     writes them, with a seed no other split uses) that are in none of the other prompt files: not the
     old held-out file (whose seeds 0-1 chose recipe defaults), not the validation or shifted-validation
     splits, not the recipe's training prompts. A test set frozen after tuning was done:
     ``models/embedded/fresh_heldout_prompts.txt`` holds the default 120, evaluated once."""
-    return heldout_captions_outside(n, seed, _tuning_splits(), "the other prompt files")
+    return heldout_captions_outside(n, seed, _taken_before(0), "the other prompt files")
+
+
+def _taken_before(index: int) -> set[str]:
+    """The prompts the frozen split number ``index`` of FROZEN_SPLITS may not hold: the tuning splits and the
+    frozen splits before it (at their defaults), each built once, in order."""
+    taken = _tuning_splits()
+    for n, seed in FROZEN_SPLITS[:index]:
+        taken |= set(heldout_captions_outside(n, seed, taken, "the other prompt files"))
+    return taken
 
 
 def _tuning_splits() -> set[str]:
@@ -139,38 +153,35 @@ def _tuning_splits() -> set[str]:
 SECOND_TEST_PROMPTS = VALIDATION_PROMPTS.parent / "second_test_prompts.txt"
 
 
-def second_test_prompts(n: int = 240, seed: int = 20261206) -> list[str]:
+def second_test_prompts(n: int = FROZEN_SPLITS[1][0], seed: int = FROZEN_SPLITS[1][1]) -> list[str]:
     """A second test set, twice the first's size, frozen before anything was evaluated on it: ``n``
     captions of the held-out distribution in none of the other prompt files (the first test set included).
     The first test set's 480 pairs put verdict agreement within a few pairs of the tuned baseline's, too few
     to tell the two apart; ``models/embedded/second_test_prompts.txt`` holds the default 240, evaluated once,
     and the README reports both sets and their pool."""
-    taken = _tuning_splits() | set(fresh_heldout_prompts())
-    return heldout_captions_outside(n, seed, taken, "the other prompt files")
+    return heldout_captions_outside(n, seed, _taken_before(1), "the other prompt files")
 
 
 THIRD_TEST_PROMPTS = VALIDATION_PROMPTS.parent / "third_test_prompts.txt"
 
 
-def third_test_prompts(n: int = 360, seed: int = 20261207) -> list[str]:
+def third_test_prompts(n: int = FROZEN_SPLITS[2][0], seed: int = FROZEN_SPLITS[2][1]) -> list[str]:
     """A third test set, frozen before anything was evaluated on it, for the policy installed after the first
     two had been used: ``n`` captions of the held-out distribution in none of the other prompt files (neither
     earlier test set included). ``models/embedded/third_test_prompts.txt`` holds the default 360, evaluated
     once (the plan is in training/results/experiments.md)."""
-    taken = _tuning_splits() | set(fresh_heldout_prompts()) | set(second_test_prompts())
-    return heldout_captions_outside(n, seed, taken, "the other prompt files")
+    return heldout_captions_outside(n, seed, _taken_before(2), "the other prompt files")
 
 
 WIDE_VALIDATION_PROMPTS = VALIDATION_PROMPTS.parent / "wide_validation_prompts.txt"
 
 
-def wide_validation_prompts(n: int = 600, seed: int = 20261208) -> list[str]:
+def wide_validation_prompts(n: int = FROZEN_SPLITS[3][0], seed: int = FROZEN_SPLITS[3][1]) -> list[str]:
     """A validation split of the test sets' own distribution, three times the shifted split's size: ``n``
     captions of the held-out distribution in no other prompt file (no test set included), to tune on where a
     difference of a few verdict pairs per thousand must be resolved (2400 pairs at seeds 0-3).
     ``models/embedded/wide_validation_prompts.txt`` holds the default 600."""
-    taken = _tuning_splits() | set(fresh_heldout_prompts()) | set(second_test_prompts()) | set(third_test_prompts())
-    return heldout_captions_outside(n, seed, taken, "the other prompt files")
+    return heldout_captions_outside(n, seed, _taken_before(3), "the other prompt files")
 
 
 BASE_CANDIDATES = ("ddim", "dpm2m", "ab2", "ab3", "ab4")
