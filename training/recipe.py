@@ -29,10 +29,10 @@ fitted to the grid they were learned with.
 
 The prompt splits the recipe is tuned and tested on are functions here, each frozen in a file under
 ``models/embedded/``: :func:`validation_prompts`, :func:`shifted_validation_prompts`,
-:func:`wide_validation_prompts`, and the three test sets :func:`fresh_heldout_prompts`,
-:func:`second_test_prompts` and :func:`third_test_prompts`. Why each default is what it is (the screens and
-runs that chose them) is in ``training/results/experiments.md``; the measured results of the shipped policy
-are in the README.
+:func:`wide_validation_prompts`, and the four test sets :func:`fresh_heldout_prompts`,
+:func:`second_test_prompts`, :func:`third_test_prompts` and :func:`fourth_test_prompts`. Why each default is
+what it is (the screens and runs that chose them) is in ``training/results/experiments.md``; the measured
+results of the shipped policy are in the README.
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ def shifted_validation_prompts(n: int = 200, seed: int = 777) -> list[str]:
 
 
 # The splits frozen after the tuning splits, in the order they were frozen: (default size, seed) of
-# fresh_heldout_prompts, second_test_prompts, third_test_prompts, wide_validation_prompts.
-FROZEN_SPLITS = ((120, 20261204), (240, 20261206), (360, 20261207), (600, 20261208))
+# fresh_heldout_prompts, second_test_prompts, third_test_prompts, wide_validation_prompts, fourth_test_prompts.
+FROZEN_SPLITS = ((120, 20261204), (240, 20261206), (360, 20261207), (600, 20261208), (480, 20261209))
 
 
 FRESH_HELDOUT_PROMPTS = VALIDATION_PROMPTS.parent / "fresh_heldout_prompts.txt"
@@ -182,6 +182,17 @@ def wide_validation_prompts(n: int = FROZEN_SPLITS[3][0], seed: int = FROZEN_SPL
     difference of a few verdict pairs per thousand must be resolved (2400 pairs at seeds 0-3).
     ``models/embedded/wide_validation_prompts.txt`` holds the default 600."""
     return heldout_captions_outside(n, seed, _taken_before(3), "the other prompt files")
+
+
+FOURTH_TEST_PROMPTS = VALIDATION_PROMPTS.parent / "fourth_test_prompts.txt"
+
+
+def fourth_test_prompts(n: int = FROZEN_SPLITS[4][0], seed: int = FROZEN_SPLITS[4][1]) -> list[str]:
+    """A fourth test set, frozen before anything was evaluated on it, for a policy chosen after the first three
+    and the wide validation split had been used: ``n`` captions of the held-out distribution in no other prompt
+    file (no earlier test set and not the wide split). ``models/embedded/fourth_test_prompts.txt`` holds the
+    default 480, evaluated once (the plan is in training/results/experiments.md)."""
+    return heldout_captions_outside(n, seed, _taken_before(4), "the other prompt files")
 
 
 BASE_CANDIDATES = ("ddim", "dpm2m", "ab2", "ab3", "ab4")
