@@ -216,6 +216,30 @@ def test_label_term_reads_the_analyzers_colour_names_and_changes_the_fit(tmp_pat
     assert _term_changes_the_fit(tmp_path / "embedded", "label_weight", 1.0, "label_ce", "embedded-fake")["label_ce"] > 0
 
 
+def test_label_steps_put_the_label_term_on_the_named_step_counts_only(tmp_path):
+    """label_steps '4': K = 4's updates carry the label term and fit another table; K = 3's updates and
+    table are those of the run without it."""
+    model = GaussianDenoiser()
+    model.model_id = "embedded-fake"
+    build_dataset(model, ["s0", "s1"], [0, 1], tmp_path / "ds", prompt_file_sha256="0" * 64, reference_steps=10,
+                  progress=False, pairing="zip")
+    ds = load_dataset(tmp_path / "ds")
+    runs = [distill(DistillConfig(dataset=str(tmp_path / "ds"), num_updates=4, min_steps=3, max_steps=4, batch_size=2,
+                                  fit_iterations=10, label_weight=w, label_steps="4"), model, ds, progress=False)
+            for w in (0.0, 1.0)]
+    (_, plain, plain_fit), (_, labelled, fit) = runs
+    assert [e["steps"] for e in labelled] == [3, 4, 3, 4]
+    assert all(("label_ce" in e) == (e["steps"] == 4) for e in labelled) and not any("label_ce" in e for e in plain)
+    assert fit["tables"]["3"]["residual"] == plain_fit["tables"]["3"]["residual"]
+    assert fit["tables"]["4"]["residual"] != plain_fit["tables"]["4"]["residual"]
+    every_k = DistillConfig(dataset="x", label_weight=1.0, max_steps=8).validate()
+    assert every_k.labelled_step_counts() == [3, 4, 5, 6, 7, 8]
+    assert DistillConfig(dataset="x", label_steps="6", max_steps=8).validate().labelled_step_counts() == []  # weight 0
+    for bad in ("7", "x", "2"):
+        with pytest.raises(ValueError, match="label_steps"):
+            DistillConfig(dataset="x", label_weight=1.0, label_steps=bad).validate()
+
+
 def test_residual_decay_pulls_the_fitted_coefficients_toward_the_base_rule(tmp_path):
     (_, plain, plain_fit), (_, decayed, decayed_fit) = _without_and_with(tmp_path, "residual_decay", "3:1e4")
     assert plain[0]["psnr_latent"] == decayed[0]["psnr_latent"]  # same rows and start (a = 0: no pull yet)

@@ -140,6 +140,22 @@ def test_recipe_weighs_long_previews_less_in_the_regression_and_refuses_bad_weig
     assert model.calls == 0 and not (tmp_path / "run" / "dataset").exists()
 
 
+def test_recipe_puts_the_label_term_on_the_step_counts_it_is_given(tmp_path):
+    embedded = GaussianDenoiser()
+    embedded.model_id = "embedded-fake"
+    main(["--out", str(tmp_path / "ok"), "--num-prompts", "2", "--num-updates", "1", "--group-size", "2",
+          "--groups-per-update", "1", "--min-steps", "5", "--max-steps", "6", "--install", "", "--threads", "1",
+          "--reward", "psnr", "--distill-updates", "2", "--distill-batch-size", "2", "--distill-repeat-steps", "",
+          "--distill-label-weight", "10", "--distill-label-steps", "6"], model=embedded)
+    run = json.loads((tmp_path / "ok" / "distill" / "final" / "metrics.json").read_text())["updates"]
+    assert [("label_ce" in e, e["steps"]) for e in run] == [(False, 5), (True, 6)]
+    model = GaussianDenoiser()
+    for bad in ("9", "six"):
+        with pytest.raises(ValueError, match="label_steps"):
+            main(["--out", str(tmp_path / "run"), "--num-prompts", "2", "--distill-label-steps", bad], model=model)
+    assert model.calls == 0 and not (tmp_path / "run" / "dataset").exists()
+
+
 def test_recipe_refuses_the_label_term_for_a_model_without_a_palette_before_any_compute(tmp_path):
     model = GaussianDenoiser()
     with pytest.raises(ValueError, match="label_weight"):

@@ -12,8 +12,9 @@ The log makes each term a relative error per row (PSNR-like); ``ssim_weight`` la
 structure term, SSIM of the two latents read as images in [-1, 1] (the embedded model's latent is its image).
 ``residual_decay`` ('K:rho,...', default none) pulls K's coefficients w = b + a toward the base rule b
 (+ rho sum(a^2)). ``label_weight`` nu (default 0, embedded model only) adds nu log CE of the scene
-analyzer's palette labels (:func:`palette_label_ce`). ``edge_weight`` xi (default 0) adds xi log MSE of the
-Sobel gradients (:func:`training.rewards.gradient_mse`, the gradient part of the h1_psnr reward).
+analyzer's palette labels (:func:`palette_label_ce`) on the updates of the K ``label_steps`` names (default
+all). ``edge_weight`` xi (default 0) adds xi log MSE of the Sobel gradients
+(:func:`training.rewards.gradient_mse`, the gradient part of the h1_psnr reward).
 ``colour_weight`` mu (default 0) adds mu log MSE of the 4 x 4 block means, the colour of a region, which
 the scene analyzer reads. Why each default is what it is: ``training/results/experiments.md``.
 
@@ -105,6 +106,8 @@ class DistillConfig:
     label_weight: float = doc("nu of the label term: + nu log CE of the preview's soft palette labels against the "
                               "target's, per pixel, the colour names the scene analyzer reads (embedded model "
                               "only); 0 = off", 0.0)
+    label_steps: str = doc("step counts K whose updates carry the label term (comma-separated, within "
+                           "min_steps..max_steps; '' = every K)", "")
     residual_decay: str = doc("rho of each K, 'K:rho,...' (unnamed K: 0; '' = off): + rho sum(a^2) of K's squared "
                               "coefficient residuals a on the base rule, a pull toward the analytic rule", "")
     batch_size: int = doc("rows per update (all share one step count K, so each step is one model call)", 8)
@@ -137,6 +140,7 @@ class DistillConfig:
         if self.min_steps > self.max_steps:
             raise ValueError(f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})")
         self.repeat_step_counts()
+        self.labelled_step_counts()
         self.fit_weight_map()
         self.residual_decay_map()
         if self.learn_start and not self.time_grid:
@@ -157,6 +161,15 @@ class DistillConfig:
         if isinstance(self.repeat_steps, str) and not self.repeat_steps.strip():
             return []
         return parse_int_list(self.repeat_steps, "repeat_steps", self.min_steps, self.max_steps)
+
+    def labelled_step_counts(self) -> list[int]:
+        """The K whose updates carry the label term: ``label_steps`` ('' = every K of the step range), each
+        within min_steps..max_steps; none when ``label_weight`` is 0."""
+        if isinstance(self.label_steps, str) and not self.label_steps.strip():
+            steps = list(range(self.min_steps, self.max_steps + 1))
+        else:
+            steps = parse_int_list(self.label_steps, "label_steps", self.min_steps, self.max_steps)
+        return steps if self.label_weight else []
 
     def warm_start_sources(self) -> int | dict[int, int] | None:
         """``warm_start_k`` as the K whose tuned rule every K starts from (an int), as {K: that K} for the K it
@@ -317,7 +330,7 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
 
     cfg = config.validate()
     palette = model_palette(model) if cfg.label_weight else None
-    decay = cfg.residual_decay_map()
+    decay, labelled = cfg.residual_decay_map(), set(cfg.labelled_step_counts())
     torch.manual_seed(cfg.seed)
     policy = ConsistencyPolicy(order=cfg.order, base=cfg.base, hidden=cfg.hidden, time_grid=cfg.time_grid,
                                start=cfg.learn_start, final=cfg.final)
@@ -366,7 +379,7 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
         x = lmm_rollouts(lambda x, t: differentiable_guided_eps(model, x, t, cond, guidance),
                          dataset.noise[rows].to(model.device), grid,
                          table.to(torch.float32).unsqueeze(0).expand(len(rows), -1, -1))
-        loss, mse, entry = distill_loss(cfg, x, dataset.target[rows].to(x.device), palette)
+        loss, mse, entry = distill_loss(cfg, x, dataset.target[rows].to(x.device), palette if k in labelled else None)
         if k in decay:
             a = free[k][0] - anchors[k] if cfg.method == "tables" else policy.residual_mean(grid)
             loss = loss + decay[k] * a.pow(2).sum()  # pulled toward the rule it started from
