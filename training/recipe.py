@@ -191,7 +191,7 @@ def fourth_test_prompts(n: int = FROZEN_SPLITS[4][0], seed: int = FROZEN_SPLITS[
     """A fourth test set, frozen before anything was evaluated on it, for a policy chosen after the first three
     and the wide validation split had been used: ``n`` captions of the held-out distribution in no other prompt
     file (no earlier test set and not the wide split). ``models/embedded/fourth_test_prompts.txt`` holds the
-    default 480, evaluated once (the plan is in training/results/experiments.md)."""
+    default 480, to be evaluated once (the plan is in training/results/experiments.md)."""
     return heldout_captions_outside(n, seed, _taken_before(4), "the other prompt files")
 
 
