@@ -86,16 +86,18 @@ def test_round_robin_repeats_the_named_step_counts(tmp_path):
             DistillConfig(dataset="x", min_steps=3, max_steps=4, repeat_steps=bad).validate()
 
 
-def _without_and_with(tmp_path, term: str, weight, model_id: str | None = None) -> list:
-    """Two 3-update distillations on the same rows and start, the loss term ``term`` at 0 and at ``weight``."""
+def _without_and_with(tmp_path, term: str, weight, model_id: str | None = None, **settings) -> list:
+    """Two 3-update distillations on the same rows and start, the loss term ``term`` at 0 and at ``weight``
+    (``settings`` override the other DistillConfig fields of both)."""
     model = GaussianDenoiser()
     if model_id:
         model.model_id = model_id
     build_dataset(model, ["s0", "s1"], [0, 1], tmp_path / "ds", prompt_file_sha256="0" * 64, reference_steps=10,
                   progress=False, pairing="zip")  # each row its own noise: a preview's row is found by its x_T
     ds = load_dataset(tmp_path / "ds")
-    return [distill(DistillConfig(dataset=str(tmp_path / "ds"), num_updates=3, min_steps=3, max_steps=3, batch_size=2,
-                                  fit_iterations=10, **{term: w}), model, ds, progress=False)
+    fields = dict(dataset=str(tmp_path / "ds"), num_updates=3, min_steps=3, max_steps=3, batch_size=2,
+                  fit_iterations=10)
+    return [distill(DistillConfig(**{**fields, **settings, term: w}), model, ds, progress=False)
             for w in ("" if isinstance(weight, str) else 0.0, weight)]
 
 
@@ -219,15 +221,8 @@ def test_label_term_reads_the_analyzers_colour_names_and_changes_the_fit(tmp_pat
 def test_label_steps_put_the_label_term_on_the_named_step_counts_only(tmp_path):
     """label_steps '4': K = 4's updates carry the label term and fit another table; K = 3's updates and
     table are those of the run without it."""
-    model = GaussianDenoiser()
-    model.model_id = "embedded-fake"
-    build_dataset(model, ["s0", "s1"], [0, 1], tmp_path / "ds", prompt_file_sha256="0" * 64, reference_steps=10,
-                  progress=False, pairing="zip")
-    ds = load_dataset(tmp_path / "ds")
-    runs = [distill(DistillConfig(dataset=str(tmp_path / "ds"), num_updates=4, min_steps=3, max_steps=4, batch_size=2,
-                                  fit_iterations=10, label_weight=w, label_steps="4"), model, ds, progress=False)
-            for w in (0.0, 1.0)]
-    (_, plain, plain_fit), (_, labelled, fit) = runs
+    (_, plain, plain_fit), (_, labelled, fit) = _without_and_with(tmp_path, "label_weight", 1.0, "embedded-fake",
+                                                                  num_updates=4, max_steps=4, label_steps="4")
     assert [e["steps"] for e in labelled] == [3, 4, 3, 4]
     assert all(("label_ce" in e) == (e["steps"] == 4) for e in labelled) and not any("label_ce" in e for e in plain)
     assert fit["tables"]["3"]["residual"] == plain_fit["tables"]["3"]["residual"]
