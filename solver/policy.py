@@ -23,6 +23,11 @@ Parameterization (paper.md sections 1.3-1.4, 6.3 N6, 7.4):
   first timestep lies below T: ``init_noise_sigma`` = 1, the pure noise latents are x_{t_0}); eq. 10 reads
   it as y_0 = x_{t_0} / alpha_{t_0}. ``final`` picks the grid's end point (``VPSchedule.grid``: ``config``,
   ``first`` = alphas_cumprod[0] as ``final_sigmas_type="sigma_min"``, ``zero``).
+- Optional own tables (``step_tables``, off by default): each step count K named carries its own residual
+  (K, m - 1), grid log-weights (K,) and start shift, zero-initialized and added to the shared heads' outputs
+  at that K only. The shared heads read step features that overlap across K, so they cannot hold every K's
+  distilled table (``training.distill.fit_policy``); a K with its own table holds it exactly, and every
+  other K (the app's whole preview range) is the shared heads alone.
 """
 
 from __future__ import annotations
@@ -46,9 +51,19 @@ FEATURES = ("lam_cur", "lam_next", "lam_prev", "history")
 LAMBDA_SCALE = 4.0
 WEIGHTS_NAME = "policy.safetensors"
 CONFIG_NAME = "policy_config.json"
+MAX_TABLE_STEPS = 50  # the engine's preview range 1..50
 START_SCALE = 100.0  # train steps the start head moves t_0 per unit of its output
 FINALS = (None, "config", "first", "zero")  # None: the schedule's own end point (VPSchedule.final_point)
 _BASE_ORDER = {"ddim": 1, "ab1": 1, "ab2": 2, "ab3": 3, "ab4": 4, "dpm2m": 2, "ipndm": 4}
+
+
+def check_step_tables(step_tables: Sequence[int]) -> tuple[int, ...]:
+    """Validate ``step_tables``: distinct step counts in 1..MAX_TABLE_STEPS, returned sorted."""
+    steps = tuple(step_tables)
+    if any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_TABLE_STEPS for k in steps) \
+            or len(set(steps)) != len(steps):
+        raise ValueError(f"step_tables must be distinct step counts in 1..{MAX_TABLE_STEPS}, got {list(steps)!r}")
+    return tuple(sorted(steps))
 
 
 def _squash(lam: torch.Tensor) -> torch.Tensor:
@@ -98,6 +113,7 @@ class ConsistencyPolicy(nn.Module):
         time_grid: add the learned time-grid head.
         start: add the learned start head (needs ``time_grid``): the first timestep may lie below T.
         final: the grid's end point on a VP schedule (``config``, ``first``, ``zero``; None: the schedule's own).
+        step_tables: the step counts K that carry their own table on top of the shared heads (module docstring).
     """
 
     def __init__(
@@ -111,6 +127,7 @@ class ConsistencyPolicy(nn.Module):
         schedule_family: str | None = None,
         start: bool = False,
         final: str | None = None,
+        step_tables: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if schedule_family not in (None, "vp", "flow"):
@@ -155,15 +172,34 @@ class ConsistencyPolicy(nn.Module):
         self.start_net: nn.Sequential | None = None
         if self.learn_start:
             self.start_net = nn.Sequential(nn.Linear(1, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        # Own tables: parameters per K named, added to the heads' outputs at that K (zero: the heads alone).
+        self.step_tables = check_step_tables(step_tables)
+        self.own_residual = nn.ParameterDict({str(k): nn.Parameter(torch.zeros(k, free)) for k in self.step_tables})
+        self.own_grid = nn.ParameterDict({str(k): nn.Parameter(torch.zeros(k)) for k in self.step_tables}
+                                         if self.learn_time_grid else {})
+        self.own_start = nn.ParameterDict({str(k): nn.Parameter(torch.zeros(())) for k in self.step_tables}
+                                          if self.learn_start else {})
         self.reset_head()
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def reset_head(self) -> None:
-        """Zero the output layers, so the policy is exactly its base rule (and default grid)."""
+        """Zero the output layers and own tables, so the policy is exactly its base rule (and default grid)."""
         for head in (self.net, self.grid_net, self.start_net):
             if head is not None:
                 nn.init.zeros_(head[-1].weight)
                 nn.init.zeros_(head[-1].bias)
+        for p in self.own_parameters():
+            nn.init.zeros_(p)
+
+    def own_parameters(self) -> list[nn.Parameter]:
+        """The own tables' parameters (``step_tables``): residuals, then grid log-weights, then start shifts."""
+        return [p for own in (self.own_residual, self.own_grid, self.own_start) for p in own.values()]
+
+    def own_table(self, kind: str, num_steps: int) -> torch.Tensor | None:
+        """K's own ``residual`` (K, m - 1), ``grid`` log-weights (K,) or ``start`` shift (scalar); None where
+        K has none (not in ``step_tables``, or the policy lacks that head)."""
+        own = {"residual": self.own_residual, "grid": self.own_grid, "start": self.own_start}[kind]
+        return own[str(num_steps)] if str(num_steps) in own else None
 
     # Coefficients --------------------------------------------------------------------------
 
@@ -175,7 +211,8 @@ class ConsistencyPolicy(nn.Module):
         """Mean residual a (K, m - 1), float32, zero on dims that are not free."""
         x = step_features(grid, self.order, self.features).to(self.log_std.device)
         mask = free_mask(grid.num_steps, self.order).to(x.device)
-        return self.net(x) * mask
+        own = self.own_table("residual", grid.num_steps)
+        return (self.net(x) if own is None else self.net(x) + own) * mask
 
     def compose(self, grid: TimeGrid, residual: torch.Tensor) -> torch.Tensor:
         """w = base + residual, with the last used coefficient absorbing -sum(a) so sum w = 1. (K, m) float64.
@@ -254,7 +291,9 @@ class ConsistencyPolicy(nn.Module):
         assert self.grid_net is not None
         u = _squash(default.lam)
         x = torch.stack([u[:-1], u[1:]], dim=1).to(torch.float32).to(self.log_std.device)
-        return self.grid_net(x).squeeze(1)  # (K,) log-weights of the K increments
+        g = self.grid_net(x).squeeze(1)  # (K,) log-weights of the K increments
+        own = self.own_table("grid", default.num_steps)
+        return g if own is None else g + own
 
     def default_grid(self, schedule: Schedule, num_steps: int) -> TimeGrid:
         """The grid the heads move: the schedule's own grid, ending at ``final`` on a VP schedule."""
@@ -267,7 +306,9 @@ class ConsistencyPolicy(nn.Module):
         if self.start_net is None:
             return None
         x = torch.tensor([[4.0 / num_steps]], dtype=torch.float32, device=self.log_std.device)
-        return self.start_net(x).reshape(())
+        u = self.start_net(x).reshape(())
+        own = self.own_table("start", num_steps)
+        return u if own is None else u + own
 
     def time_grid(self, schedule: Schedule, num_steps: int) -> TimeGrid:
         """The grid to sample on: the default grid, or the learned heads' deterministic grid."""
@@ -330,7 +371,8 @@ class ConsistencyPolicy(nn.Module):
             "start": self.learn_start,
             "final": self.final,
             "lambda_scale": LAMBDA_SCALE,
-        } | ({} if self.schedule_family is None else {"schedule_family": self.schedule_family})
+        } | ({} if self.schedule_family is None else {"schedule_family": self.schedule_family}) \
+          | ({"step_tables": list(self.step_tables)} if self.step_tables else {})
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``policy.safetensors`` (weights) and ``policy_config.json`` into ``directory``."""
@@ -368,6 +410,7 @@ class ConsistencyPolicy(nn.Module):
             schedule_family=config.get("schedule_family"),
             start=bool(config.get("start", False)),
             final=config.get("final"),
+            step_tables=config.get("step_tables", ()),
         )
         state = load_file(weights_path)
         expected = set(policy.state_dict())

@@ -263,3 +263,38 @@ def test_sampling_from_a_start_below_T_is_diffusers_leading_spacing(schedule):
     grid_end = reweight_grid(sd, sd.grid(4, final="config"), g, start=u)  # DDIM ends at final_alpha_cumprod
     ours = sample_lmm(toy_eps, noise, grid_end, RULES["ddim"](grid_end))
     assert float((ours - theirs).abs().max()) < 1e-5
+
+
+def test_own_tables_move_only_their_step_count_and_survive_a_checkpoint(schedule, tmp_path):
+    """step_tables [4]: zero, the policy is the shared heads everywhere; set, K = 4's coefficients, grid and start
+    move and K = 3 and 5 stay bit for bit; a checkpoint keeps them, and a checkpoint without them still loads."""
+    shared = perturbed(ConsistencyPolicy(order=4, time_grid=True, start=True, final="first"))
+    own = ConsistencyPolicy(order=4, time_grid=True, start=True, final="first", step_tables=[4])
+    own.load_state_dict(shared.state_dict(), strict=False)
+
+    def sampled(policy, k):
+        grid = policy.time_grid(schedule, k)
+        return grid.timesteps, policy.coefficient_table(grid)
+
+    for k in (3, 4, 5):
+        assert all(torch.equal(a, b) for a, b in zip(sampled(own, k), sampled(shared, k)))
+    with torch.no_grad():
+        own.own_table("residual", 4).fill_(0.05)
+        own.own_table("grid", 4).copy_(torch.tensor([0.0, 0.5, 0.0, -0.5]))
+        own.own_table("start", 4).fill_(1.0)  # 100 train steps lower
+    (ts, _), (shared_ts, _) = sampled(own, 4), sampled(shared, 4)
+    assert int(ts[0]) == int(shared_ts[0]) - 100 and not torch.equal(ts[1:], shared_ts[1:])
+    on_one_grid = shared.time_grid(schedule, 4)  # the residual moves K = 4's coefficients on any grid
+    assert float((own.coefficient_table(on_one_grid) - shared.coefficient_table(on_one_grid)).abs().max()) > 0.04
+    for k in (3, 5):
+        assert all(torch.equal(a, b) for a, b in zip(sampled(own, k), sampled(shared, k)))
+    own.save(tmp_path / "own")
+    assert json.loads((tmp_path / "own" / CONFIG_NAME).read_text())["step_tables"] == [4]
+    loaded = ConsistencyPolicy.load(tmp_path / "own")
+    assert all(torch.equal(a, b) for a, b in zip(sampled(loaded, 4), sampled(own, 4)))
+    shared.save(tmp_path / "shared")
+    assert "step_tables" not in json.loads((tmp_path / "shared" / CONFIG_NAME).read_text())
+    assert ConsistencyPolicy.load(tmp_path / "shared").step_tables == ()
+    for bad in ([0], [51], [4, 4], [True], ["4"]):
+        with pytest.raises(ValueError, match="step_tables"):
+            ConsistencyPolicy(order=4, step_tables=bad)

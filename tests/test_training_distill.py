@@ -271,6 +271,47 @@ def test_fit_weights_pull_the_regression_toward_the_heavier_step_count():
             DistillConfig(dataset="x", min_steps=3, max_steps=8, fit_weights=bad).validate()
 
 
+def test_step_tables_hold_their_fitted_table_exactly_and_leave_the_other_k_as_they_were():
+    """The regression with step_tables [6]: K = 6's grid, start and coefficients are its fitted table (the
+    shared heads alone miss it), and K = 3 is what the regression without own tables gives, bit for bit."""
+    from solver.policy import ConsistencyPolicy, reweight_grid
+    from training.distill import fit_policy
+
+    schedule = GaussianDenoiser().schedule
+    gen = torch.Generator().manual_seed(0)
+    fitted = {k: (0.3 * torch.randn(k, 3, generator=gen, dtype=torch.float64),
+                  0.5 * torch.randn(k, generator=gen, dtype=torch.float64)) for k in (3, 6)}
+    starts = {3: torch.tensor(0.5, dtype=torch.float64), 6: torch.tensor(1.5, dtype=torch.float64)}
+
+    def regressed(step_tables):
+        torch.manual_seed(0)
+        policy = ConsistencyPolicy(order=4, base="ddim", hidden=8, time_grid=True, start=True, step_tables=step_tables)
+        error = fit_policy(policy, schedule, fitted, iterations=150, lr=3e-3, weights={6: 0.05}, starts=starts)
+        return policy, error
+
+    (shared, shared_error), (own, own_error) = regressed(()), regressed([6])
+    k3 = [(p.time_grid(schedule, 3), p) for p in (shared, own)]
+    assert torch.equal(k3[0][0].timesteps, k3[1][0].timesteps)
+    assert torch.equal(shared.coefficient_table(k3[0][0]), own.coefficient_table(k3[1][0]))
+    a6, g6 = fitted[6]
+    target = reweight_grid(schedule, own.default_grid(schedule, 6), g6, start=starts[6])
+    exact = own.compose(target, a6)
+    grid = own.time_grid(schedule, 6)
+    assert torch.equal(grid.timesteps, target.timesteps)
+    assert float((own.coefficient_table(grid) - exact).abs().max()) < 1e-5
+    missed = shared.time_grid(schedule, 6)
+    assert not torch.equal(missed.timesteps, target.timesteps)
+    assert float((shared.coefficient_table(missed) - exact).abs().max()) > 1e-2
+    assert own_error["start_max_error_steps"] < shared_error["start_max_error_steps"]  # K = 6's start is exact
+    assert DistillConfig(dataset="x", max_steps=8, step_tables="6,8").validate().own_step_counts() == [6, 8]
+    assert DistillConfig(dataset="x").validate().own_step_counts() == []
+    for bad in ("7", "x", "2", "3,3"):
+        with pytest.raises(ValueError, match="step_tables"):
+            DistillConfig(dataset="x", step_tables=bad).validate()
+    with pytest.raises(ValueError, match="step_tables"):
+        DistillConfig(dataset="x", step_tables="3", method="policy").validate()
+
+
 def _tuned_file(path, model, names: dict[int, str], steps=(3, 4)):
     import json
 

@@ -156,6 +156,28 @@ def test_recipe_puts_the_label_term_on_the_step_counts_it_is_given(tmp_path):
     assert model.calls == 0 and not (tmp_path / "run" / "dataset").exists()
 
 
+def test_recipe_keeps_the_tables_of_the_step_counts_it_is_given_exactly(tmp_path):
+    """--distill-step-tables 6: the distilled policy (and PPO's, which starts from it) holds K = 6's fitted grid
+    exactly; a bad value is refused naming step_tables before any compute."""
+    from solver.policy import ConsistencyPolicy
+
+    model = GaussianDenoiser()
+    main(["--out", str(tmp_path / "ok"), "--num-prompts", "2", "--num-updates", "1", "--group-size", "2",
+          "--groups-per-update", "1", "--min-steps", "5", "--max-steps", "6", "--install", "", "--threads", "1",
+          "--reward", "psnr", "--distill-updates", "2", "--distill-batch-size", "2", "--distill-repeat-steps", "",
+          "--distill-step-tables", "6"], model=model)
+    distilled = tmp_path / "ok" / "distill" / "final"
+    tables = json.loads((distilled / "metrics.json").read_text())["fit"]["tables"]
+    policy = ConsistencyPolicy.load(distilled)
+    assert policy.step_tables == (6,) and ConsistencyPolicy.load(tmp_path / "ok" / "ppo" / "final").step_tables == (6,)
+    assert policy.time_grid(model.schedule, 6).timesteps.tolist() == tables["6"]["timesteps"]
+    for bad in ("9", "six"):
+        fresh = GaussianDenoiser()
+        with pytest.raises(ValueError, match="step_tables"):
+            main(["--out", str(tmp_path / "run"), "--num-prompts", "2", "--distill-step-tables", bad], model=fresh)
+        assert fresh.calls == 0 and not (tmp_path / "run" / "dataset").exists()
+
+
 def test_recipe_refuses_the_label_term_for_a_model_without_a_palette_before_any_compute(tmp_path):
     model = GaussianDenoiser()
     with pytest.raises(ValueError, match="label_weight"):

@@ -28,7 +28,8 @@ Two ways to descend (``--method``):
 - ``tables`` (default): free residuals a_K and grid log-weights g_K for every K of the step range, one
   Adam each, updates round robin over K (``repeat_steps`` get a second turn in each round); the policy's
   heads are then regressed onto them (:func:`fit_policy`, no model calls). Each K gets its own exact
-  gradient, none traded against another.
+  gradient, none traded against another. The K that ``step_tables`` names keep their tables exactly (the
+  policy's own tables hold what the shared heads miss there).
 - ``policy``: descend on the policy's MLP parameters directly, one random K per update.
 
 The model is never updated; only the policy's parameters get gradients. ``Denoiser.model_output`` is
@@ -108,6 +109,10 @@ class DistillConfig:
                               "only); 0 = off", 0.0)
     label_steps: str = doc("step counts K whose updates carry the label term (comma-separated, within "
                            "min_steps..max_steps; '' = every K)", "")
+    step_tables: str = doc("method 'tables': step counts K whose fitted table the policy keeps exactly in its own "
+                           "parameters, what the shared heads miss there (comma-separated, within "
+                           "min_steps..max_steps; '' = none); give them a low fit weight to keep them from pulling "
+                           "the other K", "")
     residual_decay: str = doc("rho of each K, 'K:rho,...' (unnamed K: 0; '' = off): + rho sum(a^2) of K's squared "
                               "coefficient residuals a on the base rule, a pull toward the analytic rule", "")
     batch_size: int = doc("rows per update (all share one step count K, so each step is one model call)", 8)
@@ -141,6 +146,8 @@ class DistillConfig:
             raise ValueError(f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})")
         self.repeat_step_counts()
         self.labelled_step_counts()
+        if self.own_step_counts() and self.method != "tables":
+            raise ValueError("step_tables needs method 'tables'")
         self.fit_weight_map()
         self.residual_decay_map()
         if self.learn_start and not self.time_grid:
@@ -170,6 +177,12 @@ class DistillConfig:
         else:
             steps = parse_int_list(self.label_steps, "label_steps", self.min_steps, self.max_steps)
         return steps if self.label_weight else []
+
+    def own_step_counts(self) -> list[int]:
+        """``step_tables`` as a list ('' = none); each within min_steps..max_steps."""
+        if isinstance(self.step_tables, str) and not self.step_tables.strip():
+            return []
+        return parse_int_list(self.step_tables, "step_tables", self.min_steps, self.max_steps)
 
     def warm_start_sources(self) -> int | dict[int, int] | None:
         """``warm_start_k`` as the K whose tuned rule every K starts from (an int), as {K: that K} for the K it
@@ -333,7 +346,7 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
     decay, labelled = cfg.residual_decay_map(), set(cfg.labelled_step_counts())
     torch.manual_seed(cfg.seed)
     policy = ConsistencyPolicy(order=cfg.order, base=cfg.base, hidden=cfg.hidden, time_grid=cfg.time_grid,
-                               start=cfg.learn_start, final=cfg.final)
+                               start=cfg.learn_start, final=cfg.final, step_tables=cfg.own_step_counts())
     guidance, schedule, log = float(dataset.index.guidance), model.schedule, []
     steps, rounds = list(range(cfg.min_steps, cfg.max_steps + 1)), cfg.round_robin()
     warm: dict[int, dict[str, Any]] = {}
@@ -473,37 +486,33 @@ def fit_policy(policy: ConsistencyPolicy, schedule: Any, fitted: dict[int, tuple
     """Regress the policy's heads onto per-K fitted tables: the grid head onto g_K on the default grid's
     increments, the coefficient head onto a_K on the features of the grid the policy will sample on
     (g_K rounded); g is compared up to a constant per K, which leaves the grid unchanged. ``weights``
-    ({K: w}, default 1) weighs each K's rows in both losses. Returns the largest absolute errors left
-    (``coef_max_error``, ``grid_max_error``, over every K whatever its weight).
+    ({K: w}, default 1) weighs each K's rows in both losses. Then the own table of each K among the policy's
+    ``step_tables`` is set to what the shared heads miss there, so the policy returns K's fitted table
+    exactly (a low weight keeps such a K's table from pulling the shared heads, and so the other K).
+    Returns the largest absolute errors left (``coef_max_error``, ``grid_max_error``,
+    ``start_max_error_steps``, over every K whatever its weight).
     Pure regression: no model calls.
 
     The grid head reads only the end points of each increment, and those overlap across K, so it cannot
     hold every K's table (max error about 0.2): the regression blends neighbouring K. The measurements
     behind the defaults (iterations, learning rate, weights) are in ``training/results/experiments.md``."""
-    from solver.policy import START_SCALE, free_mask, reweight_grid, step_features
+    from solver.policy import START_SCALE
 
     torch.manual_seed(seed)
-    weights = weights or {}
-    inputs, targets, masks, row_weights, grid_inputs, grid_targets, grid_weights = [], [], [], [], [], [], []
-    starts = starts or {}
-    for k, (a, g) in sorted(fitted.items()):
-        default = policy.default_grid(schedule, k)
-        grid = default if g is None else reweight_grid(schedule, default, g, start=starts.get(k))
-        inputs.append(step_features(grid, policy.order, policy.features))
-        masks.append(free_mask(k, policy.order).to(torch.float32))
-        targets.append(a.to(torch.float32) * masks[-1])
-        row_weights.append(torch.full((k, 1), float(weights.get(k, 1.0))))
-        if g is not None:
-            grid_inputs.append(default)
-            grid_targets.append(g.to(torch.float32))
-            grid_weights.append(float(weights.get(k, 1.0)))
-    x, y, mask, w = torch.cat(inputs), torch.cat(targets), torch.cat(masks), torch.cat(row_weights)
-    coef_total, grid_total = (w * mask).sum().clamp_min(1e-12), max(sum(grid_weights), 1e-12)
-    optimizer = torch.optim.Adam(mean_heads(policy), lr=lr)
+    weights, starts = weights or {}, starts or {}
+    with torch.no_grad():
+        for own in policy.own_parameters():
+            own.zero_()  # the shared heads are regressed alone, then the own tables hold what they miss
+    rows = {k: _regression_rows(policy, schedule, a, g, starts.get(k)) for k, (a, g) in sorted(fitted.items())}
+    x, mask, y = (torch.cat([v[i] for v in rows.values()]) for i in range(3))
+    w = torch.cat([torch.full((k, 1), float(weights.get(k, 1.0))) for k in rows])
+    grids = [(v[3], v[4], float(weights.get(k, 1.0))) for k, v in rows.items() if v[4] is not None]
+    coef_total, grid_total = (w * mask).sum().clamp_min(1e-12), max(sum(gw for _, _, gw in grids), 1e-12)
+    optimizer = torch.optim.Adam(mean_heads(policy, own=False), lr=lr)
     schedule_lr = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
     for _ in range(iterations):
         loss = (w * (policy.net(x) * mask - y) ** 2).sum() / coef_total
-        for default, g, gw in zip(grid_inputs, grid_targets, grid_weights):
+        for default, g, gw in grids:
             loss = loss + gw * _centred(policy.grid_mean(default) - g).pow(2).mean() / grid_total
         if policy.start_net is not None:
             for k, u in starts.items():
@@ -513,20 +522,50 @@ def fit_policy(policy: ConsistencyPolicy, schedule: Any, fitted: dict[int, tuple
         optimizer.step()
         schedule_lr.step()
     with torch.no_grad():
-        coef_error = float(((policy.net(x) * mask - y).abs()).max()) if mask.any() else 0.0
-        grid_error = max((float(_centred(policy.grid_mean(d) - g).abs().max()) for d, g in zip(grid_inputs, grid_targets)),
-                         default=0.0)
+        for k in policy.step_tables:
+            if k not in rows:
+                continue
+            x, mask, y, default, g = rows[k]
+            policy.own_table("residual", k).copy_((y - policy.net(x)) * mask)
+            if g is not None and policy.own_table("grid", k) is not None:
+                policy.own_table("grid", k).copy_(g - policy.grid_mean(default))
+            if k in starts and policy.own_table("start", k) is not None:
+                policy.own_table("start", k).copy_(starts[k].to(torch.float32) - policy.start_mean(k))
+        coef_error = max((float(((policy.net(x) + _own_or_zero(policy, k)) * mask - y).abs().max()) if mask.any()
+                          else 0.0 for k, (x, mask, y, _, _) in rows.items()), default=0.0)
+        grid_error = max((float(_centred(policy.grid_mean(d) - g).abs().max()) for d, g in
+                          ((v[3], v[4]) for v in rows.values()) if g is not None), default=0.0)
         start_error = max((abs(float(policy.start_mean(k)) - float(u)) * START_SCALE for k, u in starts.items()),
                           default=0.0) if policy.start_net is not None else 0.0
     return {"coef_max_error": round(coef_error, 6), "grid_max_error": round(grid_error, 6),
             "start_max_error_steps": round(start_error, 3)}
 
 
-def mean_heads(policy: ConsistencyPolicy) -> list[torch.nn.Parameter]:
-    """The parameters of the policy's deterministic outputs (coefficient head, grid head if any); not the
-    Gaussian's log-stds, which distillation leaves alone."""
-    return (list(policy.net.parameters()) + (list(policy.grid_net.parameters()) if policy.grid_net is not None else [])
-            + (list(policy.start_net.parameters()) if policy.start_net is not None else []))
+def _own_or_zero(policy: ConsistencyPolicy, k: int) -> torch.Tensor | float:
+    own = policy.own_table("residual", k)
+    return 0.0 if own is None else own
+
+
+def _regression_rows(policy: ConsistencyPolicy, schedule: Any, a: torch.Tensor, g: torch.Tensor | None,
+                     u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any,
+                                                      torch.Tensor | None]:
+    """K's rows of the regression: (step features of the grid the policy samples on, free mask, target a_K
+    masked, the default grid, g_K as float32 or None)."""
+    from solver.policy import free_mask, reweight_grid, step_features
+
+    k = a.shape[0]
+    default = policy.default_grid(schedule, k)
+    grid = default if g is None else reweight_grid(schedule, default, g, start=u)
+    mask = free_mask(k, policy.order).to(torch.float32)
+    return (step_features(grid, policy.order, policy.features), mask, a.to(torch.float32) * mask, default,
+            None if g is None else g.to(torch.float32))
+
+
+def mean_heads(policy: ConsistencyPolicy, own: bool = True) -> list[torch.nn.Parameter]:
+    """The parameters of the policy's deterministic outputs (coefficient head, grid and start heads if any,
+    and with ``own`` the own tables); not the Gaussian's log-stds, which distillation leaves alone."""
+    heads = [h for h in (policy.net, policy.grid_net, policy.start_net) if h is not None]
+    return [p for h in heads for p in h.parameters()] + (policy.own_parameters() if own else [])
 
 
 def warm_start_tables(policy: ConsistencyPolicy, schedule: Any, scheduler_config: Any, tuned_file: str,

@@ -399,6 +399,10 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--distill-label-steps", default="",
                         help="the K whose distillation updates carry the label term (comma-separated, within the step "
                              "range; '' = every K)")
+    parser.add_argument("--distill-step-tables", default="",
+                        help="the K whose distilled table the policy keeps exactly, in its own parameters on top of "
+                             "the shared heads (comma-separated, within the step range; '' = none, every K from the "
+                             "shared heads); a low --distill-fit-weights keeps them from pulling the others")
     parser.add_argument("--distill-fit-weights", default=None,
                         help="weight of each K's fitted table in the regression onto the policy, 'K:W,...' (others 1; "
                              f"'' = all 1); default: {LONG_PREVIEW_WEIGHT} for every K above {LONG_PREVIEW_FROM - 1}")
@@ -458,7 +462,7 @@ def recipe_configs(args: argparse.Namespace, out: Path) -> tuple[Any, Any, list[
             learning_rate=args.distill_learning_rate, repeat_steps=args.distill_repeat_steps,
             ssim_weight=args.distill_ssim_weight, colour_weight=args.distill_colour_weight,
             label_weight=args.distill_label_weight, label_steps=args.distill_label_steps,
-            edge_weight=args.distill_edge_weight,
+            step_tables=args.distill_step_tables, edge_weight=args.distill_edge_weight,
             residual_decay=default_residual_decay(*steps) if args.distill_residual_decay is None
             else args.distill_residual_decay,
             fit_weights=default_fit_weights(*steps) if args.distill_fit_weights is None else args.distill_fit_weights,
