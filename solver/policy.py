@@ -51,18 +51,16 @@ FEATURES = ("lam_cur", "lam_next", "lam_prev", "history")
 LAMBDA_SCALE = 4.0
 WEIGHTS_NAME = "policy.safetensors"
 CONFIG_NAME = "policy_config.json"
-MAX_TABLE_STEPS = 50  # the engine's preview range 1..50
 START_SCALE = 100.0  # train steps the start head moves t_0 per unit of its output
 FINALS = (None, "config", "first", "zero")  # None: the schedule's own end point (VPSchedule.final_point)
 _BASE_ORDER = {"ddim": 1, "ab1": 1, "ab2": 2, "ab3": 3, "ab4": 4, "dpm2m": 2, "ipndm": 4}
 
 
 def check_step_tables(step_tables: Sequence[int]) -> tuple[int, ...]:
-    """Validate ``step_tables``: distinct step counts in 1..MAX_TABLE_STEPS, returned sorted."""
+    """Validate ``step_tables``: distinct positive step counts, returned sorted."""
     steps = tuple(step_tables)
-    if any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_TABLE_STEPS for k in steps) \
-            or len(set(steps)) != len(steps):
-        raise ValueError(f"step_tables must be distinct step counts in 1..{MAX_TABLE_STEPS}, got {list(steps)!r}")
+    if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in steps) or len(set(steps)) != len(steps):
+        raise ValueError(f"step_tables must be distinct positive step counts, got {list(steps)!r}")
     return tuple(sorted(steps))
 
 
