@@ -48,7 +48,7 @@ def test_shifted_validation_prompts_are_the_committed_file_of_heldout_combinatio
 
 
 @pytest.mark.parametrize("name, count", [("fresh_heldout", 120), ("second_test", 240), ("third_test", 360),
-                                         ("wide_validation", 600), ("fourth_test", 480)])
+                                         ("wide_validation", 600), ("fourth_test", 480), ("fifth_test", 600)])
 def test_each_test_set_is_its_committed_file_disjoint_from_every_other_split(name, count):
     """Every test set, and the wide validation split of their distribution: the function's captions are the
     committed file, of the held-out combinations, and in no other prompt file (each set in no earlier one
@@ -61,8 +61,10 @@ def test_each_test_set_is_its_committed_file_disjoint_from_every_other_split(nam
     assert prompts == getattr(recipe, f"{name.upper()}_PROMPTS").read_text().splitlines() and len(set(prompts)) == count
     others = set(open("models/embedded/heldout_prompts.txt").read().splitlines()) | set(training_prompts(160))
     splits = [recipe.VALIDATION_PROMPTS, recipe.SHIFTED_VALIDATION_PROMPTS, recipe.FRESH_HELDOUT_PROMPTS,
-              recipe.SECOND_TEST_PROMPTS, recipe.THIRD_TEST_PROMPTS, recipe.WIDE_VALIDATION_PROMPTS]
-    earlier = {"fresh_heldout": 2, "second_test": 3, "third_test": 4, "wide_validation": 5, "fourth_test": 6}[name]
+              recipe.SECOND_TEST_PROMPTS, recipe.THIRD_TEST_PROMPTS, recipe.WIDE_VALIDATION_PROMPTS,
+              recipe.FOURTH_TEST_PROMPTS]
+    earlier = {"fresh_heldout": 2, "second_test": 3, "third_test": 4, "wide_validation": 5, "fourth_test": 6,
+               "fifth_test": 7}[name]
     for split in splits[:earlier]:
         others |= set(split.read_text().splitlines())
     assert not set(prompts) & others

@@ -29,8 +29,9 @@ fitted to the grid they were learned with.
 
 The prompt splits the recipe is tuned and tested on are functions here, each frozen in a file under
 ``models/embedded/``: :func:`validation_prompts`, :func:`shifted_validation_prompts`,
-:func:`wide_validation_prompts`, and the four test sets :func:`fresh_heldout_prompts`,
-:func:`second_test_prompts`, :func:`third_test_prompts` and :func:`fourth_test_prompts`. Why each default is
+:func:`wide_validation_prompts`, and the five test sets :func:`fresh_heldout_prompts`,
+:func:`second_test_prompts`, :func:`third_test_prompts`, :func:`fourth_test_prompts` and
+:func:`fifth_test_prompts`. Why each default is
 what it is (the screens and runs that chose them) is in ``training/results/experiments.md``; the measured
 results of the shipped policy are in the README.
 """
@@ -116,8 +117,10 @@ def shifted_validation_prompts(n: int = 200, seed: int = 777) -> list[str]:
 
 
 # The splits frozen after the tuning splits, in the order they were frozen: (default size, seed) of
-# fresh_heldout_prompts, second_test_prompts, third_test_prompts, wide_validation_prompts, fourth_test_prompts.
-FROZEN_SPLITS = ((120, 20261204), (240, 20261206), (360, 20261207), (600, 20261208), (480, 20261209))
+# fresh_heldout_prompts, second_test_prompts, third_test_prompts, wide_validation_prompts, fourth_test_prompts,
+# fifth_test_prompts.
+FROZEN_SPLITS = ((120, 20261204), (240, 20261206), (360, 20261207), (600, 20261208), (480, 20261209),
+                 (600, 20261210))
 
 
 FRESH_HELDOUT_PROMPTS = VALIDATION_PROMPTS.parent / "fresh_heldout_prompts.txt"
@@ -193,6 +196,18 @@ def fourth_test_prompts(n: int = FROZEN_SPLITS[4][0], seed: int = FROZEN_SPLITS[
     file (no earlier test set and not the wide split). ``models/embedded/fourth_test_prompts.txt`` holds the
     default 480, to be evaluated once (the plan is in training/results/experiments.md)."""
     return heldout_captions_outside(n, seed, _taken_before(4), "the other prompt files")
+
+
+FIFTH_TEST_PROMPTS = VALIDATION_PROMPTS.parent / "fifth_test_prompts.txt"
+
+
+def fifth_test_prompts(n: int = FROZEN_SPLITS[5][0], seed: int = FROZEN_SPLITS[5][1]) -> list[str]:
+    """A fifth test set, frozen before anything was evaluated on it and before any change screened after the
+    fourth set's one use: ``n`` captions of the held-out distribution in no other prompt file (no earlier test set
+    and not the wide split). ``models/embedded/fifth_test_prompts.txt`` holds the default 600 (2400 pairs at
+    seeds 0-3, enough to resolve a few verdict pairs per thousand), to be evaluated once (the plan is in
+    training/results/experiments.md)."""
+    return heldout_captions_outside(n, seed, _taken_before(5), "the other prompt files")
 
 
 BASE_CANDIDATES = ("ddim", "dpm2m", "ab2", "ab3", "ab4")
