@@ -209,8 +209,12 @@ class ConsistencyPolicy(nn.Module):
         """Mean residual a (K, m - 1), float32, zero on dims that are not free."""
         x = step_features(grid, self.order, self.features).to(self.log_std.device)
         mask = free_mask(grid.num_steps, self.order).to(x.device)
-        own = self.own_table("residual", grid.num_steps)
-        return (self.net(x) if own is None else self.net(x) + own) * mask
+        return self.residual_on(x, grid.num_steps) * mask
+
+    def residual_on(self, x: torch.Tensor, num_steps: int) -> torch.Tensor:
+        """The coefficient head on step features ``x`` (K, F) plus K's own residual if it has one; unmasked."""
+        own = self.own_table("residual", num_steps)
+        return self.net(x) if own is None else self.net(x) + own
 
     def compose(self, grid: TimeGrid, residual: torch.Tensor) -> torch.Tensor:
         """w = base + residual, with the last used coefficient absorbing -sum(a) so sum w = 1. (K, m) float64.

@@ -50,7 +50,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -165,24 +165,24 @@ class DistillConfig:
 
     def repeat_step_counts(self) -> list[int]:
         """``repeat_steps`` as a list ('' = none); each must lie within min_steps..max_steps."""
-        if isinstance(self.repeat_steps, str) and not self.repeat_steps.strip():
-            return []
-        return parse_int_list(self.repeat_steps, "repeat_steps", self.min_steps, self.max_steps)
+        return self._step_list("repeat_steps")
 
     def labelled_step_counts(self) -> list[int]:
         """The K whose updates carry the label term: ``label_steps`` ('' = every K of the step range), each
         within min_steps..max_steps; none when ``label_weight`` is 0."""
-        if isinstance(self.label_steps, str) and not self.label_steps.strip():
-            steps = list(range(self.min_steps, self.max_steps + 1))
-        else:
-            steps = parse_int_list(self.label_steps, "label_steps", self.min_steps, self.max_steps)
+        steps = self._step_list("label_steps") or list(range(self.min_steps, self.max_steps + 1))
         return steps if self.label_weight else []
 
     def own_step_counts(self) -> list[int]:
         """``step_tables`` as a list ('' = none); each within min_steps..max_steps."""
-        if isinstance(self.step_tables, str) and not self.step_tables.strip():
+        return self._step_list("step_tables")
+
+    def _step_list(self, name: str) -> list[int]:
+        """The comma-separated step counts of field ``name`` ('' = none), each within min_steps..max_steps."""
+        value = getattr(self, name)
+        if isinstance(value, str) and not value.strip():
             return []
-        return parse_int_list(self.step_tables, "step_tables", self.min_steps, self.max_steps)
+        return parse_int_list(value, name, self.min_steps, self.max_steps)
 
     def warm_start_sources(self) -> int | dict[int, int] | None:
         """``warm_start_k`` as the K whose tuned rule every K starts from (an int), as {K: that K} for the K it
@@ -504,9 +504,9 @@ def fit_policy(policy: ConsistencyPolicy, schedule: Any, fitted: dict[int, tuple
         for own in policy.own_parameters():
             own.zero_()  # the shared heads are regressed alone, then the own tables hold what they miss
     rows = {k: _regression_rows(policy, schedule, a, g, starts.get(k)) for k, (a, g) in sorted(fitted.items())}
-    x, mask, y = (torch.cat([v[i] for v in rows.values()]) for i in range(3))
+    x, mask, y = (torch.cat([getattr(r, f) for r in rows.values()]) for f in ("x", "mask", "y"))
     w = torch.cat([torch.full((k, 1), float(weights.get(k, 1.0))) for k in rows])
-    grids = [(v[3], v[4], float(weights.get(k, 1.0))) for k, v in rows.items() if v[4] is not None]
+    grids = [(r.default, r.g, float(weights.get(k, 1.0))) for k, r in rows.items() if r.g is not None]
     coef_total, grid_total = (w * mask).sum().clamp_min(1e-12), max(sum(gw for _, _, gw in grids), 1e-12)
     optimizer = torch.optim.Adam(mean_heads(policy, own=False), lr=lr)
     schedule_lr = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
@@ -525,40 +525,43 @@ def fit_policy(policy: ConsistencyPolicy, schedule: Any, fitted: dict[int, tuple
         for k in policy.step_tables:
             if k not in rows:
                 continue
-            x, mask, y, default, g = rows[k]
-            policy.own_table("residual", k).copy_((y - policy.net(x)) * mask)
-            if g is not None and policy.own_table("grid", k) is not None:
-                policy.own_table("grid", k).copy_(g - policy.grid_mean(default))
+            r = rows[k]
+            policy.own_table("residual", k).copy_((r.y - policy.net(r.x)) * r.mask)
+            if r.g is not None and policy.own_table("grid", k) is not None:
+                policy.own_table("grid", k).copy_(r.g - policy.grid_mean(r.default))
             if k in starts and policy.own_table("start", k) is not None:
                 policy.own_table("start", k).copy_(starts[k].to(torch.float32) - policy.start_mean(k))
-        coef_error = max((float(((policy.net(x) + _own_or_zero(policy, k)) * mask - y).abs().max()) if mask.any()
-                          else 0.0 for k, (x, mask, y, _, _) in rows.items()), default=0.0)
-        grid_error = max((float(_centred(policy.grid_mean(d) - g).abs().max()) for d, g in
-                          ((v[3], v[4]) for v in rows.values()) if g is not None), default=0.0)
+        coef_error = max((float((policy.residual_on(r.x, k) * r.mask - r.y).abs().max()) if r.mask.any() else 0.0
+                          for k, r in rows.items()), default=0.0)
+        grid_error = max((float(_centred(policy.grid_mean(r.default) - r.g).abs().max())
+                          for r in rows.values() if r.g is not None), default=0.0)
         start_error = max((abs(float(policy.start_mean(k)) - float(u)) * START_SCALE for k, u in starts.items()),
                           default=0.0) if policy.start_net is not None else 0.0
     return {"coef_max_error": round(coef_error, 6), "grid_max_error": round(grid_error, 6),
             "start_max_error_steps": round(start_error, 3)}
 
 
-def _own_or_zero(policy: ConsistencyPolicy, k: int) -> torch.Tensor | float:
-    own = policy.own_table("residual", k)
-    return 0.0 if own is None else own
+class _Rows(NamedTuple):
+    """K's rows of the regression onto the policy."""
+
+    x: torch.Tensor  # step features of the grid the policy samples on (K, F)
+    mask: torch.Tensor  # free dims (K, m - 1)
+    y: torch.Tensor  # target a_K, masked
+    default: Any  # the default grid the grid head reads
+    g: torch.Tensor | None  # g_K as float32, or None without a learned grid
 
 
 def _regression_rows(policy: ConsistencyPolicy, schedule: Any, a: torch.Tensor, g: torch.Tensor | None,
-                     u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any,
-                                                      torch.Tensor | None]:
-    """K's rows of the regression: (step features of the grid the policy samples on, free mask, target a_K
-    masked, the default grid, g_K as float32 or None)."""
+                     u: torch.Tensor | None) -> _Rows:
+    """K's rows of the regression (:class:`_Rows`)."""
     from solver.policy import free_mask, reweight_grid, step_features
 
     k = a.shape[0]
     default = policy.default_grid(schedule, k)
     grid = default if g is None else reweight_grid(schedule, default, g, start=u)
     mask = free_mask(k, policy.order).to(torch.float32)
-    return (step_features(grid, policy.order, policy.features), mask, a.to(torch.float32) * mask, default,
-            None if g is None else g.to(torch.float32))
+    return _Rows(step_features(grid, policy.order, policy.features), mask, a.to(torch.float32) * mask, default,
+                 None if g is None else g.to(torch.float32))
 
 
 def mean_heads(policy: ConsistencyPolicy, own: bool = True) -> list[torch.nn.Parameter]:
