@@ -218,6 +218,43 @@ def test_label_term_reads_the_analyzers_colour_names_and_changes_the_fit(tmp_pat
     assert _term_changes_the_fit(tmp_path / "embedded", "label_weight", 1.0, "label_ce", "embedded-fake")["label_ce"] > 0
 
 
+def test_coverage_term_reads_the_main_objects_silhouette_as_the_analyzer_does_and_changes_the_fit(tmp_path):
+    from models.embedded.analyzer import analyze, main_region
+    from models.embedded.scenes import PALETTE
+    from training.distill import main_coverage_mse
+
+    red, blue = (torch.tensor(PALETTE[c], dtype=torch.float32) for c in ("red", "blue"))
+
+    def scene(side: int, holes=()) -> torch.Tensor:  # a red square of ``side`` on blue, latent in [-1, 1]
+        img = blue.view(3, 1, 1).expand(3, 32, 32).clone()
+        img[:, 4:4 + side, 4:4 + side] = red.view(3, 1, 1)
+        for y, x in holes:  # half covered: a rounded corner
+            img[:, y, x] = (red + blue) / 2
+        return img / 255 * 2 - 1
+
+    small, large = scene(6), scene(20)
+    region = main_region((small + 1) / 2)[2]
+    assert region is not None and region.area == 36 and analyze((small + 1) / 2).main_colour == "red"
+    same = main_coverage_mse(torch.stack([small, large]), torch.stack([small, large]))
+    assert float(same.abs().max()) < 1e-6  # the target's own coverage: free
+    corner = torch.stack([scene(6, [(4, 4)]), scene(20, [(4, 4)])]).requires_grad_(True)  # one corner pixel half lost
+    cost = main_coverage_mse(torch.stack([small, large]), corner)
+    small_cost, large_cost = (float(c) for c in cost.detach())
+    assert large_cost > 0 and small_cost > 5 * large_cost  # the same pixel: dearer on the small object
+    cost.sum().backward()
+    moved = corner.grad.abs().sum(1)[0].nonzero()
+    assert [4, 4] in moved.tolist() and int(moved.max()) <= 4 + 6  # only the object's window, rim included
+    flat = torch.zeros(1, 3, 32, 32)  # no object: no cost
+    assert float(main_coverage_mse(flat, flat + 0.5)) == 0.0
+
+    with pytest.raises(ValueError, match="coverage_weight"):
+        _without_and_with(tmp_path / "fake", "coverage_weight", 1.0)
+    with pytest.raises(ValueError, match="coverage_weight"):
+        DistillConfig(dataset="x", coverage_weight=-1.0).validate()
+    first = _term_changes_the_fit(tmp_path / "embedded", "coverage_weight", 1.0, "coverage_mse", "embedded-fake")
+    assert first["coverage_mse"] >= 0 and "label_ce" not in first
+
+
 def test_label_steps_put_the_label_term_on_the_named_step_counts_only(tmp_path):
     """label_steps '4': K = 4's updates carry the label term and fit another table; K = 3's updates and
     table are those of the run without it."""

@@ -142,15 +142,18 @@ def test_recipe_weighs_long_previews_less_in_the_regression_and_refuses_bad_weig
     assert model.calls == 0 and not (tmp_path / "run" / "dataset").exists()
 
 
-def test_recipe_puts_the_label_term_on_the_step_counts_it_is_given(tmp_path):
+def test_recipe_puts_the_analyzer_terms_on_the_step_counts_it_is_given(tmp_path):
     embedded = GaussianDenoiser()
     embedded.model_id = "embedded-fake"
     main(["--out", str(tmp_path / "ok"), "--num-prompts", "2", "--num-updates", "1", "--group-size", "2",
           "--groups-per-update", "1", "--min-steps", "5", "--max-steps", "6", "--install", "", "--threads", "1",
           "--reward", "psnr", "--distill-updates", "2", "--distill-batch-size", "2", "--distill-repeat-steps", "",
-          "--distill-label-weight", "10", "--distill-label-steps", "6"], model=embedded)
+          "--distill-label-weight", "10", "--distill-coverage-weight", "3", "--distill-label-steps", "6"],
+         model=embedded)
     run = json.loads((tmp_path / "ok" / "distill" / "final" / "metrics.json").read_text())["updates"]
-    assert [("label_ce" in e, e["steps"]) for e in run] == [(False, 5), (True, 6)]
+    assert [("label_ce" in e, "coverage_mse" in e, e["steps"]) for e in run] == [(False, False, 5), (True, True, 6)]
+    settings = json.loads((tmp_path / "ok" / "distill" / "final" / "train_config.json").read_text())["values"]
+    assert settings["coverage_weight"] == 3.0 and settings["label_weight"] == 10.0
     model = GaussianDenoiser()
     for bad in ("9", "six"):
         with pytest.raises(ValueError, match="label_steps"):
@@ -180,10 +183,13 @@ def test_recipe_keeps_the_tables_of_the_step_counts_it_is_given_exactly(tmp_path
         assert fresh.calls == 0 and not (tmp_path / "run" / "dataset").exists()
 
 
-def test_recipe_refuses_the_label_term_for_a_model_without_a_palette_before_any_compute(tmp_path):
+@pytest.mark.parametrize("term", ["label", "coverage"])
+def test_recipe_refuses_the_analyzer_terms_for_a_model_without_a_palette_before_any_compute(tmp_path, term):
     model = GaussianDenoiser()
-    with pytest.raises(ValueError, match="label_weight"):
-        main(["--out", str(tmp_path / "run"), "--num-prompts", "2", "--distill-label-weight", "1"], model=model)
+    with pytest.raises(ValueError, match=f"{term}_weight"):
+        main(["--out", str(tmp_path / "run"), "--num-prompts", "2", f"--distill-{term}-weight", "1",
+              "--num-updates", "1", "--group-size", "2", "--groups-per-update", "1", "--distill-updates", "1",
+              "--install", ""], model=model)
     assert model.calls == 0 and not (tmp_path / "run" / "dataset").exists()
 
 

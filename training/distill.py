@@ -13,8 +13,10 @@ structure term, SSIM of the two latents read as images in [-1, 1] (the embedded 
 ``residual_decay`` ('K:rho,...', default none) pulls K's coefficients w = b + a toward the base rule b
 (+ rho sum(a^2)). ``label_weight`` nu (default 0, embedded model only) adds nu log CE of the scene
 analyzer's palette labels (:func:`palette_label_ce`) on the updates of the K ``label_steps`` names (default
-all). ``edge_weight`` xi (default 0) adds xi log MSE of the Sobel gradients
-(:func:`training.rewards.gradient_mse`, the gradient part of the h1_psnr reward).
+all); ``coverage_weight`` kappa (default 0, embedded model only, the same K) adds kappa log MSE of the main
+object's coverage where the analyzer reads its shape (:func:`main_coverage_mse`). ``edge_weight`` xi
+(default 0) adds xi log MSE of the Sobel gradients (:func:`training.rewards.gradient_mse`, the gradient part of
+the h1_psnr reward).
 ``colour_weight`` mu (default 0) adds mu log MSE of the 4 x 4 block means, the colour of a region, which
 the scene analyzer reads. Why each default is what it is: ``training/results/experiments.md``.
 
@@ -107,8 +109,11 @@ class DistillConfig:
     label_weight: float = doc("nu of the label term: + nu log CE of the preview's soft palette labels against the "
                               "target's, per pixel, the colour names the scene analyzer reads (embedded model "
                               "only); 0 = off", 0.0)
-    label_steps: str = doc("step counts K whose updates carry the label term (comma-separated, within "
-                           "min_steps..max_steps; '' = every K)", "")
+    coverage_weight: float = doc("kappa of the coverage term: + kappa log MSE of the main object's coverage, read "
+                                 "as the scene analyzer reads the shape from it (in the target's main-object window, "
+                                 "on its foreground-background colour segment; embedded model only); 0 = off", 0.0)
+    label_steps: str = doc("step counts K whose updates carry the analyzer's terms (label, coverage; comma-separated, "
+                           "within min_steps..max_steps; '' = every K)", "")
     step_tables: str = doc("method 'tables': step counts K whose fitted table the policy keeps exactly in its own "
                            "parameters, what the shared heads miss there (comma-separated, within "
                            "min_steps..max_steps; '' = none); give them a low fit weight to keep them from pulling "
@@ -134,7 +139,7 @@ class DistillConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name in ("learning_rate", "fit_learning_rate"):
             check_positive_number(name, getattr(self, name))
-        for name in ("ssim_weight", "colour_weight", "label_weight", "edge_weight"):
+        for name in ("ssim_weight", "colour_weight", "label_weight", "coverage_weight", "edge_weight"):
             v = getattr(self, name)
             if isinstance(v, bool) or v != 0:  # 0 = off; else positive
                 check_positive_number(name, v)
@@ -168,10 +173,10 @@ class DistillConfig:
         return self._step_list("repeat_steps")
 
     def labelled_step_counts(self) -> list[int]:
-        """The K whose updates carry the label term: ``label_steps`` ('' = every K of the step range), each
-        within min_steps..max_steps; none when ``label_weight`` is 0."""
+        """The K whose updates carry the analyzer's terms: ``label_steps`` ('' = every K of the step range), each
+        within min_steps..max_steps; none when ``label_weight`` and ``coverage_weight`` are 0."""
         steps = self._step_list("label_steps") or list(range(self.min_steps, self.max_steps + 1))
-        return steps if self.label_weight else []
+        return steps if self.label_weight or self.coverage_weight else []
 
     def own_step_counts(self) -> list[int]:
         """``step_tables`` as a list ('' = none); each within min_steps..max_steps."""
@@ -296,8 +301,8 @@ def model_palette(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
     from models.embedded.analyzer import palette_references
 
     if not is_embedded(model):
-        raise ValueError(f"label_weight needs the embedded model's palette (its scene analyzer's colours); "
-                         f"model {getattr(model, 'model_id', model)!r} has none")
+        raise ValueError("label_weight and coverage_weight need the embedded model's palette (its scene analyzer's "
+                         f"colours); model {getattr(model, 'model_id', model)!r} has none")
     refs, names = palette_references()
     return torch.from_numpy(refs).float(), torch.from_numpy(names).long()
 
@@ -324,6 +329,35 @@ def palette_label_ce(target: torch.Tensor, x: torch.Tensor, refs: torch.Tensor, 
     return -log_p.gather(-1, want.unsqueeze(-1)).squeeze(-1).flatten(1).mean(1)
 
 
+def main_coverage_mse(target: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-row MSE of ``x``'s coverage of the target's main object against the target's own, where the scene
+    analyzer reads the object's shape (:func:`models.embedded.analyzer.main_region`): in the window around the
+    target's main region, a pixel's coverage is its projection on the segment from the background's reference
+    colour to the object's, clipped to [0, 1], kept on the region grown by one pixel and 0 elsewhere. Its shape
+    template is read from this map, so a rounded corner or a bridged gap between two copies costs here in
+    proportion to the object's size, not the image's. Rows whose target has no main object cost 0."""
+    from models.embedded.analyzer import main_region
+
+    rgb = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0  # (B, 3, H, W), as the analyzer reads an image
+
+    def as_t(a: Any) -> torch.Tensor:
+        return torch.as_tensor(a, dtype=rgb.dtype, device=rgb.device)
+
+    out = []
+    for i in range(len(x)):
+        region = main_region(((target[i].detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0))[2]
+        if region is None:
+            out.append(rgb.new_zeros(()))
+            continue
+        y0, y1, x0, x1 = region.box
+        fg, bg = as_t(region.fg), as_t(region.bg)
+        d = fg - bg
+        window = rgb[i, :, y0:y1, x0:x1].permute(1, 2, 0)
+        alpha = (((window - bg) @ d) / (d @ d).clamp_min(1e-6)).clamp(0.0, 1.0) * as_t(region.grown)
+        out.append((alpha - as_t(region.alpha)).pow(2).mean())
+    return torch.stack(out)
+
+
 def distill(config: DistillConfig, model: Any, dataset: Any,
             progress: bool = True) -> tuple[ConsistencyPolicy, list[dict], dict[str, Any] | None]:
     """Fit the policy's mean coefficients (and, with ``time_grid``, its time grid) by gradient descent
@@ -342,7 +376,7 @@ def distill(config: DistillConfig, model: Any, dataset: Any,
     from solver.policy import reweight_grid
 
     cfg = config.validate()
-    palette = model_palette(model) if cfg.label_weight else None
+    palette = model_palette(model) if cfg.label_weight or cfg.coverage_weight else None
     decay, labelled = cfg.residual_decay_map(), set(cfg.labelled_step_counts())
     torch.manual_seed(cfg.seed)
     policy = ConsistencyPolicy(order=cfg.order, base=cfg.base, hidden=cfg.hidden, time_grid=cfg.time_grid,
@@ -426,7 +460,8 @@ def update_batch(cfg: DistillConfig, update: int, rounds: list[int], num_rows: i
 def distill_loss(cfg: DistillConfig, x: torch.Tensor, target: torch.Tensor,
                  palette: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """The module docstring's loss without the pull toward the base rule: mean over rows of log MSE plus
-    each weighted term of ``cfg`` (structure, colour, edges, palette labels when ``palette`` is given).
+    each weighted term of ``cfg`` (structure, colour, edges; the analyzer's label and coverage terms when
+    ``palette`` is given, on the K ``label_steps`` names).
     Returns (loss, per-row MSE, {term: value} for the update log)."""
     from training.rewards import gradient_mse
 
@@ -445,7 +480,11 @@ def distill_loss(cfg: DistillConfig, x: torch.Tensor, target: torch.Tensor,
         edges = gradient_mse((target + 1.0) / 2.0, (x + 1.0) / 2.0)
         loss = loss + cfg.edge_weight * torch.log(edges + 1e-10).mean()
         entry["psnr_edges"] = float(-10 * torch.log10(edges.detach() + 1e-10).mean())
-    if palette is not None:
+    if palette is not None and cfg.coverage_weight:
+        cover = main_coverage_mse(target, x)
+        loss = loss + cfg.coverage_weight * torch.log(cover + 1e-6).mean()
+        entry["coverage_mse"] = float(cover.detach().mean())
+    if palette is not None and cfg.label_weight:
         ce = palette_label_ce(target, x, *palette)
         loss = loss + cfg.label_weight * torch.log(ce + 1e-6).mean()
         entry["label_ce"] = float(ce.detach().mean())

@@ -411,9 +411,12 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
     parser.add_argument("--distill-label-weight", type=float, default=0.0,
                         help="nu of the distillation's label term, + nu log CE of the analyzer's palette labels "
                              "(embedded model only)")
+    parser.add_argument("--distill-coverage-weight", type=float, default=0.0,
+                        help="kappa of the distillation's coverage term, + kappa log MSE of the main object's coverage "
+                             "where the analyzer reads its shape (embedded model only)")
     parser.add_argument("--distill-label-steps", default="",
-                        help="the K whose distillation updates carry the label term (comma-separated, within the step "
-                             "range; '' = every K)")
+                        help="the K whose distillation updates carry the analyzer's terms, label and coverage "
+                             "(comma-separated, within the step range; '' = every K)")
     parser.add_argument("--distill-step-tables", default="",
                         help="the K whose distilled table the policy keeps exactly, in its own parameters on top of "
                              "the shared heads (comma-separated, within the step range; '' = none, every K from the "
@@ -476,7 +479,8 @@ def recipe_configs(args: argparse.Namespace, out: Path) -> tuple[Any, Any, list[
             batch_size=args.distill_batch_size, num_updates=args.distill_updates,
             learning_rate=args.distill_learning_rate, repeat_steps=args.distill_repeat_steps,
             ssim_weight=args.distill_ssim_weight, colour_weight=args.distill_colour_weight,
-            label_weight=args.distill_label_weight, label_steps=args.distill_label_steps,
+            label_weight=args.distill_label_weight, coverage_weight=args.distill_coverage_weight,
+            label_steps=args.distill_label_steps,
             step_tables=args.distill_step_tables, edge_weight=args.distill_edge_weight,
             residual_decay=default_residual_decay(*steps) if args.distill_residual_decay is None
             else args.distill_residual_decay,
@@ -557,7 +561,7 @@ def run_recipe(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
             distill_settings.final = warm_start_final(distill_settings.warm_start, model, config.order,
                                                       sources.get(4, 4))
             logger.info("policy grid end point: %s (the warm start's K = 4 rule)", distill_settings.final)
-    if distill_settings is not None and distill_settings.label_weight:
+    if distill_settings is not None and distill_settings.labelled_step_counts():
         from training.distill import model_palette
 
         model_palette(model)  # a model without the analyzer's palette is refused before the dataset is built

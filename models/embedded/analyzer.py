@@ -124,8 +124,26 @@ def _coverage(arr: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
     return np.clip(a, 0.0, 1.0)
 
 
-def analyze(image) -> SceneReading:
-    """Read the background colour and the main object's colour and shape from one image."""
+@dataclass(frozen=True)
+class MainRegion:
+    """The main object as :func:`analyze` finds it: its colour and the background's (indices into COLOURS),
+    its area, and the window around it where its shape is read: ``box`` (y0, y1, x0, x1), the foreground and
+    background reference colours ``fg`` / ``bg`` (RGB 0..255) whose segment a pixel's coverage is read on, the
+    region grown by one pixel ``grown`` (bool, box-sized) and the coverage ``alpha`` there (0 outside it)."""
+
+    colour: int
+    background: int
+    area: int
+    box: tuple[int, int, int, int]
+    fg: np.ndarray
+    bg: np.ndarray
+    grown: np.ndarray
+    alpha: np.ndarray
+
+
+def main_region(image) -> tuple[int, int, MainRegion | None]:
+    """(background colour, largest region's area, the main object or None when there is no region of at least
+    4 pixels): steps 2-3 of the module docstring and the coverage window step 4 reads the shape in."""
     arr = _as_uint8_hwc(image)
     labels = colour_labels(arr)
     border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
@@ -142,7 +160,7 @@ def analyze(image) -> SceneReading:
         if sizes[k] > best_area:
             best_area, best_mask, best_colour = int(sizes[k]), comp == (k + 1), int(c)
     if best_mask is None or best_area < 4:
-        return SceneReading(None, None, COLOURS[bg], best_area, 0.0)
+        return bg, best_area, None
     # two copies of the main object touching through antialiased rims: split them by a 1-pixel erosion
     # (only for regions without a hole: eroding a thin ring would break it into arcs)
     has_hole = ndimage.binary_fill_holes(best_mask).sum() > best_mask.sum() + 2
@@ -160,17 +178,24 @@ def analyze(image) -> SceneReading:
     window = arr[y0:y1, x0:x1].astype(np.float32)
     bg_pixels = window[labels[y0:y1, x0:x1] == bg]
     bg_ref = np.median(bg_pixels, axis=0) if len(bg_pixels) else np.array(PALETTE[COLOURS[bg]], np.float32)
-    alpha = _coverage(window, fg_ref, bg_ref)
     # keep only the main region (grown by one pixel for its antialiased rim), not its neighbours
     grown = ndimage.binary_dilation(best_mask, structure=np.ones((3, 3), bool))[y0:y1, x0:x1]
-    alpha = np.where(grown, alpha, 0.0)
-    on = alpha > 0.5
+    alpha = np.where(grown, _coverage(window, fg_ref, bg_ref), 0.0)
+    return bg, best_area, MainRegion(best_colour, bg, best_area, (int(y0), int(y1), int(x0), int(x1)),
+                                     fg_ref, bg_ref, grown, alpha)
+
+
+def analyze(image) -> SceneReading:
+    """Read the background colour and the main object's colour and shape from one image."""
+    bg, area, region = main_region(image)
+    if region is None:
+        return SceneReading(None, None, COLOURS[bg], area, 0.0)
+    on = region.alpha > 0.5
     if not on.any():
-        return SceneReading(COLOURS[best_colour], None, COLOURS[bg], best_area, 0.0)
+        return SceneReading(COLOURS[region.colour], None, COLOURS[bg], area, 0.0)
     oy, ox = np.nonzero(on)
-    region = alpha[oy.min(): oy.max() + 1, ox.min(): ox.max() + 1]
-    shape, iou = classify_shape(region)
-    return SceneReading(COLOURS[best_colour], shape, COLOURS[bg], best_area, iou)
+    shape, iou = classify_shape(region.alpha[oy.min(): oy.max() + 1, ox.min(): ox.max() + 1])
+    return SceneReading(COLOURS[region.colour], shape, COLOURS[bg], area, iou)
 
 
 def judge(image, prompt: str | ParsedPrompt) -> Verdict:
