@@ -233,8 +233,8 @@ def test_coverage_term_reads_the_main_objects_silhouette_as_the_analyzer_does_an
         return img / 255 * 2 - 1
 
     small, large = scene(6), scene(20)
-    region = main_region((small + 1) / 2)[2]
-    assert region is not None and region.area == 36 and analyze((small + 1) / 2).main_colour == "red"
+    _, area, region = main_region((small + 1) / 2)
+    assert region is not None and area == 36 and analyze((small + 1) / 2).main_colour == "red"
     same = main_coverage_mse(torch.stack([small, large]), torch.stack([small, large]))
     assert float(same.abs().max()) < 1e-6  # the target's own coverage: free
     corner = torch.stack([scene(6, [(4, 4)]), scene(20, [(4, 4)])]).requires_grad_(True)  # one corner pixel half lost

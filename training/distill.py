@@ -336,7 +336,7 @@ def main_coverage_mse(target: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     colour to the object's, clipped to [0, 1], kept on the region grown by one pixel and 0 elsewhere. Its shape
     template is read from this map, so a rounded corner or a bridged gap between two copies costs here in
     proportion to the object's size, not the image's. Rows whose target has no main object cost 0."""
-    from models.embedded.analyzer import main_region
+    from models.embedded.analyzer import coverage, main_region
 
     rgb = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0  # (B, 3, H, W), as the analyzer reads an image
 
@@ -350,10 +350,8 @@ def main_coverage_mse(target: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             out.append(rgb.new_zeros(()))
             continue
         y0, y1, x0, x1 = region.box
-        fg, bg = as_t(region.fg), as_t(region.bg)
-        d = fg - bg
         window = rgb[i, :, y0:y1, x0:x1].permute(1, 2, 0)
-        alpha = (((window - bg) @ d) / (d @ d).clamp_min(1e-6)).clamp(0.0, 1.0) * as_t(region.grown)
+        alpha = coverage(window, as_t(region.fg), as_t(region.bg)) * as_t(region.grown)
         out.append((alpha - as_t(region.alpha)).pow(2).mean())
     return torch.stack(out)
 

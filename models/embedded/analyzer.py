@@ -117,23 +117,22 @@ def classify_shape(alpha: np.ndarray) -> tuple[str, float]:
     return best, best_iou
 
 
-def _coverage(arr: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    """Per-pixel fraction of the foreground colour: projection of the pixel on the bg -> fg segment."""
+def coverage(arr, fg, bg):
+    """Per-pixel fraction of the foreground colour: projection of the pixel (..., 3) on the bg -> fg segment,
+    clipped to [0, 1]. numpy arrays or torch tensors alike (the distillation's coverage term differentiates it)."""
     d = fg - bg
     a = ((arr - bg) @ d) / max(1e-6, float(d @ d))
-    return np.clip(a, 0.0, 1.0)
+    return a.clip(0.0, 1.0)
 
 
 @dataclass(frozen=True)
 class MainRegion:
-    """The main object as :func:`analyze` finds it: its colour and the background's (indices into COLOURS),
-    its area, and the window around it where its shape is read: ``box`` (y0, y1, x0, x1), the foreground and
+    """The main object as :func:`analyze` finds it: its colour (an index into COLOURS) and the window around
+    it where its shape is read: ``box`` (y0, y1, x0, x1), the foreground and
     background reference colours ``fg`` / ``bg`` (RGB 0..255) whose segment a pixel's coverage is read on, the
     region grown by one pixel ``grown`` (bool, box-sized) and the coverage ``alpha`` there (0 outside it)."""
 
     colour: int
-    background: int
-    area: int
     box: tuple[int, int, int, int]
     fg: np.ndarray
     bg: np.ndarray
@@ -180,9 +179,8 @@ def main_region(image) -> tuple[int, int, MainRegion | None]:
     bg_ref = np.median(bg_pixels, axis=0) if len(bg_pixels) else np.array(PALETTE[COLOURS[bg]], np.float32)
     # keep only the main region (grown by one pixel for its antialiased rim), not its neighbours
     grown = ndimage.binary_dilation(best_mask, structure=np.ones((3, 3), bool))[y0:y1, x0:x1]
-    alpha = np.where(grown, _coverage(window, fg_ref, bg_ref), 0.0)
-    return bg, best_area, MainRegion(best_colour, bg, best_area, (int(y0), int(y1), int(x0), int(x1)),
-                                     fg_ref, bg_ref, grown, alpha)
+    alpha = np.where(grown, coverage(window, fg_ref, bg_ref), 0.0)
+    return bg, best_area, MainRegion(best_colour, (int(y0), int(y1), int(x0), int(x1)), fg_ref, bg_ref, grown, alpha)
 
 
 def analyze(image) -> SceneReading:
