@@ -82,6 +82,7 @@ def test_admin_commands_are_accepted_by_the_training_clis(admin, monkeypatch):
     (lambda a: a.start_ppo(a.token, 7, 5), "Dataset"),
     (lambda a: a.start_ppo(a.token, 1, 0), "Updates"),
     (lambda a: a.start_ppo(a.token, 1, 5, "psnr+rm -rf"), "Reward"),
+    (lambda a: a.start_ppo(a.token, 1, 5, "h1_psnr+3*readings"), "Reward.*'fake' is not the embedded model"),
     (lambda a: next(a.evaluate(a.token, "x", "0,3", 1)), "Steps"),
     (lambda a: next(a.evaluate(a.token, "", "3", 1)), "Held-out prompts"),
     (lambda a: a.activate(a.token, 2), "Checkpoint id"),

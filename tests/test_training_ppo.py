@@ -148,6 +148,8 @@ def test_bad_input_is_refused_before_any_model_call(dataset_dir, tmp_path):
     model = GaussianDenoiser()
     with pytest.raises(RewardWeightsMissing, match="depth"):
         prepare(_config(dataset_dir, tmp_path, reward="depth", reward_weights={"depth": str(tmp_path / "none")}), model=model)
+    with pytest.raises(ValueError, match="reward: readings .* 'fake-gaussian' is not the embedded model"):
+        prepare(_config(dataset_dir, tmp_path, reward="psnr+3*readings"), model=model)
     ConsistencyPolicy(order=2).save(tmp_path / "order2")
     with pytest.raises(ValueError, match="order 4 was asked for"):
         prepare(_config(dataset_dir, tmp_path, init_from=str(tmp_path / "order2")), model=model)

@@ -183,11 +183,12 @@ def test_recipe_keeps_the_tables_of_the_step_counts_it_is_given_exactly(tmp_path
         assert fresh.calls == 0 and not (tmp_path / "run" / "dataset").exists()
 
 
-@pytest.mark.parametrize("term", ["label", "coverage"])
+@pytest.mark.parametrize("term", ["label", "coverage", "readings"])
 def test_recipe_refuses_the_analyzer_terms_for_a_model_without_a_palette_before_any_compute(tmp_path, term):
     model = GaussianDenoiser()
-    with pytest.raises(ValueError, match=f"{term}_weight"):
-        main(["--out", str(tmp_path / "run"), "--num-prompts", "2", f"--distill-{term}-weight", "1",
+    flag = ["--reward", "h1_psnr+3*readings"] if term == "readings" else [f"--distill-{term}-weight", "1"]
+    with pytest.raises(ValueError, match="reward: readings" if term == "readings" else f"{term}_weight"):
+        main(["--out", str(tmp_path / "run"), "--num-prompts", "2", *flag,
               "--num-updates", "1", "--group-size", "2", "--groups-per-update", "1", "--distill-updates", "1",
               "--install", ""], model=model)
     assert model.calls == 0 and not (tmp_path / "run" / "dataset").exists()

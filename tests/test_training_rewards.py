@@ -163,3 +163,55 @@ def test_missing_weights_fail_clearly_before_compute(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(RewardWeightsMissing, match="not in the local Hugging Face cache"):
         get_similarity("dino")
+
+
+def _scene(shape="diamond", background="blue", colour="red"):
+    from models.embedded.scenes import Scene, SceneObject, render
+
+    objects = () if shape is None else (SceneObject(shape, colour, 0.6, 0.5, 0.5),)
+    return torch.from_numpy(render(Scene(background, objects)).copy()).permute(2, 0, 1).float()[None] / 255
+
+
+def test_readings_reward_scores_each_analyzer_field_and_the_margin_for_the_targets_shape():
+    """``readings`` is the mean of +-1 for the main colour and the background and the preview's clipped margin for
+    the shape read in the *target*: one wrong field costs 2/3, and a preview drifting toward another shape scores
+    less before its reading flips."""
+    from models.embedded.analyzer import read_scene
+    from models.embedded.scenes import SHAPES
+
+    sim = get_similarity("readings")
+    diamond = _scene("diamond")
+    assert sim(diamond, diamond).item() == 1.0
+    assert sim(diamond, _scene("diamond", background="green")).item() == pytest.approx(1 / 3)
+    assert sim(diamond, _scene("circle")).item() == pytest.approx(1 / 3)  # shape term -1: it reads a circle
+    assert sim(diamond, _scene(None)).item() == pytest.approx(-1 / 3)  # no object: colour and shape both wrong
+    assert sim(_scene(None), _scene(None)).item() == 1.0
+    # a preview between a diamond and a circle: still read as a diamond, but by a margin under tau
+    between = 0.8 * diamond + 0.2 * _scene("circle")
+    reading, ious = read_scene(between[0])
+    assert reading.main_shape == "diamond"
+    d = SHAPES.index("diamond")
+    margin = (ious[d] - max(v for i, v in enumerate(ious) if i != d)) / 0.05
+    assert 0 < margin < 1
+    assert sim(diamond, between).item() == pytest.approx((2 + margin) / 3, abs=1e-6)
+    # the margin is for the target's shape: against a circle target the same preview's shape term is negative
+    c = SHAPES.index("circle")
+    against_circle = max(-1.0, (ious[c] - max(v for i, v in enumerate(ious) if i != c)) / 0.05)
+    assert against_circle < 0
+    assert sim(_scene("circle"), between).item() == pytest.approx((2 + against_circle) / 3, abs=1e-6)
+    # as a PPO reward: one target's features expand to its group's previews (training.ppo.PPOTrainer.score)
+    both = get_similarity("h1_psnr+3*readings")
+    targets = torch.cat([diamond, _scene("circle")])
+    feats = both.select(both.features(targets), torch.tensor([0, 0, 1]))
+    previews = torch.cat([diamond, between, between])
+    expected = h1_psnr(targets[[0, 0, 1]], previews) + 3 * sim(targets[[0, 0, 1]], previews)
+    assert torch.allclose(both.compare(feats, both.features(previews)), expected)
+
+
+def test_readings_reward_is_refused_for_a_model_the_analyzer_cannot_read():
+    from training.rewards import check_reward_for_model
+
+    check_reward_for_model("h1_psnr+3*readings", "embedded")
+    check_reward_for_model("psnr+10*gms", "stable-diffusion-v1-5")
+    with pytest.raises(ValueError, match="reward: readings .* 'stable-diffusion-v1-5' is not the embedded model"):
+        check_reward_for_model("h1_psnr+3*readings", "stable-diffusion-v1-5")

@@ -565,6 +565,10 @@ def run_recipe(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
         from training.distill import model_palette
 
         model_palette(model)  # a model without the analyzer's palette is refused before the dataset is built
+    if config.reward is not None:
+        from training.rewards import check_reward_for_model
+
+        check_reward_for_model(config.reward, model)  # likewise a reward the analyzer scores
     build_recipe_dataset(model, out, args.num_prompts, seeds, pairing)
     t_data = time.perf_counter() - t0
     store = None

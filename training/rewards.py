@@ -357,6 +357,56 @@ class SegmentationSimilarity(ModelSimilarity):
 
 
 # ------------------------------------------------------------------------------------------------
+# The embedded model's scene analyzer as a reward
+# ------------------------------------------------------------------------------------------------
+class ReadingSimilarity(Similarity):
+    """``readings``: does the preview read as the target does under the embedded model's scene analyzer
+    (``models.embedded.analyzer``), the judge of the verdict agreement ``training.evaluate`` reports?
+
+    Per image, the mean of three scores in [-1, 1]: +1 / -1 for the same / another main colour, the same for
+    the background, and for the main shape the preview's margin for the target's shape,
+    clip((IoU_p(s_t) - max_{s != s_t} IoU_p(s)) / tau, -1, 1), where s_t is the shape read in the target
+    and IoU_p the preview's template IoUs (``analyzer.shape_ious``). So a preview whose corner is rounding
+    toward another shape scores less before its reading flips, which a 0/1 verdict cannot tell a policy.
+    No shape in either image: +1 when neither has one, -1 when one has.
+    Not differentiable (the analyzer is numpy): a PPO reward, typically beside a pixel measure
+    (``h1_psnr+3*readings``). The embedded model only: ``training.train`` refuses it for other models.
+    """
+
+    name, units = "readings", "[-1,1]"
+
+    def __init__(self, tau: float = 0.05):
+        self.tau = tau
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 2 + len(SHAPES)) float: main colour index (-1: none), background index, each shape's IoU (-1: no
+        shape read)."""
+        from models.embedded.analyzer import read_scene
+        from models.embedded.scenes import COLOURS, SHAPES
+
+        rows = []
+        for image in _check_images(images):
+            reading, ious = read_scene(image)
+            colour = COLOURS.index(reading.main_colour) if reading.main_colour is not None else -1
+            shape_ious = ious if ious is not None else [-1.0] * len(SHAPES)
+            rows.append([colour, COLOURS.index(reading.background), *shape_ious])
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def compare(self, target_features: torch.Tensor, preview_features: torch.Tensor) -> torch.Tensor:
+        t, p = target_features, preview_features
+        colour = 2.0 * (t[:, 0] == p[:, 0]).float() - 1.0
+        background = 2.0 * (t[:, 1] == p[:, 1]).float() - 1.0
+        t_ious, p_ious = t[:, 2:], p[:, 2:]
+        has_t, has_p = t_ious[:, 0] >= 0, p_ious[:, 0] >= 0
+        s_t = t_ious.argmax(1, keepdim=True)
+        own = p_ious.gather(1, s_t)[:, 0]
+        other = p_ious.scatter(1, s_t, float("-inf")).max(1).values
+        margin = ((own - other) / self.tau).clamp(-1.0, 1.0)
+        shape = torch.where(has_t & has_p, margin, torch.where(has_t == has_p, 1.0, -1.0))
+        return (colour + background + shape) / 3.0
+
+
+# ------------------------------------------------------------------------------------------------
 # Registry
 # ------------------------------------------------------------------------------------------------
 PIXEL_MEASURES: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str]] = {
@@ -373,7 +423,8 @@ MODEL_MEASURES: dict[str, Callable[..., Similarity]] = {
     "clip": lambda **kw: EmbeddingSimilarity("clip", **kw),
     "segformer": lambda **kw: SegmentationSimilarity("segformer", **kw),
 }
-REWARD_NAMES = tuple(PIXEL_MEASURES) + tuple(MODEL_MEASURES)
+ANALYZER_MEASURES: dict[str, Callable[[], Similarity]] = {"readings": ReadingSimilarity}  # embedded model only
+REWARD_NAMES = tuple(PIXEL_MEASURES) + tuple(MODEL_MEASURES) + tuple(ANALYZER_MEASURES)
 _TERM = re.compile(r"^\s*(?:(?P<w>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*\*\s*)?(?P<name>[a-z_0-9]+)\s*$")
 
 
@@ -401,6 +452,8 @@ def get_similarity(
             sim: Similarity = PixelSimilarity(name, fn, units)
         elif name in MODEL_MEASURES:
             sim = MODEL_MEASURES[name](weights=(weights or {}).get(name), allow_download=allow_download, device=device)
+        elif name in ANALYZER_MEASURES:
+            sim = ANALYZER_MEASURES[name]()
         else:
             raise ValueError(f"reward: unknown measure {name!r}; known: {', '.join(REWARD_NAMES)}")
         if not math.isfinite(w) or w <= 0:
@@ -409,6 +462,19 @@ def get_similarity(
     if len(terms) == 1 and terms[0][0] == 1.0:
         return terms[0][1]
     return WeightedSum(terms=terms, name=spec.replace(" ", ""))
+
+
+def check_reward_for_model(spec: str, model: object) -> None:
+    """Refuse a reward spec with an analyzer measure (``readings``) for a model (a denoiser or a model id) that
+    is not the embedded model: the scene analyzer only reads the embedded model's scenes."""
+    from models.embedded import is_embedded
+
+    names = {m.group("name") for m in map(_TERM.match, spec.split("+")) if m is not None}
+    analyzer_terms = sorted(names & set(ANALYZER_MEASURES))
+    if analyzer_terms and not is_embedded(model):
+        model_id = model if isinstance(model, str) else getattr(model, "model_id", model)
+        raise ValueError(f"reward: {', '.join(analyzer_terms)} reads scenes with the embedded model's analyzer; "
+                         f"model {model_id!r} is not the embedded model")
 
 
 def default_reward(model_id: str) -> str:

@@ -30,10 +30,12 @@ def prepare(config: TrainConfig, model: Any = None, store: Any = None, accelerat
     from solver.policy import ConsistencyPolicy
     from training.dataset import DatasetIndex, load_dataset
     from training.ppo import PPOTrainer
-    from training.rewards import default_reward, get_similarity
+    from training.rewards import check_reward_for_model, default_reward, get_similarity
 
     config.validate()
     index = DatasetIndex.read(config.dataset)  # unreadable / foreign folder: fails here
+    if config.reward is not None:
+        check_reward_for_model(config.reward, index.model_id)
     if index.reference_solver != FULL_STEP_SOLVER:
         index.check_compatible(index.model_id, FULL_STEP_SOLVER)
     policy = ConsistencyPolicy.load(config.init_from, order=config.order) if config.init_from else None

@@ -312,7 +312,8 @@ class Admin:
         self._check(session)
         try:
             n = parse_int(updates, "Updates", 1, 100_000)
-            reward_args = ["--reward", check_reward(reward)] if reward and reward != MODEL_DEFAULT else []
+            reward_args = (["--reward", check_reward(reward, getattr(self.backend, "model_name", None))]
+                           if reward and reward != MODEL_DEFAULT else [])
             if dataset_id in (None, ""):
                 raise FieldError("Dataset", "build a dataset first, then choose it")
             folder = self.backend.dataset_folder(parse_int(dataset_id, "Dataset", 1, 2**62))
@@ -401,9 +402,10 @@ def reward_choices() -> list[str]:
     return [MODEL_DEFAULT, *REWARD_NAMES]
 
 
-def check_reward(spec: str) -> str:
-    """A reward name or weighted sum (``psnr+10*gms``) of known measures; the trainer checks the rest."""
-    from training.rewards import REWARD_NAMES
+def check_reward(spec: str, model_id: str | None = None) -> str:
+    """A reward name or weighted sum (``psnr+10*gms``) of known measures that ``model_id`` (when given) can be
+    scored with (``readings`` only for the embedded model); the trainer checks the rest."""
+    from training.rewards import REWARD_NAMES, check_reward_for_model
 
     spec = check_field_text(spec, "Reward", 200)
     for part in spec.split("+"):
@@ -411,6 +413,11 @@ def check_reward(spec: str) -> str:
         if m is None or m.group(1) not in REWARD_NAMES:
             raise FieldError("Reward", f"{part.strip()!r} is not a known measure ({', '.join(REWARD_NAMES)}) "
                                        "or WEIGHT*NAME")
+    if model_id is not None:
+        try:
+            check_reward_for_model(spec.replace(" ", ""), model_id)
+        except ValueError as exc:
+            raise FieldError("Reward", str(exc).removeprefix("reward: ")) from None
     return spec.replace(" ", "")
 
 

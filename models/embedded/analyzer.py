@@ -104,17 +104,24 @@ def _templates() -> dict[tuple[str, float], np.ndarray]:
     return out
 
 
-def classify_shape(alpha: np.ndarray) -> tuple[str, float]:
-    """Best-matching shape for a soft coverage map (H, W) in [0, 1] cropped to the object's bounding box,
-    and its soft IoU  sum(min(a, t)) / sum(max(a, t))  with the template's box-filtered coverage."""
+def shape_ious(alpha: np.ndarray) -> np.ndarray:
+    """(len(SHAPES),) float: for each shape, the best soft IoU  sum(min(a, t)) / sum(max(a, t))  over its
+    rotations of a soft coverage map (H, W) in [0, 1], cropped to the object's bounding box, with the
+    template's box-filtered coverage."""
     h, w = alpha.shape
-    best, best_iou = SHAPES[0], -1.0
+    best = np.full(len(SHAPES), -1.0)
     for (shape, _angle), tmpl in _templates().items():
         t = np.asarray(Image.fromarray(tmpl.astype(np.uint8) * 255).resize((w, h), Image.BOX), dtype=np.float32) / 255.0
-        iou = float(np.minimum(t, alpha).sum() / max(1e-6, np.maximum(t, alpha).sum()))
-        if iou > best_iou:
-            best, best_iou = shape, iou
-    return best, best_iou
+        i = SHAPES.index(shape)
+        best[i] = max(best[i], float(np.minimum(t, alpha).sum() / max(1e-6, np.maximum(t, alpha).sum())))
+    return best
+
+
+def classify_shape(alpha: np.ndarray) -> tuple[str, float]:
+    """Best-matching shape for a soft coverage map (:func:`shape_ious`) and its IoU (the first shape on a tie)."""
+    ious = shape_ious(alpha)
+    k = int(ious.argmax())
+    return SHAPES[k], float(ious[k])
 
 
 def coverage(arr, fg, bg):
@@ -183,17 +190,24 @@ def main_region(image) -> tuple[int, int, MainRegion | None]:
     return bg, best_area, MainRegion(best_colour, (int(y0), int(y1), int(x0), int(x1)), fg_ref, bg_ref, grown, alpha)
 
 
-def analyze(image) -> SceneReading:
-    """Read the background colour and the main object's colour and shape from one image."""
+def read_scene(image) -> tuple[SceneReading, np.ndarray | None]:
+    """:func:`analyze`'s reading and the evidence of its shape: every shape's IoU (:func:`shape_ious`), or
+    None where no shape is read."""
     bg, area, region = main_region(image)
     if region is None:
-        return SceneReading(None, None, COLOURS[bg], area, 0.0)
+        return SceneReading(None, None, COLOURS[bg], area, 0.0), None
     on = region.alpha > 0.5
     if not on.any():
-        return SceneReading(COLOURS[region.colour], None, COLOURS[bg], area, 0.0)
+        return SceneReading(COLOURS[region.colour], None, COLOURS[bg], area, 0.0), None
     oy, ox = np.nonzero(on)
-    shape, iou = classify_shape(region.alpha[oy.min(): oy.max() + 1, ox.min(): ox.max() + 1])
-    return SceneReading(COLOURS[region.colour], shape, COLOURS[bg], area, iou)
+    ious = shape_ious(region.alpha[oy.min(): oy.max() + 1, ox.min(): ox.max() + 1])
+    k = int(ious.argmax())
+    return SceneReading(COLOURS[region.colour], SHAPES[k], COLOURS[bg], area, float(ious[k])), ious
+
+
+def analyze(image) -> SceneReading:
+    """Read the background colour and the main object's colour and shape from one image."""
+    return read_scene(image)[0]
 
 
 def judge(image, prompt: str | ParsedPrompt) -> Verdict:
