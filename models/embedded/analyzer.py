@@ -117,13 +117,6 @@ def shape_ious(alpha: np.ndarray) -> np.ndarray:
     return best
 
 
-def classify_shape(alpha: np.ndarray) -> tuple[str, float]:
-    """Best-matching shape for a soft coverage map (:func:`shape_ious`) and its IoU (the first shape on a tie)."""
-    ious = shape_ious(alpha)
-    k = int(ious.argmax())
-    return SHAPES[k], float(ious[k])
-
-
 def coverage(arr, fg, bg):
     """Per-pixel fraction of the foreground colour: projection of the pixel (..., 3) on the bg -> fg segment,
     clipped to [0, 1]. numpy arrays or torch tensors alike (the distillation's coverage term differentiates it)."""
