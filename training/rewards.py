@@ -370,7 +370,8 @@ class ReadingSimilarity(Similarity):
     toward another shape scores less before its reading flips, which a 0/1 verdict cannot tell a policy.
     No shape in either image: +1 when neither has one, -1 when one has.
     Not differentiable (the analyzer is numpy): a PPO reward, typically beside a pixel measure
-    (``h1_psnr+3*readings``). The embedded model only: ``training.train`` refuses it for other models.
+    (``h1_psnr+3*readings``). The embedded model only: :func:`check_reward_for_model` refuses it for others
+    (``training.train``, the recipe and the admin tab call it before any compute).
     """
 
     name, units = "readings", "[-1,1]"
@@ -388,8 +389,8 @@ class ReadingSimilarity(Similarity):
         for image in _check_images(images):
             reading, ious = read_scene(image)
             colour = COLOURS.index(reading.main_colour) if reading.main_colour is not None else -1
-            shape_ious = ious if ious is not None else [-1.0] * len(SHAPES)
-            rows.append([colour, COLOURS.index(reading.background), *shape_ious])
+            evidence = ious if ious is not None else [-1.0] * len(SHAPES)
+            rows.append([colour, COLOURS.index(reading.background), *evidence])
         return torch.tensor(rows, dtype=torch.float32)
 
     def compare(self, target_features: torch.Tensor, preview_features: torch.Tensor) -> torch.Tensor:
