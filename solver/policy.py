@@ -385,6 +385,31 @@ class ConsistencyPolicy(nn.Module):
             json.dump(self.config_dict(), f, indent=2, sort_keys=True)
 
     @classmethod
+    def _from_config(cls, config: dict) -> "ConsistencyPolicy":
+        """A zero-headed policy of the shape :meth:`config_dict` describes."""
+        return cls(
+            order=config["order"],
+            base=config["base"],
+            features=config["features"],
+            hidden=config["hidden"],
+            init_log_std=config["init_log_std"],
+            time_grid=config["time_grid"],
+            schedule_family=config.get("schedule_family"),
+            start=bool(config.get("start", False)),
+            final=config.get("final"),
+            step_tables=config.get("step_tables", ()),
+        )
+
+    def with_step_tables(self, step_tables: Sequence[int]) -> "ConsistencyPolicy":
+        """This policy with own tables for ``step_tables`` too: the new ones start at zero, so every K's
+        coefficients and grid are unchanged until they are trained."""
+        steps = check_step_tables(sorted(set(self.step_tables) | set(step_tables)))
+        policy = type(self)._from_config(dict(self.config_dict(), step_tables=list(steps)))
+        missing, extra = policy.load_state_dict(self.state_dict(), strict=False)
+        assert not extra and all(k.startswith("own_") for k in missing), (missing, extra)
+        return policy.to(self.log_std.device)
+
+    @classmethod
     def load(cls, directory: str | os.PathLike, order: int | None = None) -> "ConsistencyPolicy":
         """Read a policy saved by :meth:`save`; ``order``, if given, must match the checkpoint's."""
         config_path = os.path.join(directory, CONFIG_NAME)
@@ -402,18 +427,7 @@ class ConsistencyPolicy(nn.Module):
             raise ValueError(f"lambda_scale of {config_path!r} is {config.get('lambda_scale')!r}; expected {LAMBDA_SCALE}")
         if order is not None and config["order"] != order:
             raise ValueError(f"order {order} was asked for but the checkpoint in {str(directory)!r} has order {config['order']}")
-        policy = cls(
-            order=config["order"],
-            base=config["base"],
-            features=config["features"],
-            hidden=config["hidden"],
-            init_log_std=config["init_log_std"],
-            time_grid=config["time_grid"],
-            schedule_family=config.get("schedule_family"),
-            start=bool(config.get("start", False)),
-            final=config.get("final"),
-            step_tables=config.get("step_tables", ()),
-        )
+        policy = cls._from_config(config)
         state = load_file(weights_path)
         expected = set(policy.state_dict())
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)

@@ -179,6 +179,42 @@ def test_learned_time_grid_rollouts_and_update(dataset_dir, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.grid_net.parameters()))
 
 
+def test_tables_only_trains_the_own_tables_of_its_steps_and_leaves_every_other_k_exact(dataset_dir, tmp_path):
+    """``tables_only`` adds K = 4's own table to a policy that has K = 3's, trains that table alone at the
+    exploration noise ``explore_log_std`` sets, and leaves K = 3's coefficients, grid, the shared heads and the
+    noise bit-exact; a checkpoint of such a run resumes."""
+    start = ConsistencyPolicy(order=4, time_grid=True, start=True, step_tables=(3,))
+    with torch.no_grad():
+        for p in start.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    start.save(tmp_path / "start")
+    trainer = _trainer(dataset_dir, tmp_path, min_steps=4, max_steps=4, time_grid=True, tables_only=True,
+                       explore_log_std=-1.5, learning_rate=3e-2, init_from=str(tmp_path / "start"))
+    policy, schedule = trainer.policy, trainer.model.schedule
+    assert policy.step_tables == (3, 4) and torch.equal(policy.log_std, torch.full((3,), -1.5))
+    assert float(policy.grid_log_std) == -1.5
+    fixed = {k: v.clone() for k, v in policy.state_dict().items()}
+    k3 = policy.coefficient_table(policy.time_grid(schedule, 3)), policy.time_grid(schedule, 3).timesteps
+    assert torch.equal(policy.coefficient_table(policy.time_grid(schedule, 4)),  # the new table starts at zero
+                       start.coefficient_table(start.time_grid(schedule, 4)))
+    for u in range(2):
+        trainer.train_step(u)
+    changed = {k for k, v in policy.state_dict().items() if not torch.equal(v, fixed[k])}
+    assert changed and changed <= {"own_residual.4", "own_grid.4", "own_start.4"}, changed
+    # the frozen parameters take no gradient, so the gradient-norm clip is over the trained tables alone (PPO's
+    # actions do not move the start, so its own shift takes none either)
+    assert {n for n, p in policy.named_parameters() if p.grad is not None} == {"own_residual.4", "own_grid.4"}
+    assert torch.equal(policy.coefficient_table(policy.time_grid(schedule, 3)), k3[0])
+    assert torch.equal(policy.time_grid(schedule, 3).timesteps, k3[1])
+    trainer.save(tmp_path / "out" / "checkpoint-00002", {})
+    again = _trainer(dataset_dir, tmp_path, min_steps=4, max_steps=4, time_grid=True, tables_only=True,
+                     explore_log_std=-1.5, learning_rate=3e-2, init_from=str(tmp_path / "start"))
+    again.resume(tmp_path / "out" / "checkpoint-00002")
+    assert all(torch.equal(v, policy.state_dict()[k]) for k, v in again.policy.state_dict().items())
+    with pytest.raises(ValueError, match="explore_log_std"):
+        _config(dataset_dir, tmp_path, explore_log_std=float("nan")).validate()
+
+
 def test_resume_refuses_a_checkpoint_of_another_order(dataset_dir, tmp_path):
     _trainer(dataset_dir, tmp_path, num_updates=1, checkpoint_every=1).train()
     model = GaussianDenoiser()

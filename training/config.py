@@ -37,6 +37,12 @@ class TrainConfig:
     init_log_std: float = doc("initial log standard deviation of the Gaussian on the residual coefficients", -3.0)
     time_grid: bool = doc("also learn the time grid (the policy's second head); rollouts then use per-sample timesteps", False)
     init_from: str | None = doc("start from this policy checkpoint folder instead of the zero-initialised policy", None)
+    tables_only: bool = doc("train only the own tables (solver.policy step_tables) of min_steps..max_steps, added "
+                            "at zero where the policy has none: the shared heads, the exploration noise and every "
+                            "other K's previews stay exactly as they are", False)
+    explore_log_std: float | None = doc("set the policy's exploration log std (coefficients and time grid) to this "
+                                        "before training; None = keep the policy's (init_log_std for a new or "
+                                        "distilled one)", None)
     # -- rollouts ----------------------------------------------------------------------------
     group_size: int = doc("G: previews of the same (prompt, noise) per group; advantages are normalised within it", 8)
     groups_per_update: int = doc("groups (distinct prompt/noise pairs) per update, per process", 4)
@@ -94,6 +100,9 @@ class TrainConfig:
             raise ValueError(f"ent_coef must be a non-negative finite number, got {self.ent_coef!r}")
         if not math.isfinite(self.init_log_std):
             raise ValueError(f"init_log_std must be finite, got {self.init_log_std!r}")
+        if self.explore_log_std is not None and (isinstance(self.explore_log_std, bool)
+                                                 or not math.isfinite(self.explore_log_std)):
+            raise ValueError(f"explore_log_std must be a finite number or None, got {self.explore_log_std!r}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):

@@ -140,7 +140,20 @@ class PPOTrainer:
                                                   init_log_std=config.init_log_std, time_grid=config.time_grid)
         if self.policy.order != config.order:
             raise ValueError(f"order {config.order} of the config differs from the policy's order {self.policy.order}")
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=config.learning_rate, eps=1e-5)
+        if config.explore_log_std is not None:
+            with torch.no_grad():
+                self.policy.log_std.fill_(config.explore_log_std)
+                if self.policy.learn_time_grid:
+                    self.policy.grid_log_std.fill_(config.explore_log_std)
+        trainable = list(self.policy.parameters())
+        if config.tables_only:
+            steps = range(config.min_steps, config.max_steps + 1)
+            self.policy = self.policy.with_step_tables(steps)
+            trainable = [p for k in steps for kind in ("residual", "grid", "start")
+                         if (p := self.policy.own_table(kind, k)) is not None]
+            for p in self.policy.parameters():
+                p.requires_grad_(any(p is q for q in trainable))  # frozen: no grad, so no share of the norm clip
+        self.optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, eps=1e-5)
         self.update = 0
         self.run_id: int | None = None
         self.elapsed = 0.0
