@@ -415,7 +415,7 @@ def check_reward(spec: str, model_id: str | None = None) -> str:
                                        "or WEIGHT*NAME")
     if model_id is not None:
         try:
-            check_reward_for_model(spec.replace(" ", ""), model_id)
+            check_reward_for_model(spec, model_id)
         except ValueError as exc:
             raise FieldError("Reward", str(exc).removeprefix("reward: ")) from None
     return spec.replace(" ", "")
