@@ -234,3 +234,22 @@ def test_recipe_warm_starts_from_the_tuned_rule_and_refuses_another_models_file(
     assert values["warm_start_k"] == "3:4,4:4"
     tables = json.loads((tmp_path / "run" / "distill" / "final" / "metrics.json").read_text())["fit"]["tables"]
     assert tables["4"]["warm_start"] == name and tables["4"]["timesteps"][0] < 999  # starts below T, as leading does
+
+
+def test_recipe_runs_its_ppo_stage_at_the_exploration_noise_it_is_given_and_refuses_a_bad_one(tmp_path):
+    """--ppo-explore-log-std -4.5: PPO's first rollouts draw at that log std, not at the distilled policy's (the
+    ppo run records it and starts from it); a value that is not a finite number is refused before any compute."""
+    common = ["--num-prompts", "2", "--num-updates", "1", "--group-size", "2", "--groups-per-update", "1",
+              "--min-steps", "4", "--max-steps", "4", "--install", "", "--threads", "1", "--reward", "psnr",
+              "--distill-updates", "1", "--distill-batch-size", "2", "--distill-repeat-steps", ""]
+    main(["--out", str(tmp_path / "ok"), *common, "--ppo-explore-log-std", "-4.5"], model=GaussianDenoiser())
+    ppo = tmp_path / "ok" / "ppo"
+    assert json.loads((ppo / "final" / "train_config.json").read_text())["values"]["explore_log_std"] == -4.5
+    distilled = ConsistencyPolicy.load(tmp_path / "ok" / "distill" / "final")
+    assert float(distilled.log_std.detach().max()) > -4.0  # the warm start's own noise is not -4.5
+    first = ConsistencyPolicy.load(ppo / "checkpoint-00001")
+    assert abs(float(first.log_std.detach().mean()) + 4.5) < 0.05  # one small update away from -4.5
+    model = GaussianDenoiser()
+    with pytest.raises(ValueError, match="explore_log_std"):
+        main(["--out", str(tmp_path / "run"), *common, "--ppo-explore-log-std", "nan"], model=model)
+    assert model.calls == 0 and not (tmp_path / "run" / "dataset").exists()

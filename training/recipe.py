@@ -390,6 +390,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None) -> int:
                         help="PPO's Adam learning rate (a fine-tuning rate: at 3e-3 the first update from the distilled "
                              "policy had approx KL 58 and lowered the reward by 1.6)")
     parser.add_argument("--target-kl", type=float, default=0.05, help="PPO: stop an update's epochs past this approx KL")
+    parser.add_argument("--ppo-explore-log-std", type=float, default=None,
+                        help="PPO: the exploration log std its rollouts draw at (default: the warm start's)")
     parser.add_argument("--distill-minutes", type=float, default=14.0,
                         help="minutes of the budget for the distillation warm start (0 = none: PPO from the base rule)")
     parser.add_argument("--distill-updates", type=int, default=100_000, help="upper bound on distillation updates")
@@ -468,7 +470,7 @@ def recipe_configs(args: argparse.Namespace, out: Path) -> tuple[Any, Any, list[
                          order=args.order,
                          group_size=args.group_size, groups_per_update=args.groups_per_update,
                          min_steps=args.min_steps, max_steps=args.max_steps, learning_rate=args.learning_rate,
-                         target_kl=args.target_kl,
+                         target_kl=args.target_kl, explore_log_std=args.ppo_explore_log_std,
                          num_updates=args.num_updates, time_grid=args.time_grid, threads=args.threads,
                          checkpoint_every=40, seed=0, activate=bool(args.store), reward=args.reward).validate()
     distill_settings = None
