@@ -5,7 +5,7 @@
 #   bash scripts/gpu_bench.sh --small    # a tiny model on the CPU: a dry run of every step
 #
 # 1. Installs the wheels under .whl/ if there are any (diffusers, sqlite-utils and what they need
-#    beyond the machine's own packages) into /tmp/site.
+#    beyond the machine's own packages; `bash scripts/gpu_wheels.sh` downloads them) into /tmp/site.
 # 2. Builds a Stable Diffusion 1.5-shaped pipeline with random weights from configs (UNet of ~860M
 #    parameters, the SD 1.5 VAE, a CLIP ViT-L/14-shaped text tower, a CLIP tokenizer made from files
 #    written here) and a TAESD-shaped AutoencoderTiny, and saves them with save_pretrained. Nothing is
