@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seeds", type=int, default=DEFAULT_MAX_SEEDS)
     p.add_argument("--preview-decoder", default=None,
                    help="a diffusers AutoencoderTiny (TAESD) folder to decode previews with (refines keep the model's VAE)")
+    p.add_argument("--decode-streams", type=int, default=1,
+                   help="rows decoded at once, each still alone, on their own CUDA streams (default 1: one by one)")
     p.add_argument("--out", required=True, help="folder for the PNG files")
     add_model_options(p)
     add_db_option(p)
@@ -75,7 +77,7 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
     try:
         try:
             engine = PreviewEngine(worker, store, max_seeds=args.max_seeds, chunk_size=args.chunk_size,
-                                   preview_decoder=args.preview_decoder)
+                                   preview_decoder=args.preview_decoder, decode_streams=args.decode_streams)
             results = engine.run(request)  # validates everything before writing anything
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="image height and width in pixels (default: the model's)")
     p.add_argument("--chunk-size", type=int, default=None, help="UNet rows per call (default: the engine's)")
     p.add_argument("--preview-decoder", default=None, help="an AutoencoderTiny folder for previews")
+    p.add_argument("--decode-streams", type=int, default=1, help="rows the engine decodes at once (default 1)")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
     p.add_argument("--refine-steps", type=int, default=200, help="steps of the background refine")
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _positive(args: argparse.Namespace) -> None:
-    for name in ("steps", "seeds", "repeats", "refine_steps"):
+    for name in ("steps", "seeds", "repeats", "refine_steps", "decode_streams"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -332,7 +333,7 @@ def _run(args: argparse.Namespace, counts: list[int], worker: DeviceWorker, mode
     guidance = args.guidance if args.guidance is not None else float(getattr(model, "default_guidance", 7.5))
     try:
         engine = PreviewEngine(worker, store, chunk_size=args.chunk_size, max_seeds=max(counts),
-                               preview_decoder=args.preview_decoder)
+                               preview_decoder=args.preview_decoder, decode_streams=args.decode_streams)
     except ValueError as exc:
         raise BenchError(str(exc)) from None
     chunk = engine.chunk_size_for(*size)
@@ -398,6 +399,7 @@ def _run(args: argparse.Namespace, counts: list[int], worker: DeviceWorker, mode
         "torch_threads": torch.get_num_threads(), "size": list(size), "steps": args.steps, "guidance": guidance,
         "solver": args.solver, "seeds": args.seeds, "chunk_size": chunk, "repeats": args.repeats, "warmup": args.warmup,
         "against": args.against, "speed_settings": applied, "preview_decoder": args.preview_decoder,
+        "decode_streams": args.decode_streams,
         "grid_s": main_row["grid_s"], "diffusers_s": main_row["diffusers_s"], "floor_s": main_row["floor_s"],
         "first_tile_s": main_row["first_tile_s"], "vs_diffusers": main_row["vs_diffusers"],
         "overhead": main_row["overhead"], "contention": main_row.get("contention"),

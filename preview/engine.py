@@ -141,6 +141,7 @@ def run_chunk(
     also_prompts: Sequence[str] = (),
     image: Image.Image | None = None,
     size: tuple[int, int] | None = None,
+    decode_streams: int = 1,
 ) -> _ChunkOutput:
     """One chunk on the device: encode, K solver steps (one guided call each), decode. Runs on the worker.
 
@@ -151,7 +152,8 @@ def run_chunk(
     decoder) or its ``decode``, and handed to ``emit(row, pixels, timings_ms)`` at once, so the host
     encodes and stores tile i while the device decodes tile i + 1 and then starts the next chunk.
     An edit's input ``image`` (with the output ``size``) joins every row's conditioning
-    (``model.image_conditioning``; the model caches its encoding).
+    (``model.image_conditioning``; the model caches its encoding). ``decode_streams`` > 1 decodes that many
+    rows at once, each still alone (:func:`decode_rows`).
     """
     b = noise.shape[0]
     device = torch.device(model.device)
@@ -174,18 +176,62 @@ def run_chunk(
         raise ValueError(f"model_output contains NaN or inf: the {steps}-step preview of {model.model_id} diverged")
     t2 = time.perf_counter()
     decode = getattr(model, "preview_decode", None) or model.decode
-    decode_ms = 0.0
-    for row in range(b):
-        td = time.perf_counter()
-        pixels = decode(x[row : row + 1])[0].float().cpu()  # .cpu() waits for this row only
+    t_prev = t2
+    for row, pixels in decode_rows(decode, x, b, decode_streams):
         t_row = time.perf_counter()
-        decode_ms += (t_row - td) * 1e3
         if emit is not None:
-            emit(row, pixels, {"encode": (t1 - t0) * 1e3, "sample": (t2 - t1) * 1e3, "decode": (t_row - td) * 1e3,
+            emit(row, pixels, {"encode": (t1 - t0) * 1e3, "sample": (t2 - t1) * 1e3, "decode": (t_row - t_prev) * 1e3,
                                "device": (t_row - t0) * 1e3})
+        t_prev = t_row
     t3 = time.perf_counter()
-    return _ChunkOutput(timings_ms={"encode": (t1 - t0) * 1e3, "sample": (t2 - t1) * 1e3, "decode": decode_ms,
+    return _ChunkOutput(timings_ms={"encode": (t1 - t0) * 1e3, "sample": (t2 - t1) * 1e3, "decode": (t3 - t2) * 1e3,
                                     "device": (t3 - t0) * 1e3})
+
+
+def decode_rows(decode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: int,
+                streams: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
+    """Decode rows 0..``rows`` - 1 of ``x`` one by one (batch 1, so each row's bits never depend on the others)
+    and yield (row, pixels (3, H, W) float32 on the CPU) in row order, each as soon as it and the rows before it
+    are done.
+
+    ``streams`` > 1 decodes up to that many rows at once, each still at batch 1, from as many host threads, each
+    on its own CUDA stream on a GPU (after the stream that computed ``x``): the same kernels as one by one, so
+    the same bits, with the GPU's idle share of a batch-1 decode filled by the other rows. On the CPU the
+    threads share the cores. A row whose concurrent decode raises (a float16 VAE that overflows switches the
+    model to float32 mid-flight) is decoded again alone, once the others are done.
+    """
+    if streams <= 1:
+        for row in range(rows):
+            yield row, decode(x[row : row + 1])[0].float().cpu()  # .cpu() waits for this row only
+        return
+    cuda = x.device.type == "cuda"
+    ready = None
+    if cuda:
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(x.device))
+    side = [torch.cuda.Stream(x.device) if cuda else None for _ in range(min(streams, rows))]
+
+    def one(row: int) -> torch.Tensor:
+        stream = side[row % len(side)]
+        if stream is None:
+            return decode(x[row : row + 1])[0].float().cpu()
+        stream.wait_event(ready)
+        with torch.cuda.stream(stream):
+            return decode(x[row : row + 1])[0].float().cpu()
+
+    pool = ThreadPoolExecutor(max_workers=len(side), thread_name_prefix="preview-decode")
+    try:
+        futures = [pool.submit(one, row) for row in range(rows)]
+        for row, future in enumerate(futures):
+            try:
+                pixels = future.result()
+            except Exception:  # decoded again alone below, where its error (if any) is raised
+                logger.warning("concurrent decode of row %d failed; decoding it alone", row, exc_info=True)
+                pool.shutdown(wait=True)
+                pixels = decode(x[row : row + 1])[0].float().cpu()
+            yield row, pixels
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 Executor = DeviceWorker | WorkerPool
@@ -210,13 +256,18 @@ class PreviewEngine:
             with; refines keep the model's own VAE. Loaded onto every worker here, and refused here,
             with one sentence, when its latents do not fit the model.
         store_threads: threads that PNG-encode and store rows (default: up to 8, one per CPU core).
+        decode_streams: rows decoded at once, each still alone (:func:`decode_rows`; 1 = one after another).
     """
 
     def __init__(self, executor: Executor, store: Any, *, max_seeds: int = DEFAULT_MAX_SEEDS,
                  chunk_size: int | None = None, owner: str | None = None,
-                 preview_decoder: str | os.PathLike | None = None, store_threads: int | None = None) -> None:
+                 preview_decoder: str | os.PathLike | None = None, store_threads: int | None = None,
+                 decode_streams: int = 1) -> None:
         if isinstance(chunk_size, bool) or (chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1)):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if isinstance(decode_streams, bool) or not isinstance(decode_streams, int) or decode_streams < 1:
+            raise ValueError(f"decode_streams must be a positive integer, got {decode_streams!r}")
+        self.decode_streams = decode_streams
         self.executor = executor
         self.store = store
         self.max_seeds = max_seeds
@@ -302,7 +353,7 @@ class PreviewEngine:
                 also = req.prompts if index == 0 else ()  # the first chunk encodes every prompt of the grid
                 fn = (lambda m, prompts=prompts, noise=noise, emit=emit, also=also: run_chunk(
                     m, solver, prompts, req.negative_prompt, noise, req.guidance, req.steps, size, self._cache, emit, also,
-                    req.image, (req.height, req.width)))
+                    req.image, (req.height, req.width), self.decode_streams))
                 future = self.executor.submit(fn, priority=PREVIEW, label="preview")
                 future.add_done_callback(lambda _, stored=stored: stored.put(_CHUNK_DONE))
                 submitted.append((future, stored))

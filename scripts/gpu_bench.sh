@@ -11,8 +11,8 @@
 #    written here) and a TAESD-shaped AutoencoderTiny, and saves them with save_pretrained. Nothing is
 #    downloaded.
 # 3. Runs `python -m preview.bench --against diffusers` on it (1, 4, 8, 16, 32 seeds) and prints its
-#    JSON, then, while the time budget lasts, one short bench per speed setting (chunk size, decoder,
-#    channels-last, SDPA kernels, torch.compile), each printed as one JSON line.
+#    JSON, then, while the time budget lasts, one short bench per speed setting (rows decoded at once,
+#    chunk size, decoder, channels-last, SDPA kernels, torch.compile), each printed as one JSON line.
 # Files under $OUT (when set) or /tmp/gpu_bench_out/: main.json, variants.jsonl, bench.log. The output
 # ends with one compact VARIANT line per variant, then the whole main report on the MAIN line.
 # Budget: GPU_BENCH_BUDGET_S seconds for the whole script (default 360); a variant starts only if
@@ -125,13 +125,14 @@ if [ "$SMALL" = 1 ]; then
   COMMON=(--model "$WORK/sd15" --size 64 --threads 1)
   MAIN=(--seeds-list 1,2 --seeds 2 --repeats 1 --warmup 1 --refine-steps 60)
   SHORT=(--seeds-list 2 --seeds 2 --repeats 1 --warmup 1 --no-contention)
-  VARIANTS=("--chunk-size 2" "--preview-decoder $WORK/taesd" "--channels-last")
+  VARIANTS=("--decode-streams 2" "--chunk-size 2" "--preview-decoder $WORK/taesd" "--channels-last")
   MIN_LEFT=10
 else
   COMMON=(--model "$WORK/sd15" --fp16 --size 512)
   MAIN=(--seeds-list 1,4,8,16,32 --seeds 8 --repeats 3 --warmup 1 --refine-steps 100)
   SHORT=(--seeds-list 8 --seeds 8 --repeats 3 --warmup 1 --no-contention)
-  VARIANTS=("--chunk-size 4 --seeds-list 1,4,8,16" "--preview-decoder $WORK/taesd" "--channels-last"
+  VARIANTS=("--decode-streams 4" "--decode-streams 8" "--decode-streams 4 --preview-decoder $WORK/taesd"
+            "--chunk-size 4 --seeds-list 1,4,8,16" "--preview-decoder $WORK/taesd" "--channels-last"
             "--chunk-size 16 --seeds-list 16,32" "--sdpa flash" "--sdpa efficient" "--compile" "--sdpa cudnn")
   MIN_LEFT=60
 fi
