@@ -5,7 +5,9 @@ Measured in one run, on one device and model, for each seed count of ``--seeds-l
 
 - ``grid_s``: wall time of the grid at K steps through :class:`~preview.engine.PreviewEngine`
   (validate, noise from the store, encode, K solver steps, decode, PNG + store writes, every result
-  yielded); ``first_tile_s``: from the request to the first stored, yielded preview.
+  yielded); ``first_tile_s``: from the request to the first stored, yielded preview; ``grid_parts_ms``:
+  where the grid's time went (encode, sample, decode, the last tile's decode end and the host's share past
+  it; :func:`grid_times`).
 - ``floor_s``, the honest floor: K guided model calls at the grid's REAL batch (no padding) plus one
   decode of the real rows, the faster of one batched VAE call and one call per row.
 - ``diffusers_s`` (``--against diffusers``): diffusers' own pipeline of the model's family on the same
@@ -156,19 +158,29 @@ def measure_diffusers(model: Any, pipe: Any, store: Any, n: int, steps: int, gui
         vae.use_slicing = slicing
 
 
-def grid_times(engine: PreviewEngine, request: PreviewRequest) -> tuple[float, float]:
-    """(seconds to the first stored preview, seconds to the last) of one grid."""
+def grid_times(engine: PreviewEngine, request: PreviewRequest) -> tuple[float, float, dict[str, float]]:
+    """(seconds to the first stored preview, seconds to the last, where the time went) of one grid.
+
+    Where the time went, in ms, from the tiles' own timings (:class:`~preview.engine.PreviewResult`):
+    ``encode`` and ``sample`` (summed over chunks), ``decode`` (summed over tiles), ``last_decoded`` (the
+    latest tile's decode end, from its chunk's submission) and ``host`` (the wall time past it: the work before
+    the first chunk is submitted, storing the last tile and handing it over).
+    """
     t0 = time.perf_counter()
     first = None
-    count = 0
-    for _ in engine.run(request):
-        count += 1
+    results = []
+    for result in engine.run(request):
+        results.append(result)
         if first is None:
             first = time.perf_counter() - t0
     wall = time.perf_counter() - t0
-    if count != len(request.seeds) * len(request.prompts):
-        raise RuntimeError(f"the grid yielded {count} previews, not {len(request.seeds)}")
-    return float(first or wall), wall
+    if len(results) != len(request.seeds) * len(request.prompts):
+        raise RuntimeError(f"the grid yielded {len(results)} previews, not {len(request.seeds)}")
+    chunks = {r.chunk_index: r.timings_ms for r in results}
+    last = max(r.timings_ms["latency"] for r in results)
+    parts = {"encode": sum(t["encode"] for t in chunks.values()), "sample": sum(t["sample"] for t in chunks.values()),
+             "decode": sum(r.timings_ms["decode"] for r in results), "last_decoded": last, "host": wall * 1e3 - last}
+    return float(first or wall), wall, {k: round(v, 2) for k, v in parts.items()}
 
 
 def png_seconds(size: tuple[int, int]) -> dict[str, float]:
@@ -359,12 +371,13 @@ def _run(args: argparse.Namespace, counts: list[int], worker: DeviceWorker, mode
             worker.submit(lambda m: measure_floor(m, store, n, args.steps, guidance, size)).result()
             diffusers_seconds(n)
         worker.submit(lambda m: _reset_peak(m)).result()
-        floors, firsts, grids, diff, busy = [], [], [], [], []
+        floors, firsts, grids, diff, busy, parts = [], [], [], [], [], []
         for _ in range(args.repeats):
             floors.append(worker.submit(lambda m: measure_floor(m, store, n, args.steps, guidance, size)).result())
-            first, wall = grid_times(engine, request)
+            first, wall, where = grid_times(engine, request)
             firsts.append(first)
             grids.append(wall)
+            parts.append(where)
             d = diffusers_seconds(n)
             if d is not None:
                 diff.append(d)
@@ -383,6 +396,7 @@ def _run(args: argparse.Namespace, counts: list[int], worker: DeviceWorker, mode
             "overhead": round(grid_s / floor_s, 3),
             "vs_diffusers": round(grid_s / statistics.median(diff), 3) if diff else None,
             "first_tile_ratio": round(statistics.median(firsts) / grid_s, 3),
+            "grid_parts_ms": {k: round(statistics.median(p[k] for p in parts), 2) for k in parts[0]},
             "peak_gpu_mem_mib": peak,
         }
         if busy:
@@ -416,7 +430,7 @@ def _grid_during_refine(service: RefineService, engine: PreviewEngine, request: 
     job = service.refine_new(PROMPT, 10_000, steps=steps, height=size[0], width=size[1])
     while service.progress(job).step < 1:
         time.sleep(0.005)
-    _, wall = grid_times(engine, request)
+    _, wall, _ = grid_times(engine, request)
     still_running = service.progress(job).state == "running"
     service.cancel(job)
     service.wait(job)

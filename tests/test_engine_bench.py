@@ -39,6 +39,10 @@ def test_against_diffusers_reports_every_figure(tiny_dir, capsys, one_torch_thre
     one = report["per_seeds"]["1"]
     assert one["chunk_size"] == 2 and one["padded_rows"] == 1 and one["diffusers_s"] > 0
     assert isinstance(report["decode_batch_invariant"], bool)
+    parts, grid_ms = report["per_seeds"]["2"]["grid_parts_ms"], report["per_seeds"]["2"]["grid_s"] * 1e3
+    assert set(parts) == {"encode", "sample", "decode", "last_decoded", "host"}
+    assert parts["last_decoded"] + parts["host"] == pytest.approx(grid_ms, rel=0.01)  # one repeat: exactly its grid
+    assert 0 < parts["sample"] and parts["encode"] + parts["sample"] + parts["decode"] <= parts["last_decoded"] + 0.1
 
 
 def test_against_a_model_without_a_diffusers_pipeline_is_one_clear_error():
