@@ -131,9 +131,11 @@ else
   COMMON=(--model "$WORK/sd15" --fp16 --size 512)
   MAIN=(--seeds-list 1,4,8,16,32 --seeds 8 --repeats 3 --warmup 1 --refine-steps 100)
   SHORT=(--seeds-list 8 --seeds 8 --repeats 3 --warmup 1 --no-contention)
+  # the settings no GPU run has measured yet first (docs/bench/gpu_h200_variants.jsonl has the others)
   VARIANTS=("--decode-streams 4" "--decode-streams 8" "--decode-streams 4 --preview-decoder $WORK/taesd"
+            "--sdpa flash" "--sdpa efficient" "--compile" "--sdpa cudnn"
             "--chunk-size 4 --seeds-list 1,4,8,16" "--preview-decoder $WORK/taesd" "--channels-last"
-            "--chunk-size 16 --seeds-list 16,32" "--sdpa flash" "--sdpa efficient" "--compile" "--sdpa cudnn")
+            "--chunk-size 16 --seeds-list 16,32")
   MIN_LEFT=60
 fi
 
