@@ -200,9 +200,12 @@ def decode_rows(decode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     threads share the cores. A row whose concurrent decode raises (a float16 VAE that overflows switches the
     model to float32 mid-flight) is decoded again alone, once the others are done.
     """
+    def alone(row: int) -> torch.Tensor:
+        return decode(x[row : row + 1])[0].float().cpu()  # .cpu() waits for this row only
+
     if streams <= 1:
         for row in range(rows):
-            yield row, decode(x[row : row + 1])[0].float().cpu()  # .cpu() waits for this row only
+            yield row, alone(row)
         return
     cuda = x.device.type == "cuda"
     ready = None
@@ -214,10 +217,10 @@ def decode_rows(decode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     def one(row: int) -> torch.Tensor:
         stream = side[row % len(side)]
         if stream is None:
-            return decode(x[row : row + 1])[0].float().cpu()
+            return alone(row)
         stream.wait_event(ready)
         with torch.cuda.stream(stream):
-            return decode(x[row : row + 1])[0].float().cpu()
+            return alone(row)
 
     pool = ThreadPoolExecutor(max_workers=len(side), thread_name_prefix="preview-decode")
     try:
@@ -228,7 +231,7 @@ def decode_rows(decode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             except Exception:  # decoded again alone below, where its error (if any) is raised
                 logger.warning("concurrent decode of row %d failed; decoding it alone", row, exc_info=True)
                 pool.shutdown(wait=True)
-                pixels = decode(x[row : row + 1])[0].float().cpu()
+                pixels = alone(row)
             yield row, pixels
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
